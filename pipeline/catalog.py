@@ -1,0 +1,163 @@
+"""Model catalog: short names -> hub id and architecture numbers, with no download.
+
+The planner needs sizes before any weight is fetched, and users want to write
+`model.actor=opt-66b`. A name resolves, in order, to
+  1. a catalog alias (below),
+  2. a local folder holding a Hugging Face `config.json`,
+  3. a hub id (`org/name`), whose numbers are read from the local HF cache when present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+# Vocabulary of the tiny built-in model; equals the built-in tokenizer's size rounded up.
+BUILTIN_VOCAB = 512
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture numbers of a decoder-only transformer."""
+
+    name: str  # what the user wrote
+    source: str  # hub id, local path, or "builtin:<name>"
+    family: str  # "opt" | "llama" | other model_type from config.json
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    ffn_dim: int
+    vocab_size: int
+    max_positions: int
+    num_kv_heads: int | None = None  # grouped-query attention; None = num_heads
+    embed_dim: int | None = None  # OPT-350m projects embeddings to 512; None = hidden_size
+    tied_embeddings: bool = True
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.source.startswith("builtin:")
+
+    @property
+    def is_local(self) -> bool:
+        return not self.is_builtin and Path(self.source).is_dir()
+
+    def num_params(self) -> int:
+        """Parameter count from the architecture numbers (exact for OPT and LLaMA)."""
+        h, f, v, n = self.hidden_size, self.ffn_dim, self.vocab_size, self.num_layers
+        e = self.embed_dim or h
+        if self.family == "llama":
+            kv = (self.num_kv_heads or self.num_heads) * (h // self.num_heads)
+            per_layer = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h
+            head = 0 if self.tied_embeddings else v * h
+            return v * h + n * per_layer + h + head
+        # OPT layout: biased attention and MLP, two LayerNorms per layer, learned positions (+2 offset).
+        per_layer = 4 * (h * h + h) + (h * f + f) + (f * h + h) + 2 * 2 * h
+        embeddings = v * e + (self.max_positions + 2) * h
+        projections = 2 * e * h if e != h else 0
+        return embeddings + projections + n * per_layer + 2 * h
+
+
+def _opt(size: str, layers: int, hidden: int, heads: int, embed_dim: int | None = None) -> ModelSpec:
+    return ModelSpec(
+        name=f"opt-{size}", source=f"facebook/opt-{size}", family="opt", num_layers=layers,
+        hidden_size=hidden, num_heads=heads, ffn_dim=4 * hidden, vocab_size=50272,
+        max_positions=2048, embed_dim=embed_dim,
+    )
+
+
+def _llama2(size: str, layers: int, hidden: int, heads: int, kv_heads: int, ffn: int) -> ModelSpec:
+    return ModelSpec(
+        name=f"llama-2-{size}", source=f"meta-llama/Llama-2-{size}-hf", family="llama",
+        num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads,
+        ffn_dim=ffn, vocab_size=32000, max_positions=4096, tied_embeddings=False,
+    )
+
+
+CATALOG: dict[str, ModelSpec] = {
+    s.name: s
+    for s in [
+        _opt("125m", 12, 768, 12),
+        _opt("350m", 24, 1024, 16, embed_dim=512),
+        _opt("1.3b", 24, 2048, 32),
+        _opt("2.7b", 32, 2560, 32),
+        _opt("6.7b", 32, 4096, 32),
+        _opt("13b", 40, 5120, 40),
+        _opt("30b", 48, 7168, 56),
+        _opt("66b", 64, 9216, 72),
+        _opt("175b", 96, 12288, 96),
+        _llama2("7b", 32, 4096, 32, 32, 11008),
+        _llama2("13b", 40, 5120, 40, 40, 13824),
+        _llama2("70b", 80, 8192, 64, 8, 28672),
+        # Random-init OPT built from this config: the offline demo and the tests.
+        ModelSpec(
+            name="tiny-opt", source="builtin:tiny-opt", family="opt", num_layers=2, hidden_size=64,
+            num_heads=4, ffn_dim=256, vocab_size=BUILTIN_VOCAB, max_positions=512,
+        ),
+    ]
+}
+# The hub ids resolve to the same entries, so `facebook/opt-1.3b` is sized without a download.
+_BY_HUB_ID = {s.source: s for s in CATALOG.values() if not s.is_builtin}
+
+
+class UnknownModelError(ValueError):
+    pass
+
+
+def _spec_from_config_json(name: str, source: str, path: Path) -> ModelSpec:
+    cfg = json.loads(path.read_text())
+    heads = cfg.get("num_attention_heads") or cfg.get("n_head")
+    hidden = cfg.get("hidden_size") or cfg.get("n_embd")
+    return ModelSpec(
+        name=name, source=source, family=cfg.get("model_type", "unknown"),
+        num_layers=cfg.get("num_hidden_layers") or cfg.get("n_layer"), hidden_size=hidden,
+        num_heads=heads, ffn_dim=cfg.get("ffn_dim") or cfg.get("intermediate_size") or 4 * hidden,
+        vocab_size=cfg["vocab_size"],
+        max_positions=cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048,
+        num_kv_heads=cfg.get("num_key_value_heads"),
+        embed_dim=cfg.get("word_embed_proj_dim") if cfg.get("word_embed_proj_dim") != hidden else None,
+        tied_embeddings=cfg.get("tie_word_embeddings", True),
+    )
+
+
+def _cached_config_json(hub_id: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        return None
+    found = try_to_load_from_cache(hub_id, "config.json")
+    return Path(found) if isinstance(found, (str, os.PathLike)) else None
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """Resolve an alias, local folder or hub id to its spec; raise UnknownModelError if unsized."""
+    if name in CATALOG:
+        return CATALOG[name]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UnknownModelError(f"{name!r} is a folder without config.json (not a Hugging Face model)")
+        return _spec_from_config_json(name, str(path.resolve()), path / "config.json")
+    if name in _BY_HUB_ID:
+        return replace(_BY_HUB_ID[name], name=name)
+    if "/" in name and not name.startswith((".", "/")) and name.count("/") == 1:
+        cached = _cached_config_json(name)
+        if cached is not None:
+            return _spec_from_config_json(name, name, cached)
+        raise UnknownModelError(
+            f"{name!r} is not in the catalog and not in the local Hugging Face cache, so its size is "
+            f"unknown; download it first or pass a local folder"
+        )
+    raise UnknownModelError(
+        f"unknown model {name!r}: use a catalog alias ({', '.join(CATALOG)}), a hub id like "
+        f"facebook/opt-1.3b, or a local folder with config.json"
+    )
+
+
+def model_source(name: str) -> str:
+    """Hub id, absolute local path or builtin:<name> for `name` (an OmegaConf resolver)."""
+    if name in CATALOG:
+        return CATALOG[name].source
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name

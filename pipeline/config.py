@@ -1,0 +1,461 @@
+"""The one typed config: Hydra composes YAML, `load_config` merges it into these
+dataclasses once and validates it; every other module reads `RunConfig`.
+
+Errors name the override key, e.g.
+    stage.ppo.per_device_training_batch_size=7 must divide ... (got 7)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from pipeline.catalog import UnknownModelError, model_source, resolve_model
+
+STAGES = ("sft", "rm", "ppo")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key to fix."""
+
+
+# --------------------------------------------------------------------------- run
+
+
+@dataclass
+class RunSection:
+    # Folder name under outputs/ when output_dir is not given.
+    name: str = "default"
+    # Where the run lives; each stage writes <output_dir>/<stage>/.
+    output_dir: Optional[str] = None
+    # Subset of stages to run, in order (DeepSpeed-Chat's --step).
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    seed: int = 1234
+    # auto: continue from the last checkpoint; never: start over; or a checkpoint path.
+    resume: str = "auto"
+    # Print the plan and exit without loading weights.
+    dry_run: bool = False
+    # fp32 | bf16 | fp16; null lets the hardware profile decide.
+    dtype: Optional[str] = None
+    # cpu | cuda | auto
+    device: str = "auto"
+    # Loggers besides metrics.jsonl: any of wandb, tensorboard.
+    loggers: list[str] = field(default_factory=list)
+    # Print a progress/metrics line every N optimizer steps.
+    log_interval: int = 10
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelSection:
+    # Catalog alias (opt-1.3b, llama-2-7b, tiny-opt), hub id, or local folder.
+    actor: str = "opt-1.3b"
+    # The reward model / critic base for step 2 (DeepSpeed-Chat's --reward-model).
+    reward: str = "opt-350m"
+    # Tokenizer folder or hub id; null = the actor's; "builtin" = the offline demo tokenizer.
+    tokenizer: Optional[str] = None
+    # Resolved sources (hub id / absolute path / builtin:<name>); filled by interpolation.
+    actor_source: str = "${model_source:${model.actor}}"
+    reward_source: str = "${model_source:${model.reward}}"
+    # Only when the user says so: remote code runs arbitrary Python from the hub.
+    trust_remote_code: bool = False
+    # Dropout in every trained model; null keeps the model's own (DeepSpeed-Chat turns it off).
+    dropout: Optional[float] = 0.0
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class DatasetSpec:
+    # Adapter name: builtin, hh-rlhf, local, or a hub id such as Dahoas/rm-static.
+    name: str = "builtin"
+    # Local file or folder; null = the hub id in `name`.
+    path: Optional[str] = None
+    # Sampling proportion within the blend (relative to the other datasets).
+    weight: float = 1.0
+    # Local-file field mapping: prompt/chosen/rejected columns, or answer_a/answer_b/label, or messages.
+    fields: dict[str, str] = field(default_factory=dict)
+    # Records to generate (builtin) or to read at most (others); null = all.
+    max_records: Optional[int] = None
+
+
+@dataclass
+class DataBlendSection:
+    name: str = "builtin"
+    # Convenience for single-file blends: data_blend.path=FILE fills datasets' path via interpolation.
+    path: Optional[str] = None
+    datasets: list[DatasetSpec] = field(default_factory=lambda: [DatasetSpec()])
+    # Extra prompt/answer sets used only by SFT.
+    sft_only: list[DatasetSpec] = field(default_factory=list)
+    # Share of every dataset given to sft,rm,ppo (disjoint, deterministic for the seed).
+    split: str = "2,4,4"
+    # Share of each stage's slice held out for evaluation.
+    eval_fraction: float = 0.1
+    # human_assistant ("Human: ... Assistant:") or chat_template (the tokenizer's).
+    prompt_format: str = "human_assistant"
+    max_prompt_len: int = 256
+    max_answer_len: int = 256
+    # Processed-data cache; null = <output_dir>/data_cache.
+    cache_dir: Optional[str] = None
+    # Text corpus for PPO's mixed (PTX) loss; null = no mixed training.
+    ptx_path: Optional[str] = None
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@dataclass
+class LoRASection:
+    # 0 = off; null = the planner decides. DeepSpeed-Chat presets use 128 on decoder layers.
+    dim: Optional[int] = None
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    learning_rate: float = 5e-4
+    only_optimize_lora: bool = False
+
+
+@dataclass
+class OptimSection:
+    learning_rate: float = 9.65e-6
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    lr_scheduler_type: str = "cosine"
+    num_warmup_steps: int = 0
+    gradient_clipping: float = 1.0
+
+
+@dataclass
+class StrategySection:
+    """How a model is laid out; null fields are chosen by the planner."""
+
+    zero_stage: Optional[int] = None
+    # Offload optimizer states (ZeRO >= 1) and, with ZeRO-3, parameters to CPU memory.
+    offload: Optional[bool] = None
+    gradient_checkpointing: Optional[bool] = None
+    # Tensor-parallel degree for generation (PPO actor, deepspeed backend); 1 = none.
+    tp_degree: Optional[int] = None
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 0  # 0 = off
+    every_minutes: float = 0.0  # 0 = off
+    keep: int = 2
+
+
+@dataclass
+class SFTSection:
+    per_device_train_batch_size: int = 16
+    per_device_eval_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: int = 1
+    # Cap on optimizer steps (null = the epochs decide).
+    max_steps: Optional[int] = None
+    # Leave prompt tokens out of the loss (DeepSpeed-Chat keeps them in).
+    mask_prompt: bool = False
+    eval_interval: int = 0  # 0 = at the end of each epoch only
+    optim: OptimSection = field(default_factory=lambda: OptimSection(learning_rate=9.65e-6))
+    lora: LoRASection = field(default_factory=LoRASection)
+    strategy: StrategySection = field(default_factory=StrategySection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+
+@dataclass
+class RMSection:
+    per_device_train_batch_size: int = 16
+    per_device_eval_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: int = 1
+    max_steps: Optional[int] = None
+    eval_interval: int = 0
+    optim: OptimSection = field(default_factory=lambda: OptimSection(learning_rate=5e-5, weight_decay=0.1))
+    lora: LoRASection = field(default_factory=LoRASection)
+    strategy: StrategySection = field(default_factory=StrategySection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+
+@dataclass
+class GenerationSection:
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    # hf (any model, CPU and GPU) or deepspeed (DeepSpeed's hybrid engine, CUDA only).
+    backend: str = "hf"
+
+
+@dataclass
+class PPOSection:
+    per_device_generation_batch_size: int = 16
+    per_device_training_batch_size: int = 16
+    generation_batches: int = 1
+    ppo_epochs: int = 1
+    num_train_epochs: int = 1
+    max_steps: Optional[int] = None
+    # DeepSpeed-Chat's hard-coded numbers, same defaults.
+    kl_ctl: float = 0.1
+    clip_reward_value: float = 5.0
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    # Adaptive KL controller: target KL per sequence (null = fixed kl_ctl) and horizon in samples.
+    kl_target: Optional[float] = None
+    kl_horizon: int = 10000
+    whiten_advantages: bool = False
+    normalize_reward: bool = False
+    # EMA of the actor; null = off. DeepSpeed-Chat's beta is 0.992.
+    ema_beta: Optional[float] = None
+    # Weight of the pretraining (PTX) loss; used when data_blend.ptx_path is set.
+    unsup_coef: float = 27.8
+    generation: GenerationSection = field(default_factory=GenerationSection)
+    actor_optim: OptimSection = field(default_factory=lambda: OptimSection(learning_rate=9.65e-6, num_warmup_steps=100))
+    critic_optim: OptimSection = field(default_factory=lambda: OptimSection(learning_rate=5e-6, num_warmup_steps=100))
+    actor_lora: LoRASection = field(default_factory=LoRASection)
+    critic_lora: LoRASection = field(default_factory=LoRASection)
+    actor_strategy: StrategySection = field(default_factory=StrategySection)
+    critic_strategy: StrategySection = field(default_factory=StrategySection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+
+@dataclass
+class StageSection:
+    sft: SFTSection = field(default_factory=SFTSection)
+    rm: RMSection = field(default_factory=RMSection)
+    ppo: PPOSection = field(default_factory=PPOSection)
+
+
+# --------------------------------------------------------------------------- hardware / deployment
+
+
+@dataclass
+class HardwareSection:
+    """Facts about one device, not strategy."""
+
+    name: str = "cpu"
+    # cpu | cuda
+    device: str = "cpu"
+    # Memory of one device in GiB (for cpu: the RAM given to the job).
+    memory_gib: float = 16.0
+    bf16: bool = False
+    fp16: bool = False
+    # Dense bf16 (or fp32 on cpu) peak, TFLOP/s, and memory bandwidth, GB/s.
+    peak_tflops: float = 0.5
+    bandwidth_gbps: float = 20.0
+    # Devices per node (GPUs; processes for cpu).
+    devices_per_node: int = 1
+
+
+@dataclass
+class DeploymentSection:
+    name: str = "local"
+    # in_process | torchrun | deepspeed | slurm
+    launcher: str = "in_process"
+    nodes: int = 1
+    # Processes per node; null = every local GPU (or 1 on cpu).
+    procs_per_node: Optional[int] = None
+    hostfile: Optional[str] = None
+    master_addr: str = "127.0.0.1"
+    master_port: Optional[int] = None
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data_blend: DataBlendSection = field(default_factory=DataBlendSection)
+    stage: StageSection = field(default_factory=StageSection)
+    hardware: HardwareSection = field(default_factory=HardwareSection)
+    deployment: DeploymentSection = field(default_factory=DeploymentSection)
+
+    # ---- derived values (one place) ----
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir or Path("outputs") / self.run.name)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.output_dir / stage
+
+    @property
+    def world_size(self) -> int:
+        per_node = self.deployment.procs_per_node or self.hardware.devices_per_node
+        return self.deployment.nodes * per_node
+
+    @property
+    def dtype(self) -> str:
+        if self.run.dtype:
+            return self.run.dtype
+        return "bf16" if self.hardware.bf16 and self.hardware.device == "cuda" else "fp32"
+
+    @property
+    def tokenizer_source(self) -> str:
+        return self.model.tokenizer or self.model.actor_source
+
+    def section_hash(self, *keys: str) -> str:
+        """Stable hash of the named dotted sections (what shapes a stage's result)."""
+        plain = OmegaConf.to_container(OmegaConf.structured(self), resolve=True)
+        picked = {}
+        for key in keys:
+            node: Any = plain
+            for part in key.split("."):
+                node = node[part]
+            picked[key] = node
+        return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading + validation
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("model_source"):
+        OmegaConf.register_new_resolver("model_source", model_source)
+
+
+def _key_of(err: OmegaConfBaseException) -> str:
+    full = getattr(err, "full_key", None)
+    return str(full) if full else "?"
+
+
+def load_config(cfg: DictConfig | dict) -> RunConfig:
+    """Merge a composed Hydra config into the schema and validate it; raise ConfigError."""
+    register_resolvers()
+    schema = OmegaConf.structured(RunConfig)
+    user = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    user = OmegaConf.masked_copy(user, [k for k in user.keys() if k != "hydra"]) if "hydra" in user else user
+    try:
+        merged = OmegaConf.merge(schema, user)
+        OmegaConf.resolve(merged)
+        run_cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except ConfigKeyError as err:
+        raise ConfigError(f"unknown config key {_key_of(err)!r}: {err.msg.splitlines()[0]}") from None
+    except ValidationError as err:
+        raise ConfigError(f"{_key_of(err)}: {err.msg.splitlines()[0]}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{_key_of(err)}: {str(err).splitlines()[0]}") from None
+    validate(run_cfg)
+    return run_cfg
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value} {why}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks; each failure names the override key to change."""
+    r = cfg.run
+    for s in r.stages:
+        _check(s in STAGES, "run.stages", r.stages, f"has {s!r}; choose from {list(STAGES)}")
+    _check(len(set(r.stages)) == len(r.stages), "run.stages", r.stages, "lists a stage twice")
+    _check(r.dtype is None or r.dtype in DTYPES, "run.dtype", r.dtype, f"must be one of {DTYPES}")
+    _check(r.device in ("auto", "cpu", "cuda"), "run.device", r.device, "must be auto, cpu or cuda")
+    _check(r.log_interval >= 1, "run.log_interval", r.log_interval, "must be >= 1")
+    for logger in r.loggers:
+        _check(logger in ("wandb", "tensorboard"), "run.loggers", r.loggers, "may hold wandb and tensorboard only")
+    if cfg.dtype == "fp16" and cfg.hardware.device == "cpu":
+        raise ConfigError("run.dtype=fp16 is not supported on CPU (DeepSpeed refuses it); use bf16 or fp32")
+
+    for key in ("actor", "reward"):
+        name = getattr(cfg.model, key)
+        try:
+            resolve_model(name)
+        except UnknownModelError as err:
+            # Unsized hub ids are allowed (the runner reports missing weights); unknown words are not.
+            if "/" not in name:
+                raise ConfigError(f"model.{key}={name}: {err}") from None
+
+    d = cfg.data_blend
+    parts = d.split.split(",")
+    try:
+        shares = [float(p) for p in parts]
+    except ValueError:
+        shares = []
+    _check(len(shares) == 3 and all(s >= 0 for s in shares) and sum(shares) > 0,
+           "data_blend.split", d.split, "must be three non-negative numbers like 2,4,4 (sft,rm,ppo)")
+    _check(len(d.datasets) > 0, "data_blend.datasets", "[]", "is empty; list at least one dataset")
+    for i, ds in enumerate(d.datasets + d.sft_only):
+        _check(ds.weight > 0, f"data_blend.datasets[{i}].weight", ds.weight, "must be > 0")
+    _check(0.0 < d.eval_fraction < 1.0, "data_blend.eval_fraction", d.eval_fraction, "must be in (0, 1)")
+    _check(d.prompt_format in ("human_assistant", "chat_template"), "data_blend.prompt_format",
+           d.prompt_format, "must be human_assistant or chat_template")
+    _check(d.max_prompt_len > 0, "data_blend.max_prompt_len", d.max_prompt_len, "must be > 0")
+    _check(d.max_answer_len > 0, "data_blend.max_answer_len", d.max_answer_len, "must be > 0")
+
+    for name in ("sft", "rm"):
+        s = getattr(cfg.stage, name)
+        p = f"stage.{name}"
+        _check(s.per_device_train_batch_size >= 1, f"{p}.per_device_train_batch_size", s.per_device_train_batch_size, "must be >= 1")
+        _check(s.gradient_accumulation_steps >= 1, f"{p}.gradient_accumulation_steps", s.gradient_accumulation_steps, "must be >= 1")
+        _check(s.num_train_epochs >= 1, f"{p}.num_train_epochs", s.num_train_epochs, "must be >= 1")
+        _check(s.max_steps is None or s.max_steps >= 1, f"{p}.max_steps", s.max_steps, "must be >= 1 or null")
+        _check_optim(s.optim, f"{p}.optim")
+        _check_strategy(s.strategy, f"{p}.strategy")
+        _check_lora(s.lora, f"{p}.lora")
+
+    p = cfg.stage.ppo
+    gen_total = p.per_device_generation_batch_size * p.generation_batches
+    _check(p.per_device_generation_batch_size >= 1, "stage.ppo.per_device_generation_batch_size", p.per_device_generation_batch_size, "must be >= 1")
+    _check(p.per_device_training_batch_size >= 1 and gen_total % p.per_device_training_batch_size == 0,
+           "stage.ppo.per_device_training_batch_size", p.per_device_training_batch_size,
+           f"must divide per_device_generation_batch_size x generation_batches = {gen_total}")
+    _check(p.ppo_epochs >= 1, "stage.ppo.ppo_epochs", p.ppo_epochs, "must be >= 1")
+    _check(p.max_steps is None or p.max_steps >= 1, "stage.ppo.max_steps", p.max_steps, "must be >= 1 or null")
+    _check(0.0 <= p.gamma <= 1.0, "stage.ppo.gamma", p.gamma, "must be in [0, 1]")
+    _check(0.0 <= p.lam <= 1.0, "stage.ppo.lam", p.lam, "must be in [0, 1]")
+    _check(p.cliprange > 0, "stage.ppo.cliprange", p.cliprange, "must be > 0")
+    _check(p.cliprange_value > 0, "stage.ppo.cliprange_value", p.cliprange_value, "must be > 0")
+    _check(p.clip_reward_value > 0, "stage.ppo.clip_reward_value", p.clip_reward_value, "must be > 0")
+    _check(p.kl_ctl >= 0, "stage.ppo.kl_ctl", p.kl_ctl, "must be >= 0")
+    _check(p.kl_target is None or p.kl_target > 0, "stage.ppo.kl_target", p.kl_target, "must be > 0 or null")
+    _check(p.ema_beta is None or 0.0 < p.ema_beta < 1.0, "stage.ppo.ema_beta", p.ema_beta, "must be in (0, 1) or null")
+    g = p.generation
+    _check(g.max_new_tokens >= 1, "stage.ppo.generation.max_new_tokens", g.max_new_tokens, "must be >= 1")
+    _check(g.temperature > 0, "stage.ppo.generation.temperature", g.temperature, "must be > 0")
+    _check(0 < g.top_p <= 1, "stage.ppo.generation.top_p", g.top_p, "must be in (0, 1]")
+    _check(g.top_k >= 0, "stage.ppo.generation.top_k", g.top_k, "must be >= 0")
+    _check(g.backend in ("hf", "deepspeed"), "stage.ppo.generation.backend", g.backend, "must be hf or deepspeed")
+    if g.backend == "deepspeed" and cfg.hardware.device != "cuda":
+        raise ConfigError("stage.ppo.generation.backend=deepspeed needs CUDA (DeepSpeed's hybrid engine "
+                          "uses CUDA inference kernels); use backend=hf on this hardware")
+    for role in ("actor", "critic"):
+        _check_optim(getattr(p, f"{role}_optim"), f"stage.ppo.{role}_optim")
+        _check_strategy(getattr(p, f"{role}_strategy"), f"stage.ppo.{role}_strategy")
+        _check_lora(getattr(p, f"{role}_lora"), f"stage.ppo.{role}_lora")
+
+    dep = cfg.deployment
+    _check(dep.launcher in ("in_process", "torchrun", "deepspeed", "slurm"), "deployment.launcher",
+           dep.launcher, "must be in_process, torchrun, deepspeed or slurm")
+    _check(dep.nodes >= 1, "deployment.nodes", dep.nodes, "must be >= 1")
+    _check(dep.procs_per_node is None or dep.procs_per_node >= 1, "deployment.procs_per_node", dep.procs_per_node, "must be >= 1")
+    _check(cfg.hardware.device in ("cpu", "cuda"), "hardware.device", cfg.hardware.device, "must be cpu or cuda")
+
+
+def _check_optim(o: OptimSection, p: str) -> None:
+    _check(o.learning_rate > 0, f"{p}.learning_rate", o.learning_rate, "must be > 0")
+    _check(o.weight_decay >= 0, f"{p}.weight_decay", o.weight_decay, "must be >= 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"{p}.betas", o.betas, "must be two numbers in [0, 1)")
+    _check(o.lr_scheduler_type in ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"),
+           f"{p}.lr_scheduler_type", o.lr_scheduler_type, "is not a transformers scheduler name")
+    _check(o.num_warmup_steps >= 0, f"{p}.num_warmup_steps", o.num_warmup_steps, "must be >= 0")
+    _check(o.gradient_clipping >= 0, f"{p}.gradient_clipping", o.gradient_clipping, "must be >= 0 (0 = off)")
+
+
+def _check_strategy(s: StrategySection, p: str) -> None:
+    _check(s.zero_stage is None or s.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", s.zero_stage, "must be 0, 1, 2 or 3")
+    _check(s.tp_degree is None or s.tp_degree >= 1, f"{p}.tp_degree", s.tp_degree, "must be >= 1")
+
+
+def _check_lora(lora: LoRASection, p: str) -> None:
+    _check(lora.dim is None or lora.dim >= 0, f"{p}.dim", lora.dim, "must be >= 0 (0 = off)")
+    _check(not lora.only_optimize_lora or lora.dim != 0, f"{p}.only_optimize_lora", True, f"needs {p}.dim > 0")
