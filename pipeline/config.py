@@ -289,6 +289,8 @@ class RunConfig:
 
     @property
     def world_size(self) -> int:
+        if self.deployment.launcher == "in_process":
+            return 1
         per_node = self.deployment.procs_per_node or self.hardware.devices_per_node
         return self.deployment.nodes * per_node
 
