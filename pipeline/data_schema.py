@@ -5,17 +5,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+
 @dataclass
 class DatasetSpec:
-    # Adapter name: builtin, hh-rlhf, local, or a hub id such as Dahoas/rm-static.
+    # Adapter name: builtin, hh-rlhf, local, or a hub id such as Dahoas/rm-static
+    # (see pipeline.data.sources.ADAPTERS). Any other name with a path reads it as `local`.
     name: str = "builtin"
-    # Local file or folder; null = the hub id in `name`.
+    # Local file or folder (jsonl/json[.gz], parquet, csv, arrow, or a save_to_disk folder);
+    # null = the hub id in `name` (from the hub or the local datasets cache).
     path: Optional[str] = None
-    # Sampling proportion within the blend (relative to the other datasets).
-    weight: float = 1.0
-    # Local-file field mapping: prompt/chosen/rejected columns, or answer_a/answer_b/label, or messages.
-    fields: dict[str, str] = field(default_factory=dict)
-    # Records to generate (builtin) or to read at most (others); null = all.
+    # Sampling proportion in the blend's train sets, relative to the other datasets' weights.
+    # null (every dataset) = use every example once, in natural proportions. Either all or none set.
+    weight: Optional[float] = None
+    # Field mapping for `local` files; null values are ignored; empty = auto-detect. Keys:
+    #   prompt, chosen, rejected          direct columns (prompt may be a message list; chosen/
+    #                                     rejected may be full conversations ending in the answer)
+    #   answer_a, answer_b, label, a_wins, b_wins
+    #                                     two answers + a column saying which won: a label equal
+    #                                     to a_wins (default "0") or "a" means answer_a won,
+    #                                     b_wins (default "1") or "b" answer_b; others are dropped
+    #   messages (+ optional rejected)    a conversation; its last assistant turn is the chosen answer
+    fields: dict[str, Optional[str]] = field(default_factory=dict)
+    # Records to generate (builtin) or to read at most per pool, train and eval (others); null = all.
     max_records: Optional[int] = None
 
 
@@ -24,21 +35,29 @@ class DataBlendSection:
     name: str = "builtin"
     # Convenience for single-file blends: data_blend.path=FILE fills datasets' path via interpolation.
     path: Optional[str] = None
+    # Convenience for the `local` preset: data_blend.fields.prompt=question fills datasets[0].fields.
+    fields: dict[str, Optional[str]] = field(default_factory=dict)
     datasets: list[DatasetSpec] = field(default_factory=lambda: [DatasetSpec()])
-    # Extra prompt/answer sets used only by SFT.
+    # Extra prompt/answer sets used only by SFT (all of each goes to SFT; not split between stages).
     sft_only: list[DatasetSpec] = field(default_factory=list)
     # Share of every dataset given to sft,rm,ppo (disjoint, deterministic for the seed).
     split: str = "2,4,4"
-    # Share of each stage's slice held out for evaluation.
+    # Share of each stage's slice held out for evaluation (when the source has no eval split).
     eval_fraction: float = 0.1
     # human_assistant ("Human: ... Assistant:") or chat_template (the tokenizer's).
     prompt_format: str = "human_assistant"
+    # Prompts longer than this (in tokens) are dropped and counted; answers are cut to max_answer_len.
     max_prompt_len: int = 256
     max_answer_len: int = 256
     # Processed-data cache; null = <output_dir>/data_cache.
     cache_dir: Optional[str] = None
-    # Text corpus for PPO's mixed (PTX) loss; null = no mixed training.
+    # Text corpus for PPO's mixed (PTX) loss: a .txt file or folder, a json/jsonl/parquet/csv file
+    # with a text column, or a hub id; null = no mixed training.
     ptx_path: Optional[str] = None
+    # Column holding the text when ptx_path is a table or a hub dataset.
+    ptx_field: str = "text"
+    # Cap on PTX blocks (null = all).
+    ptx_max_blocks: Optional[int] = None
 
 
 def _require(ok: bool, key: str, value, why: str) -> None:
@@ -54,12 +73,25 @@ def validate_data_blend(d: DataBlendSection) -> None:
     except ValueError:
         shares = []
     _require(len(shares) == 3 and all(s >= 0 for s in shares) and sum(shares) > 0,
-           "data_blend.split", d.split, "must be three non-negative numbers like 2,4,4 (sft,rm,ppo)")
+             "data_blend.split", d.split, "must be three non-negative numbers like 2,4,4 (sft,rm,ppo)")
     _require(len(d.datasets) > 0, "data_blend.datasets", "[]", "is empty; list at least one dataset")
-    for i, ds in enumerate(d.datasets + d.sft_only):
-        _require(ds.weight > 0, f"data_blend.datasets[{i}].weight", ds.weight, "must be > 0")
+    for group in ("datasets", "sft_only"):
+        specs = getattr(d, group)
+        for i, ds in enumerate(specs):
+            _require(ds.weight is None or ds.weight > 0, f"data_blend.{group}[{i}].weight", ds.weight, "must be > 0")
+            _require(ds.max_records is None or ds.max_records > 0, f"data_blend.{group}[{i}].max_records",
+                     ds.max_records, "must be > 0 or null")
+    every = d.datasets + d.sft_only
+    weighted = [ds.weight is not None for ds in every]
+    if any(weighted) and not all(weighted):
+        i = weighted.index(False)
+        group, j = ("datasets", i) if i < len(d.datasets) else ("sft_only", i - len(d.datasets))
+        raise ValueError(f"data_blend.{group}[{j}].weight=null but other datasets have weights; "
+                         "give every dataset a weight, or none")
     _require(0.0 < d.eval_fraction < 1.0, "data_blend.eval_fraction", d.eval_fraction, "must be in (0, 1)")
     _require(d.prompt_format in ("human_assistant", "chat_template"), "data_blend.prompt_format",
-           d.prompt_format, "must be human_assistant or chat_template")
+             d.prompt_format, "must be human_assistant or chat_template")
     _require(d.max_prompt_len > 0, "data_blend.max_prompt_len", d.max_prompt_len, "must be > 0")
-    _require(d.max_answer_len > 0, "data_blend.max_answer_len", d.max_answer_len, "must be > 0")
+    _require(d.max_answer_len > 1, "data_blend.max_answer_len", d.max_answer_len, "must be > 1 (answer + eos)")
+    _require(d.ptx_max_blocks is None or d.ptx_max_blocks > 0, "data_blend.ptx_max_blocks", d.ptx_max_blocks,
+             "must be > 0 or null")

@@ -2,16 +2,21 @@
 
 `load_stage_data(cfg, stage, tokenizer)` is the one entry point the stages call. Each
 dataset is split between sft/rm/ppo by `data_blend.split` (disjoint, deterministic for the
-seed), each stage's slice is split into train/eval, and the records are tokenized:
+seed and the dataset's name); each stage's slice is split into train/eval (or, when the
+source has its own eval split, e.g. hub "test" or a local test file, that split's stage
+slice is the eval set); records are tokenized; the train sets are blended by weight:
 
   sft: {"input_ids": prompt + answer + eos, "prompt_len": int}
   rm:  {"chosen_input_ids": ..., "rejected_input_ids": ..., "prompt_len": int}
   ppo: {"prompt_input_ids": ...}
+
+Results are cached (Arrow, never pickle) under a hash of everything that shapes them;
+see pipeline.data.cache. `load_ptx_data` gives fixed-size text blocks for PPO's PTX loss.
 """
 
 from __future__ import annotations
 
-import gzip
+import dataclasses
 import json
 import random
 from collections import Counter
@@ -20,30 +25,43 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.data.cache import build_or_load, file_fingerprint, key_of, tokenizer_fingerprint
+from pipeline.data.sources import ADAPTERS, DataError, Record, SourceData, read_source, source_files, split_dialogue
 from pipeline.data_schema import DatasetSpec
+
+__all__ = ["DataError", "Record", "SourceStats", "StageData", "load_stage_data", "load_ptx_data", "split_indices",
+           "format_prompt", "blend_counts", "read_source", "split_dialogue", "ADAPTERS", "cache_dir"]
 
 STAGE_INDEX = {"sft": 0, "rm": 1, "ppo": 2}
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the file, line or field."""
-
-
-@dataclass
-class Record:
-    """One example: the dialogue so far, and the answer(s) to it."""
-
-    messages: list[dict[str, str]]  # [{"role": "user"|"assistant", "content": ...}], ends with a user turn
-    chosen: str
-    rejected: str | None = None
-
-
 @dataclass
 class SourceStats:
+    """Counts for one dataset in one stage. read = sum(dropped) + other_stages + kept."""
+
     name: str
+    # Rows read from the source (train and eval pools).
     read: int = 0
+    # Examples this stage got from it (before blending), train + eval.
     kept: int = 0
+    # Records dropped, by reason (at load time and in this stage).
     dropped: Counter = field(default_factory=Counter)
+    # Valid records that went to the other stages' slices.
+    other_stages: int = 0
+    train: int = 0
+    eval: int = 0
+    # Train examples after weighting (equals `train` without weights).
+    blended: int = 0
+    path: str | None = None
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["dropped"] = dict(self.dropped)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SourceStats":
+        return cls(**{**d, "dropped": Counter(d["dropped"])})
 
 
 @dataclass
@@ -51,89 +69,30 @@ class StageData:
     train: list[dict[str, Any]]
     eval: list[dict[str, Any]]
     stats: list[SourceStats]
+    # "built" or "hit", and the cache entry.
+    cache: str = ""
+    cache_path: str = ""
+    split: str = ""
 
     def summary(self, stage: str) -> str:
-        lines = [f"data for {stage}: {len(self.train)} train / {len(self.eval)} eval examples"]
+        head = f"data for {stage}: {len(self.train)} train / {len(self.eval)} eval examples"
+        if self.split:
+            head += f" (split {self.split})"
+        if self.cache:
+            head += f"; cache {self.cache}: {self.cache_path}"
+        lines = [head]
+        total = sum(s.blended for s in self.stats) or 1
         for s in self.stats:
+            where = f" [{s.path}]" if s.path else ""
             drops = ", ".join(f"{k} {v}" for k, v in sorted(s.dropped.items())) or "none"
-            lines.append(f"  {s.name}: read {s.read}, kept {s.kept}, dropped: {drops}")
+            lines.append(f"  {s.name}{where}")
+            lines.append(f"    read {s.read}, to other stages {s.other_stages}, kept {s.kept} "
+                         f"(train {s.train}, eval {s.eval}); dropped {sum(s.dropped.values())}: {drops}; "
+                         f"in blend {s.blended} ({100 * s.blended / total:.1f}%)")
         return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- sources
-
-
-def _read_builtin(spec: DatasetSpec, seed: int) -> list[Record]:
-    from pipeline.data.builtin import generate_pairs
-
-    pairs = generate_pairs(spec.max_records or 4000, seed=seed)
-    return [Record([{"role": "user", "content": p["prompt"]}], p["chosen"], p["rejected"]) for p in pairs]
-
-
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
-def _jsonl_rows(path: Path):
-    with _open_text(path) as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no}: malformed JSON ({err.msg})") from None
-
-
-def split_dialogue(text: str) -> list[dict[str, str]]:
-    """'\\n\\nHuman: a\\n\\nAssistant: b' -> [{"role": "user", ...}, {"role": "assistant", ...}]."""
-    turns: list[dict[str, str]] = []
-    for chunk in ("\n\n" + text.lstrip("\n")).split("\n\n"):
-        if chunk.startswith("Human:"):
-            turns.append({"role": "user", "content": chunk[len("Human:"):].strip()})
-        elif chunk.startswith("Assistant:"):
-            turns.append({"role": "assistant", "content": chunk[len("Assistant:"):].strip()})
-        elif turns:  # a blank line inside a turn
-            turns[-1]["content"] += "\n\n" + chunk
-    return turns
-
-
-def _read_hh_rlhf(spec: DatasetSpec, seed: int) -> list[Record]:
-    if not spec.path:
-        raise DataError("hh-rlhf needs a local file or folder: set data_blend.path=FILE_OR_DIR")
-    root = Path(spec.path).expanduser()
-    if not root.exists():
-        raise DataError(f"data_blend.path={spec.path}: no such file or folder")
-    files = sorted(root.rglob("*.jsonl*")) if root.is_dir() else [root]
-    records = []
-    for path in files:
-        for line_no, row in _jsonl_rows(path):
-            for key in ("chosen", "rejected"):
-                if key not in row:
-                    raise DataError(f"{path}:{line_no}: record has no field {key!r} (hh-rlhf needs chosen and rejected)")
-            cut = row["chosen"].rfind("\n\nAssistant:")
-            cut_r = row["rejected"].rfind("\n\nAssistant:")
-            if cut < 0 or cut_r < 0:
-                raise DataError(f"{path}:{line_no}: no '\\n\\nAssistant:' turn in chosen/rejected")
-            prompt = row["chosen"][: cut + len("\n\nAssistant:")]
-            turns = split_dialogue(prompt[: -len("\n\nAssistant:")])
-            records.append(Record(turns, row["chosen"][cut + len("\n\nAssistant:"):].strip(),
-                                  row["rejected"][cut_r + len("\n\nAssistant:"):].strip()))
-            if spec.max_records and len(records) >= spec.max_records:
-                return records
-    return records
-
-
-ADAPTERS = {"builtin": _read_builtin, "hh-rlhf": _read_hh_rlhf}
-
-
-def read_source(spec: DatasetSpec, seed: int) -> list[Record]:
-    if spec.name not in ADAPTERS:
-        raise DataError(f"unknown dataset {spec.name!r}; known: {', '.join(ADAPTERS)}")
-    return ADAPTERS[spec.name](spec, seed)
-
-
-# --------------------------------------------------------------------------- splits and tokens
+# --------------------------------------------------------------------------- splits, blends, prompts
 
 
 def split_indices(n: int, split: str, stage: str, seed: int, name: str) -> list[int]:
@@ -141,7 +100,7 @@ def split_indices(n: int, split: str, stage: str, seed: int, name: str) -> list[
     shares = [float(x) for x in split.split(",")]
     order = list(range(n))
     random.Random(f"{seed}-{name}").shuffle(order)
-    bounds = [0]
+    bounds = [0.0]
     for share in shares:
         bounds.append(bounds[-1] + share)
     cut = [round(n * b / bounds[-1]) for b in bounds]
@@ -149,56 +108,271 @@ def split_indices(n: int, split: str, stage: str, seed: int, name: str) -> list[
     return order[cut[i]: cut[i + 1]]
 
 
+def blend_counts(sizes: list[int], weights: list[float | None]) -> list[int]:
+    """Train examples to draw from each dataset. No weights: every example once. Weights: the
+    total stays sum(sizes) and dataset i gets round(total * w_i / sum(w)) (repeating when short)."""
+    if not weights or any(w is None for w in weights):
+        return list(sizes)
+    live = [w if n > 0 else 0.0 for w, n in zip(weights, sizes)]
+    total, wsum = sum(sizes), sum(live)
+    return [round(total * w / wsum) if wsum else 0 for w in live]
+
+
+def _draw(examples: list, count: int, rng: random.Random) -> list:
+    """`count` examples: whole shuffled passes, then a shuffled partial pass."""
+    out: list = []
+    while examples and len(out) < count:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        out += [examples[i] for i in order[: count - len(out)]]
+    return out
+
+
 def format_prompt(messages: list[dict[str, str]], tokenizer, prompt_format: str) -> str:
+    """human_assistant: "\\n\\nHuman: ...\\n\\nAssistant: ...\\n\\nHuman: ...\\n\\nAssistant:" (hh-rlhf's
+    own format; a system message goes first, unlabeled); chat_template: the tokenizer's template."""
     if prompt_format == "chat_template":
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("data_blend.prompt_format=chat_template but the tokenizer has no chat template; "
+                            "use data_blend.prompt_format=human_assistant or a tokenizer with one")
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     names = {"user": "Human", "assistant": "Assistant"}
-    return "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in messages) + "\n\nAssistant:"
+    text = "".join(m["content"] + "\n\n" if m["role"] == "system" else f"\n\n{names[m['role']]}: {m['content']}"
+                   for m in messages)
+    return text + "\n\nAssistant:"
 
 
-def _encode(record: Record, tokenizer, cfg: RunConfig, stage: str, stats: SourceStats) -> dict | None:
+def _encode(records: list[Record], tokenizer, cfg: RunConfig, stage: str, stats: SourceStats) -> list[dict]:
+    """Tokenize records for `stage` (batched); too-long prompts and rm records without a rejected
+    answer are dropped and counted in stats.dropped."""
     d = cfg.data_blend
-    prompt_ids = tokenizer(format_prompt(record.messages, tokenizer, d.prompt_format)).input_ids
-    if len(prompt_ids) > d.max_prompt_len:
-        stats.dropped["prompt too long"] += 1
-        return None
+    if stage == "rm":
+        keep = [r for r in records if r.rejected is not None]
+        if len(keep) < len(records):
+            stats.dropped["no rejected answer"] += len(records) - len(keep)
+        records = keep
+    if not records:
+        return []
+    specials = d.prompt_format != "chat_template"  # a chat template writes its own special tokens
+    prompts = tokenizer([format_prompt(r.messages, tokenizer, d.prompt_format) for r in records],
+                        add_special_tokens=specials).input_ids
+    too_long = [len(p) > d.max_prompt_len for p in prompts]
+    if any(too_long):
+        stats.dropped["prompt too long"] += sum(too_long)
+    records = [r for r, bad in zip(records, too_long) if not bad]
+    prompts = [p for p, bad in zip(prompts, too_long) if not bad]
     if stage == "ppo":
-        return {"prompt_input_ids": prompt_ids}
+        return [{"prompt_input_ids": p} for p in prompts]
+    if not records:
+        return []
+    eos = tokenizer.eos_token_id
 
-    def answer(text: str) -> list[int]:
-        ids = tokenizer(" " + text, add_special_tokens=False).input_ids[: d.max_answer_len - 1]
-        return ids + [tokenizer.eos_token_id]
+    def answers(texts: list[str]) -> list[list[int]]:
+        ids = tokenizer([" " + t for t in texts], add_special_tokens=False).input_ids
+        return [a[: d.max_answer_len - 1] + [eos] for a in ids]
 
+    chosen = answers([r.chosen for r in records])
     if stage == "sft":
-        return {"input_ids": prompt_ids + answer(record.chosen), "prompt_len": len(prompt_ids)}
-    if record.rejected is None:
-        stats.dropped["no rejected answer"] += 1
-        return None
-    if record.chosen.strip() == record.rejected.strip():
-        stats.dropped["chosen == rejected"] += 1
-        return None
-    return {"chosen_input_ids": prompt_ids + answer(record.chosen),
-            "rejected_input_ids": prompt_ids + answer(record.rejected), "prompt_len": len(prompt_ids)}
+        return [{"input_ids": p + c, "prompt_len": len(p)} for p, c in zip(prompts, chosen)]
+    rejected = answers([r.rejected for r in records])
+    return [{"chosen_input_ids": p + c, "rejected_input_ids": p + r, "prompt_len": len(p)}
+            for p, c, r in zip(prompts, chosen, rejected)]
+
+
+# --------------------------------------------------------------------------- stage data
+
+
+def cache_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.data_blend.cache_dir) if cfg.data_blend.cache_dir else cfg.output_dir / "data_cache"
+
+
+def _specs(cfg: RunConfig, stage: str) -> list[tuple[str, DatasetSpec, bool]]:
+    """(config key, spec, sft_only) of every dataset that feeds `stage`."""
+    out = [(f"data_blend.datasets[{i}]", s, False) for i, s in enumerate(cfg.data_blend.datasets)]
+    if stage == "sft":
+        out += [(f"data_blend.sft_only[{i}]", s, True) for i, s in enumerate(cfg.data_blend.sft_only)]
+    return out
+
+
+def _stage_key(cfg: RunConfig, stage: str, tokenizer) -> str:
+    d = dataclasses.asdict(cfg.data_blend)
+    for k in ("cache_dir", "ptx_path", "ptx_field", "ptx_max_blocks", "name"):
+        d.pop(k)
+    files = {key: file_fingerprint(source_files(spec, key)) for key, spec, _ in _specs(cfg, stage)}
+    return key_of({"kind": "stage", "stage": stage, "seed": cfg.run.seed, "data_blend": d,
+                   "tokenizer": tokenizer_fingerprint(tokenizer), "files": files})
+
+
+def _build_stage(cfg: RunConfig, stage: str, tokenizer) -> tuple[list[dict], list[dict], list[SourceStats]]:
+    d = cfg.data_blend
+    seed = cfg.run.seed
+    trains: list[list[dict]] = []
+    weights: list[float | None] = []
+    evaluation: list[dict] = []
+    all_stats: list[SourceStats] = []
+    for key, spec, sft_only in _specs(cfg, stage):
+        src: SourceData = read_source(spec, seed, key)
+        stats = SourceStats(spec.name, read=src.read, dropped=Counter(src.dropped), path=spec.path)
+        name = spec.name if not spec.path else f"{spec.name}:{Path(spec.path).name}"
+        if sft_only:
+            train_recs, test_recs = src.train, src.test
+        else:
+            train_recs = [src.train[i] for i in split_indices(len(src.train), d.split, stage, seed, name)]
+            test_recs = [src.test[i] for i in split_indices(len(src.test), d.split, stage, seed, name + "/test")]
+        stats.other_stages = len(src.train) + len(src.test) - len(train_recs) - len(test_recs)
+        slice_size = len(train_recs) + len(test_recs)
+        train_ex = _encode(train_recs, tokenizer, cfg, stage, stats)
+        if src.test:
+            eval_ex = _encode(test_recs, tokenizer, cfg, stage, stats)
+        else:
+            n_eval = max(1, round(len(train_ex) * d.eval_fraction)) if len(train_ex) > 1 else 0
+            eval_ex, train_ex = train_ex[:n_eval], train_ex[n_eval:]
+        stats.kept, stats.train, stats.eval = len(train_ex) + len(eval_ex), len(train_ex), len(eval_ex)
+        if not train_ex:
+            raise DataError(
+                f"{key} ({spec.name}{', ' + spec.path if spec.path else ''}) has no {stage} training examples "
+                f"left: read {stats.read} records, {stats.other_stages} went to other stages "
+                f"(data_blend.split={d.split}), {slice_size} in the {stage} slice, dropped "
+                f"{dict(stats.dropped) or 'none'}, {stats.eval} held out for eval "
+                f"(check data_blend.max_prompt_len={d.max_prompt_len}, data_blend.split, {key}.max_records)")
+        trains.append(train_ex)
+        weights.append(spec.weight)
+        evaluation += eval_ex
+        all_stats.append(stats)
+    counts = blend_counts([len(t) for t in trains], weights)
+    train: list[dict] = []
+    for i, (examples, count) in enumerate(zip(trains, counts)):
+        picked = examples if count == len(examples) else _draw(examples, count, random.Random(f"{seed}-blend-{stage}-{i}"))
+        all_stats[i].blended = len(picked)
+        train += picked
+    random.Random(seed).shuffle(train)
+    return train, evaluation, all_stats
 
 
 def load_stage_data(cfg: RunConfig, stage: str, tokenizer) -> StageData:
-    """Train and eval examples of `stage` from every dataset of the blend."""
-    train: list[dict] = []
-    evaluation: list[dict] = []
-    all_stats = []
-    for spec in cfg.data_blend.datasets:
-        stats = SourceStats(spec.name)
-        records = read_source(spec, cfg.run.seed)
-        picked = split_indices(len(records), cfg.data_blend.split, stage, cfg.run.seed, spec.name)
-        stats.read = len(picked)
-        examples = [e for e in (_encode(records[i], tokenizer, cfg, stage, stats) for i in picked) if e is not None]
-        stats.kept = len(examples)
-        if not examples:
-            raise DataError(f"dataset {spec.name!r} has no {stage} examples left: read {stats.read}, "
-                            f"dropped {dict(stats.dropped)}")
-        n_eval = max(1, round(len(examples) * cfg.data_blend.eval_fraction))
-        evaluation += examples[:n_eval]
-        train += examples[n_eval:]
-        all_stats.append(stats)
-    random.Random(cfg.run.seed).shuffle(train)
-    return StageData(train, evaluation, all_stats)
+    """Train and eval examples of `stage` from every dataset of the blend (cached)."""
+    if stage not in STAGE_INDEX:
+        raise ValueError(f"stage must be one of {list(STAGE_INDEX)}, got {stage!r}")
+    entry = cache_dir(cfg) / f"{stage}-{_stage_key(cfg, stage, tokenizer)}"
+
+    def build(tmp: Path) -> None:
+        import datasets
+
+        train, evaluation, stats = _build_stage(cfg, stage, tokenizer)
+        for part, rows in (("train", train), ("eval", evaluation)):
+            datasets.Dataset.from_list(rows).save_to_disk(str(tmp / part)) if rows else (tmp / part).mkdir()
+        (tmp / "stats.json").write_text(json.dumps([s.to_json() for s in stats], indent=1))
+
+    def load(path: Path) -> tuple[list, list, list[SourceStats]]:
+        import datasets
+
+        parts = []
+        for part in ("train", "eval"):
+            p = path / part
+            parts.append(datasets.load_from_disk(str(p)).to_list() if (p / "state.json").exists() else [])
+        stats = [SourceStats.from_json(s) for s in json.loads((path / "stats.json").read_text())]
+        return parts[0], parts[1], stats
+
+    with _quiet_datasets():
+        (train, evaluation, stats), hit = build_or_load(entry, build, load)
+    return StageData(train, evaluation, stats, cache="hit" if hit else "built", cache_path=str(entry),
+                     split=cfg.data_blend.split)
+
+
+class _quiet_datasets:
+    """No progress bars from datasets while caching (the summary says what happened)."""
+
+    def __enter__(self):
+        import datasets
+
+        self.was = not datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()
+
+    def __exit__(self, *exc):
+        import datasets
+
+        if self.was:
+            datasets.enable_progress_bars()
+
+
+# --------------------------------------------------------------------------- PTX (pretraining text)
+
+
+def _ptx_documents(path_or_id: str, text_field: str):
+    """Yield the documents (strings) of a text file/folder, a table with a text column, or a hub id."""
+    from pipeline.data.sources import SUFFIXES, _datasets_rows, jsonl_rows
+
+    path = Path(path_or_id).expanduser()
+    if not path.exists():
+        if "/" in path_or_id and not path_or_id.startswith((".", "/", "~")):
+            import datasets
+
+            try:
+                ds = datasets.load_dataset(path_or_id, split="train")
+            except Exception as err:  # noqa: BLE001
+                raise DataError(f"data_blend.ptx_path={path_or_id}: no such file, and cannot load it from the hub "
+                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+            for i, row in enumerate(ds):
+                if text_field not in row:
+                    raise DataError(f"data_blend.ptx_path={path_or_id} row {i + 1}: no field {text_field!r} "
+                                    "(set data_blend.ptx_field)")
+                yield row[text_field]
+            return
+        raise DataError(f"data_blend.ptx_path={path_or_id}: no such file or folder")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()
+                                                 and (p.suffix == ".txt" or p.name.endswith(SUFFIXES)))
+    if not files:
+        raise DataError(f"data_blend.ptx_path={path_or_id}: folder has no .txt or data files")
+    for f in files:
+        if f.name.endswith(SUFFIXES):
+            rows = _datasets_rows(f) if f.suffix in (".parquet", ".csv", ".arrow") else jsonl_rows(f)
+            for where, row in rows:
+                if row.get(text_field) is None:
+                    raise DataError(f"{where}: record has no field {text_field!r} (set data_blend.ptx_field). "
+                                    f"First bad record: {json.dumps(row, default=str)[:200]}")
+                yield str(row[text_field])
+        else:
+            yield f.read_text(encoding="utf-8", errors="replace")
+
+
+def load_ptx_data(cfg: RunConfig, tokenizer, block_size: int) -> list[dict[str, list[int]]]:
+    """Fixed blocks of `block_size` tokens from data_blend.ptx_path (documents joined by eos),
+    cached as .npy under the cache dir."""
+    import numpy as np
+
+    d = cfg.data_blend
+    if not d.ptx_path:
+        raise DataError("data_blend.ptx_path is not set; give a text file, folder or dataset for the PTX loss")
+    if block_size < 2:
+        raise ValueError(f"block_size must be >= 2, got {block_size}")
+    p = Path(d.ptx_path).expanduser()
+    files = file_fingerprint([p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())) if p.exists() else []
+    key = key_of({"kind": "ptx", "path": d.ptx_path, "files": files, "field": d.ptx_field, "block": block_size,
+                  "max_blocks": d.ptx_max_blocks, "tokenizer": tokenizer_fingerprint(tokenizer)})
+    entry = cache_dir(cfg) / f"ptx-{key}"
+
+    def build(tmp: Path) -> None:
+        eos = tokenizer.eos_token_id
+        ids: list[int] = []
+        need = d.ptx_max_blocks * block_size if d.ptx_max_blocks else None
+        for doc in _ptx_documents(d.ptx_path, d.ptx_field):
+            lines = doc.splitlines(keepends=True)
+            chunks = ["".join(lines[i: i + 64]) for i in range(0, len(lines), 64)]
+            for chunk_ids in tokenizer(chunks, add_special_tokens=False).input_ids if chunks else []:
+                ids += chunk_ids
+            ids.append(eos)
+            if need and len(ids) >= need:
+                break
+        n = len(ids) // block_size
+        if need:
+            n = min(n, d.ptx_max_blocks)
+        if n == 0:
+            raise DataError(f"data_blend.ptx_path={d.ptx_path}: {len(ids)} tokens, fewer than one block of "
+                            f"{block_size}")
+        np.save(tmp / "blocks.npy", np.asarray(ids[: n * block_size], dtype=np.int64).reshape(n, block_size))
+
+    def load(path: Path):
+        return np.load(path / "blocks.npy", allow_pickle=False)
+
+    blocks, _ = build_or_load(entry, build, load)
+    return [{"input_ids": row.tolist()} for row in blocks]
