@@ -1,0 +1,844 @@
+"""Memory planner: per stage and role, the fastest layout that fits the hardware.
+
+Pure arithmetic from the model catalog and the config: loads no weights, imports no deepspeed
+or torch. `plan_run(cfg)` returns a `Plan`; `Plan.apply(cfg)` fills the strategy fields the user
+left null; `dry_run_report(cfg)` is what `run.dry_run=true` prints.
+
+Memory model (bytes on one device; P = parameters, d = bytes per element of the compute dtype:
+2 for bf16/fp16, 4 for fp32; N = data-parallel world size)
+-----------------------------------------------------------------------------------------
+Trained model, mixed precision (bf16/fp16), after DeepSpeed's ZeRO paper (Rajbhandari et al.):
+    weights d*P = 2P, gradients 2P, Adam fp32 master copy + momentum + variance = 4+4+4 = 12P,
+    so 16 bytes/param in all. bf16 at ZeRO 0/1 runs DeepSpeed's BF16_Optimizer, which keeps an
+    extra fp32 gradient accumulator (+4P: 20 bytes/param).
+Trained model, fp32: weights 4P, gradients 4P, Adam momentum + variance 8P (no master copy) = 16P.
+ZeRO shards over N: stage 1 the optimizer states (12P/N), stage 2 also the gradients (2P/N),
+    stage 3 also the weights (2P/N).
+Offload (`strategy.offload`, ZeRO >= 1): optimizer states and the fp32 gradient partition move
+    to host RAM (ZeRO-Offload: 16 bytes/param/N there); with ZeRO-3 the weights too
+    (ZeRO-Infinity style, d*P/N of host RAM).
+LoRA (dim r): the base weights are frozen (d*P, no gradient, no optimizer state); the adapters
+    (r*(in+out) per targeted Linear: r*(10h+2f) per OPT layer) are trained at the full 16 bytes.
+Communication buffers: ZeRO 0-2 with N > 1 hold one gradient reduce bucket (min(P, 5e8) elements
+    of d, DeepSpeed's default reduce_bucket_size); ZeRO-3 holds the layer being computed plus the
+    prefetched one, 2 * max(layer, embedding) * d.
+Frozen models (PPO reference, reward; the EMA copy): d*P, sharded and offloaded like their
+    trained partner (ref and EMA follow the actor, reward follows the critic, as DeepSpeed-Chat).
+Activations per transformer layer (Korthikanti et al. 2022, "Reducing Activation Recomputation"),
+    per token in elements of d: attention 3h + 2*kv (QKV input, Q, K, V, out-proj input),
+    MLP h + 2f (OPT: input, fc1 output, GeLU output; SwiGLU: h + 4f), LayerNorms 2h;
+    for OPT (f = 4h, kv = h) that is 16h elements = 34*s*b*h bytes minus the two dropout masks.
+    Dropout adds 2 bytes/token*h of masks. Eager attention adds the softmax a*s*s*b elements (and
+    with attention dropout its output and mask: the paper's 5*a*s/h term); SDPA / flash attention
+    (the default for transformers' OPT and LLaMA) stores none of it, so it is off by default.
+    Gradient checkpointing keeps only each layer's input (d*s*b*h per layer) plus one layer's full
+    activations during its recompute.
+    Language-model head: logits s*b*V in d plus fp32 copies for the loss (upcast, log-softmax and
+    its gradient): (d + 8) bytes per logit. Value heads: negligible.
+Generation (PPO actor): KV cache 2 * layers * b * s * kv_heads*head_dim * d, split over the TP
+    degree; with ZeRO-3 the rollout engine gathers the whole actor once per generation call
+    (d*P/tp on each device) when that fits, else streams it layer by layer (slow; never from
+    host RAM, so not with parameter offload).
+PPO peak = every model's resident state + max(generation, experience forward, training), since
+    the phases run one after another (actor and critic backward are also sequential).
+Fit: peak <= (1 - HEADROOM) * device memory - fixed overhead (CUDA context, cuBLAS/NCCL
+    workspaces and allocator fragmentation: 1 GiB on GPU; the torch runtime: 0.5 GiB per CPU
+    process). On CPU, the device memory is the job's RAM shared by the processes on a node.
+
+Order of preference (fastest first; the first that fits wins)
+-------------------------------------------------------------
+1. ZeRO-0 < ZeRO-1 < ZeRO-2 < ZeRO-3: each stage adds communication (ZeRO-3 re-gathers weights
+   every forward and backward, 1.5x the traffic of data parallelism), so the least sharding
+   that fits is the fastest.
+2. + gradient checkpointing: one extra forward per step (~33% more compute) but no extra traffic.
+3. + LoRA: fewer gradients and optimizer states and a cheaper backward, but it changes what is
+   learned; DeepSpeed-Chat's own single-GPU presets use it (dim 128), and it still beats offload
+   on speed.
+4. + optimizer offload (ZeRO 1/2 + offload): Adam on the CPU and gradients over PCIe every step.
+5. + parameter offload (ZeRO-3 + offload): weights over PCIe every forward and backward too.
+Within a level, the lower ZeRO stage goes first. For PPO the actor (the larger model, which
+also generates) gets the fastest layout first; the critic takes the fastest that fits next to it.
+Generation prefers TP 1 (no TP traffic), then larger TP degrees (deepspeed backend, within a
+node), then ZeRO-3 layer-by-layer gathering. Explicit user settings always win: they filter the
+candidates, and when none of the remaining ones fits the planner warns and suggests what would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from pipeline.catalog import ModelSpec, UnknownModelError, resolve_model
+
+GIB = 2**30
+HEADROOM = 0.10
+OVERHEAD_GIB = {"cuda": 1.0, "cpu": 0.5}
+DEFAULT_LORA_DIM = 128
+REDUCE_BUCKET = 5e8  # DeepSpeed's default reduce_bucket_size, elements
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# Assumed host RAM per node, as a multiple of the node's total GPU memory, when the profile
+# does not say (DGX A100/H100: 2 TB for 640 GB of GPU memory).
+HOST_RAM_PER_GPU_RAM = 3.0
+
+
+# =========================================================================== formulas
+
+
+def lora_params(spec: ModelSpec, dim: int) -> int:
+    """Trainable adapter parameters for LoRA of rank `dim` on every attention and MLP Linear.
+
+    A Linear(in, out) gets A (dim x in) and B (out x dim): dim * (in + out).
+    OPT layer: q, k, v, out (h -> h) and fc1 (h -> f), fc2 (f -> h): dim * (10h + 2f).
+    LLaMA layer: q, o (h -> h), k, v (h -> kv), gate, up (h -> f), down (f -> h): dim * (9h + 2kv + 3f).
+    """
+    if dim <= 0:
+        return 0
+    h, f = spec.hidden_size, spec.ffn_dim
+    if spec.family == "llama":
+        kv = (spec.num_kv_heads or spec.num_heads) * (h // spec.num_heads)
+        per_layer = 9 * h + 2 * kv + 3 * f
+    else:
+        per_layer = 10 * h + 2 * f
+    return dim * per_layer * spec.num_layers
+
+
+def reward_params(spec: ModelSpec) -> int:
+    """A reward / critic model: the transformer without LM head plus a Linear(h, 1) value head."""
+    head = 0 if spec.tied_embeddings else spec.vocab_size * spec.hidden_size
+    return spec.num_params() - head + spec.hidden_size
+
+
+def layer_params(spec: ModelSpec) -> int:
+    h, f = spec.hidden_size, spec.ffn_dim
+    kv = (spec.num_kv_heads or spec.num_heads) * (h // spec.num_heads)
+    if spec.family == "llama":
+        return 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h
+    return 4 * (h * h + h) + 2 * h * f + f + h + 4 * h
+
+
+def trained_state_bytes(n_params: int, n_trainable: int, dtype: str, zero: int, offload: bool,
+                        world: int) -> dict[str, float]:
+    """Weights, gradients and optimizer states of a trained model on one device, and in host RAM.
+
+    n_params counts every weight (frozen base + adapters); n_trainable those with gradients.
+    Returns {"params", "grads", "optimizer", "host"} in bytes (host: per rank).
+    """
+    d = DTYPE_BYTES[dtype]
+    n = max(1, world)
+    mixed = dtype != "fp32"
+    offload = offload and zero >= 1
+    params = n_params * d / (n if zero >= 3 else 1)
+    grads = n_trainable * d / (n if zero >= 2 else 1)
+    if mixed and dtype == "bf16" and zero <= 1:
+        grads += n_trainable * 4  # BF16_Optimizer's fp32 gradient accumulator
+    optim = n_trainable * (12 if mixed else 8) / (n if zero >= 1 else 1)
+    host = 0.0
+    if offload:
+        # ZeRO-Offload: optimizer states and the fp32 gradient partition live in host RAM;
+        # the device keeps only its low-precision gradient partition while it is reduced.
+        host += optim + n_trainable * 4 / n
+        optim = 0.0
+        grads = n_trainable * d / n if zero >= 2 else grads
+        if zero >= 3:
+            host += params
+            params = 0.0
+    return {"params": params, "grads": grads, "optimizer": optim, "host": host}
+
+
+def frozen_state_bytes(n_params: int, dtype: str, zero: int, offload: bool, world: int) -> dict[str, float]:
+    """A frozen model (reference, reward, EMA): weights only, sharded with ZeRO-3."""
+    d = DTYPE_BYTES[dtype]
+    params = n_params * d / (max(1, world) if zero >= 3 else 1)
+    host = 0.0
+    if zero >= 3 and offload:
+        host, params = params, 0.0
+    return {"params": params, "grads": 0.0, "optimizer": 0.0, "host": host}
+
+
+def comm_buffer_bytes(spec: ModelSpec, n_params: int, n_trainable: int, dtype: str, zero: int,
+                      world: int, trained: bool) -> float:
+    """ZeRO-3 gather buffers (current + prefetched layer) or the ZeRO 0-2 reduce bucket."""
+    d = DTYPE_BYTES[dtype]
+    if zero >= 3:  # also at N = 1: the gathered layer is a fresh tensor next to the shard
+        emb = spec.vocab_size * (spec.embed_dim or spec.hidden_size)
+        return float(2 * max(layer_params(spec), emb) * d)
+    if trained and world > 1:
+        return min(n_trainable, REDUCE_BUCKET) * d
+    return 0.0
+
+
+def layer_activation_bytes(spec: ModelSpec, batch: int, seq: int, dtype: str, *, dropout: bool = False,
+                           eager_attention: bool = False) -> float:
+    """Activations one transformer layer keeps for its backward (Korthikanti et al.), bytes."""
+    d = DTYPE_BYTES[dtype]
+    h, f, a = spec.hidden_size, spec.ffn_dim, spec.num_heads
+    kv = (spec.num_kv_heads or a) * (h // a)
+    mlp = h + (4 * f if spec.family == "llama" else 2 * f)
+    per_token = (3 * h + 2 * kv + mlp + 2 * h) * d
+    if dropout:
+        per_token += 2 * h  # two 1-byte dropout masks (attention output, MLP output)
+    total = per_token * seq * batch
+    if eager_attention:
+        total += a * seq * seq * batch * d  # softmax output
+    return float(total)
+
+
+def training_activation_bytes(spec: ModelSpec, batch: int, seq: int, dtype: str, *, grad_ckpt: bool,
+                              lm_head: bool, dropout: bool = False, eager_attention: bool = False) -> float:
+    """Peak activation memory of one training micro-batch (forward + loss + backward), bytes.
+
+    No checkpointing: layers * per-layer activations. Checkpointing: each layer's input
+    (d*s*b*h) plus one layer's activations while it is recomputed. Plus embeddings and final
+    norm (2*d*s*b*h) and, for a language model, logits s*b*V at (d + 8) bytes.
+    """
+    d = DTYPE_BYTES[dtype]
+    sbh = seq * batch * spec.hidden_size
+    layer = layer_activation_bytes(spec, batch, seq, dtype, dropout=dropout, eager_attention=eager_attention)
+    body = spec.num_layers * d * sbh + layer if grad_ckpt else spec.num_layers * layer
+    head = seq * batch * spec.vocab_size * (d + 8) if lm_head else seq * batch * 4
+    return float(body + 2 * d * sbh + head)
+
+
+def kv_cache_bytes(spec: ModelSpec, batch: int, seq: int, dtype: str, tp: int = 1) -> float:
+    """KV cache: 2 (K and V) * layers * b * s * kv_heads * head_dim * d, split over TP ranks."""
+    d = DTYPE_BYTES[dtype]
+    head_dim = spec.hidden_size // spec.num_heads
+    kv = (spec.num_kv_heads or spec.num_heads) * head_dim
+    return float(2 * spec.num_layers * batch * seq * kv * d) / max(1, tp)
+
+
+def forward_transient_bytes(spec: ModelSpec, batch: int, seq: int, dtype: str, *, lm_head: bool) -> float:
+    """A no-grad forward (PPO experience, generation prefill): one layer's working set plus the
+    full-sequence logits and their fp32 log-softmax (lm_head) — nothing is kept per layer."""
+    d = DTYPE_BYTES[dtype]
+    work = seq * batch * (2 * spec.hidden_size + spec.ffn_dim) * d
+    head = seq * batch * spec.vocab_size * (d + 8) if lm_head else 0
+    return float(work + head)
+
+
+# =========================================================================== plan objects
+
+
+@dataclass(frozen=True)
+class Strategy:
+    zero_stage: int = 0
+    offload: bool = False
+    gradient_checkpointing: bool = False
+    lora_dim: int = 0
+    tp_degree: int = 1
+
+    def label(self) -> str:
+        return (f"ZeRO-{self.zero_stage}{' +offload' if self.offload else ''}"
+                f"{' +ckpt' if self.gradient_checkpointing else ''}{f' +LoRA{self.lora_dim}' if self.lora_dim else ''}"
+                f"{f' TP{self.tp_degree}' if self.tp_degree > 1 else ''}")
+
+
+@dataclass
+class RolePlan:
+    role: str
+    model: str
+    params: int
+    trained: bool
+    strategy: Strategy
+    device_gib: float  # this role's resident state + its own transient peak
+    host_gib: float
+    breakdown: dict[str, float] = field(default_factory=dict)  # GiB
+    explicit: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    roles: list[RolePlan]
+    peak_gib: float
+    usable_gib: float
+    device_gib: float
+    host_gib: float
+    fits: bool
+    active: bool  # in run.stages
+    phases: dict[str, float] = field(default_factory=dict)
+    generation_gathers_params: Optional[bool] = None
+
+    def role(self, name: str) -> RolePlan:
+        return next(r for r in self.roles if r.role == name)
+
+
+# Which config fields hold each trained role's strategy and LoRA.
+_FIELDS = {
+    ("sft", "actor"): ("sft", "strategy", "lora"),
+    ("rm", "reward"): ("rm", "strategy", "lora"),
+    ("ppo", "actor"): ("ppo", "actor_strategy", "actor_lora"),
+    ("ppo", "critic"): ("ppo", "critic_strategy", "critic_lora"),
+}
+
+
+@dataclass
+class Plan:
+    hardware: str
+    device: str
+    world_size: int
+    dtype: str
+    stages: dict[str, StagePlan]
+    warnings: list[str] = field(default_factory=list)
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return all(s.fits for s in self.stages.values() if s.active)
+
+    def apply(self, cfg: Any) -> None:
+        """Fill the strategy and LoRA fields the user left null (explicit values stay)."""
+        for (stage, role), (sec, strat_name, lora_name) in _FIELDS.items():
+            chosen = self.stages[stage].role(role).strategy
+            section = getattr(cfg.stage, sec)
+            strat, lora = getattr(section, strat_name), getattr(section, lora_name)
+            for key in ("zero_stage", "offload", "gradient_checkpointing", "tp_degree"):
+                if getattr(strat, key) is None:
+                    setattr(strat, key, getattr(chosen, key))
+            if lora.dim is None:
+                lora.dim = chosen.lora_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "hardware": self.hardware, "device": self.device, "world_size": self.world_size,
+            "dtype": self.dtype, "headroom": HEADROOM, "fits": self.fits,
+            "warnings": list(self.warnings), "suggestions": list(self.suggestions), "stages": {},
+        }
+        for name, sp in self.stages.items():
+            out["stages"][name] = {
+                "active": sp.active, "fits": sp.fits, "peak_gib": round(sp.peak_gib, 3),
+                "usable_gib": round(sp.usable_gib, 3), "device_gib": sp.device_gib,
+                "host_gib_per_rank": round(sp.host_gib, 3),
+                "phases_gib": {k: round(v, 3) for k, v in sp.phases.items()},
+                "generation_gathers_params": sp.generation_gathers_params,
+                "roles": [{
+                    "role": r.role, "model": r.model, "params": r.params, "trained": r.trained,
+                    **dataclasses.asdict(r.strategy), "device_gib": round(r.device_gib, 3),
+                    "host_gib": round(r.host_gib, 3),
+                    "breakdown_gib": {k: round(v, 3) for k, v in r.breakdown.items()},
+                    "explicit": r.explicit,
+                } for r in sp.roles],
+            }
+        json.dumps(out)  # guaranteed serialisable
+        return out
+
+    def table(self) -> str:
+        head = ["stage", "role", "model", "params", "ZeRO", "offload", "LoRA", "grad ckpt", "TP",
+                "GiB/device", "device GiB", "fits?"]
+        rows = []
+        for name, sp in self.stages.items():
+            for r in sp.roles:
+                s = r.strategy
+                rows.append([name if sp.active else f"({name})", r.role, r.model, _fmt_params(r.params),
+                             str(s.zero_stage), "yes" if s.offload else "no", str(s.lora_dim) if s.lora_dim else "-",
+                             "yes" if s.gradient_checkpointing else "no", str(s.tp_degree),
+                             f"{r.device_gib:.1f}", "", ""])
+            rows.append([name if sp.active else f"({name})", "= peak", "", "", "", "", "", "", "",
+                         f"{sp.peak_gib:.1f}", f"{sp.device_gib:.1f} ({sp.usable_gib:.1f} usable)",
+                         "yes" if sp.fits else "NO"])
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+        line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+        sep = "  ".join("-" * w for w in widths)
+        return "\n".join([line(head), sep] + [line(r) for r in rows])
+
+
+def _fmt_params(n: int) -> str:
+    if n <= 0:
+        return "?"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+# =========================================================================== inputs
+
+
+@dataclass(frozen=True)
+class _Constraint:
+    zero_stage: Optional[int] = None
+    offload: Optional[bool] = None
+    gradient_checkpointing: Optional[bool] = None
+    tp_degree: Optional[int] = None
+    lora_dim: Optional[int] = None
+
+    def given(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    device: str
+    memory_gib: float
+    ranks_per_node: int
+    world: int
+    dtype: str
+    host_gib: float  # host RAM per node
+    backend: str
+    dropout: bool
+    actor: Optional[ModelSpec]
+    reward: Optional[ModelSpec]
+    actor_name: str
+    reward_name: str
+    sft_batch: int
+    rm_batch: int
+    ppo_gen_batch: int
+    ppo_train_batch: int
+    prompt_len: int
+    answer_len: int
+    new_tokens: int
+    ema: bool
+    constraints: tuple = ()  # ((stage, role), _Constraint) pairs
+
+    def constraint(self, stage: str, role: str) -> _Constraint:
+        return dict(self.constraints).get((stage, role), _Constraint())
+
+    @property
+    def device_gib(self) -> float:
+        return self.memory_gib / self.ranks_per_node if self.device == "cpu" else self.memory_gib
+
+    @property
+    def usable_gib(self) -> float:
+        return self.device_gib * (1 - HEADROOM) - OVERHEAD_GIB.get(self.device, 1.0)
+
+    @property
+    def host_gib_per_rank(self) -> float:
+        return self.host_gib / self.ranks_per_node
+
+
+def _spec(name: str) -> Optional[ModelSpec]:
+    try:
+        return resolve_model(name)
+    except UnknownModelError:
+        return None
+
+
+def _inputs(cfg: Any) -> _Inputs:
+    hw = cfg.hardware
+    world = cfg.world_size
+    per_node = cfg.deployment.procs_per_node or (hw.devices_per_node if cfg.deployment.launcher != "in_process" else 1)
+    per_node = max(1, min(per_node, world))
+    host = getattr(hw, "host_memory_gib", None)
+    if host is None:
+        host = hw.memory_gib if hw.device == "cpu" else HOST_RAM_PER_GPU_RAM * hw.memory_gib * max(1, hw.devices_per_node)
+    cons = []
+    for (stage, role), (sec, strat_name, lora_name) in _FIELDS.items():
+        section = getattr(cfg.stage, sec)
+        s, lora = getattr(section, strat_name), getattr(section, lora_name)
+        cons.append(((stage, role), _Constraint(s.zero_stage, s.offload, s.gradient_checkpointing, s.tp_degree, lora.dim)))
+    dropout = cfg.model.dropout
+    return _Inputs(
+        device=hw.device, memory_gib=float(hw.memory_gib), ranks_per_node=per_node, world=world,
+        dtype=cfg.dtype, host_gib=float(host), backend=cfg.stage.ppo.generation.backend,
+        dropout=bool(dropout is None or dropout > 0),
+        actor=_spec(cfg.model.actor), reward=_spec(cfg.model.reward),
+        actor_name=cfg.model.actor, reward_name=cfg.model.reward,
+        sft_batch=cfg.stage.sft.per_device_train_batch_size, rm_batch=cfg.stage.rm.per_device_train_batch_size,
+        ppo_gen_batch=cfg.stage.ppo.per_device_generation_batch_size,
+        ppo_train_batch=cfg.stage.ppo.per_device_training_batch_size,
+        prompt_len=cfg.data_blend.max_prompt_len, answer_len=cfg.data_blend.max_answer_len,
+        new_tokens=cfg.stage.ppo.generation.max_new_tokens, ema=cfg.stage.ppo.ema_beta is not None,
+        constraints=tuple(cons),
+    )
+
+
+# =========================================================================== search
+
+
+def _offload_level(s: Strategy) -> int:
+    return 0 if not s.offload else (2 if s.zero_stage >= 3 else 1)
+
+
+def _candidates(inp: _Inputs, c: _Constraint) -> list[Strategy]:
+    """Training layouts allowed by the explicit settings, fastest first (see module docstring)."""
+    zeros = [c.zero_stage] if c.zero_stage is not None else [0, 1, 2, 3]
+    if c.offload is not None:
+        offs = [c.offload]
+    else:
+        offs = [False, True] if inp.device == "cuda" else [False]
+    gcs = [c.gradient_checkpointing] if c.gradient_checkpointing is not None else [False, True]
+    loras = [c.lora_dim] if c.lora_dim is not None else [0, DEFAULT_LORA_DIM]
+    out = []
+    for z in zeros:
+        for off in offs:
+            if off and z == 0 and c.offload is None:
+                continue  # offload needs ZeRO >= 1
+            for gc in gcs:
+                for lora in loras:
+                    out.append(Strategy(z, off, gc, lora, 1))
+    out.sort(key=lambda s: (_offload_level(s), s.lora_dim > 0, s.gradient_checkpointing, s.zero_stage))
+    return out
+
+
+@dataclass
+class _RoleMem:
+    state: float  # resident bytes on device
+    host: float
+    act: float  # training transient
+    breakdown: dict[str, float]
+
+
+@functools.lru_cache(maxsize=8192)
+def _trained_mem(inp: _Inputs, spec: ModelSpec, s: Strategy, *, lm: bool, batch: int, seq: int) -> _RoleMem:
+    base = spec.num_params() if lm else reward_params(spec)
+    adapters = lora_params(spec, s.lora_dim)
+    n_params, n_train = base + adapters, (adapters if s.lora_dim > 0 else base)
+    st = trained_state_bytes(n_params, n_train, inp.dtype, s.zero_stage, s.offload, inp.world)
+    buf = comm_buffer_bytes(spec, n_params, n_train, inp.dtype, s.zero_stage, inp.world, True)
+    act = training_activation_bytes(spec, batch, seq, inp.dtype, grad_ckpt=s.gradient_checkpointing,
+                                    lm_head=lm, dropout=inp.dropout)
+    state = st["params"] + st["grads"] + st["optimizer"] + buf
+    bd = {"params": st["params"], "grads": st["grads"], "optimizer": st["optimizer"], "buffers": buf,
+          "activations": act}
+    return _RoleMem(state, st["host"], act, {k: v / GIB for k, v in bd.items()})
+
+
+@functools.lru_cache(maxsize=8192)
+def _frozen_mem(inp: _Inputs, spec: ModelSpec, partner: Strategy, *, lm: bool) -> _RoleMem:
+    n = spec.num_params() if lm else reward_params(spec)
+    zero = 3 if partner.zero_stage >= 3 else 0
+    st = frozen_state_bytes(n, inp.dtype, zero, partner.offload, inp.world)
+    buf = comm_buffer_bytes(spec, n, 0, inp.dtype, zero, inp.world, False) if zero >= 3 else 0.0
+    return _RoleMem(st["params"] + buf, st["host"], 0.0, {"params": st["params"] / GIB, "buffers": buf / GIB})
+
+
+def _fallback_strategy(inp: _Inputs, c: _Constraint) -> Strategy:
+    """Layout for a model whose size is unknown: explicit values, else shard and checkpoint."""
+    return Strategy(
+        c.zero_stage if c.zero_stage is not None else (3 if inp.world > 1 else 0),
+        bool(c.offload) if c.offload is not None else False,
+        c.gradient_checkpointing if c.gradient_checkpointing is not None else True,
+        c.lora_dim if c.lora_dim is not None else 0,
+        c.tp_degree if c.tp_degree is not None else 1,
+    )
+
+
+def _unknown_stage(inp: _Inputs, stage: str, active: bool, roles: list[tuple[str, str, bool]]) -> StagePlan:
+    plans = []
+    for role, name, trained in roles:
+        c = inp.constraint(stage, role) if trained else _Constraint()
+        plans.append(RolePlan(role, name, 0, trained, _fallback_strategy(inp, c), 0.0, 0.0, {}, c.given()))
+    return StagePlan(stage, plans, 0.0, inp.usable_gib, inp.device_gib, 0.0, True, active)
+
+
+def _single_stage(inp: _Inputs, stage: str, role: str, spec: Optional[ModelSpec], name: str, *, lm: bool,
+                  batch: int, seq: int, active: bool) -> StagePlan:
+    if spec is None:
+        return _unknown_stage(inp, stage, active, [(role, name, True)])
+    c = inp.constraint(stage, role)
+    usable = inp.usable_gib * GIB
+    cands = _candidates(inp, c)
+    chosen, mem = None, None
+    for s in cands:
+        m = _trained_mem(inp, spec, s, lm=lm, batch=batch, seq=seq)
+        if m.state + m.act <= usable and m.host <= inp.host_gib_per_rank * GIB:
+            chosen, mem = s, m
+            break
+    fits = chosen is not None
+    if not fits:  # the most frugal allowed layout, reported as not fitting
+        def total(s: Strategy) -> float:
+            m = _trained_mem(inp, spec, s, lm=lm, batch=batch, seq=seq)
+            return m.state + m.act
+
+        best = min(cands, key=total)
+        chosen, mem = best, _trained_mem(inp, spec, best, lm=lm, batch=batch, seq=seq)
+    tp = c.tp_degree if c.tp_degree is not None else 1
+    chosen = dataclasses.replace(chosen, tp_degree=tp)
+    n = (spec.num_params() if lm else reward_params(spec))
+    peak = (mem.state + mem.act) / GIB
+    rp = RolePlan(role, name, n, True, chosen, peak, mem.host / GIB, mem.breakdown, c.given())
+    return StagePlan(stage, [rp], peak, inp.usable_gib, inp.device_gib, mem.host / GIB, fits, active,
+                     {"train": peak})
+
+
+def _gen_options(inp: _Inputs, a: Strategy, c: _Constraint) -> list[tuple[int, bool]]:
+    """(tp degree, gather whole actor) for generation, preferred first."""
+    if c.tp_degree is not None:
+        tps = [c.tp_degree]
+    elif inp.backend == "deepspeed" and inp.device == "cuda":
+        tps = [t for t in (1, 2, 4, 8) if t <= inp.ranks_per_node and inp.ranks_per_node % t == 0]
+    else:
+        tps = [1]
+    opts = [(t, True) for t in tps]
+    if a.zero_stage >= 3 and not a.offload:
+        opts.append((tps[0], False))  # ZeRO-3 layer-by-layer gathering during generation
+    return opts
+
+
+def _ppo_stage(inp: _Inputs, active: bool) -> StagePlan:
+    if inp.actor is None or inp.reward is None:
+        return _unknown_stage(inp, "ppo", active, [("actor", inp.actor_name, True), ("critic", inp.reward_name, True),
+                                                   ("ref", inp.actor_name, False), ("reward", inp.reward_name, False)]
+                              + ([("ema", inp.actor_name, False)] if inp.ema else []))
+    A, R = inp.actor, inp.reward
+    d = DTYPE_BYTES[inp.dtype]
+    seq = inp.prompt_len + inp.new_tokens
+    ca, cc = inp.constraint("ppo", "actor"), inp.constraint("ppo", "critic")
+    usable, host_cap = inp.usable_gib * GIB, inp.host_gib_per_rank * GIB
+
+    def actor_side(s: Strategy):
+        m = _trained_mem(inp, A, s, lm=True, batch=inp.ppo_train_batch, seq=seq)
+        ref = _frozen_mem(inp, A, s, lm=True)
+        ema = _frozen_mem(inp, A, s, lm=True) if inp.ema else None
+        return m, ref, ema
+
+    def critic_side(s: Strategy):
+        m = _trained_mem(inp, R, s, lm=False, batch=inp.ppo_train_batch, seq=seq)
+        rew = _frozen_mem(inp, R, s, lm=False)
+        return m, rew
+
+    n_actor = A.num_params()
+    kv_full = kv_cache_bytes(A, inp.ppo_gen_batch, seq, inp.dtype)
+    prefill = forward_transient_bytes(A, inp.ppo_gen_batch, inp.prompt_len, inp.dtype, lm_head=False) \
+        + inp.ppo_gen_batch * A.vocab_size * (d + 8)
+    experience = max(forward_transient_bytes(A, inp.ppo_gen_batch, seq, inp.dtype, lm_head=True),
+                     forward_transient_bytes(R, inp.ppo_gen_batch, seq, inp.dtype, lm_head=False))
+
+    def gen_bytes(a: Strategy, am: _RoleMem, tp: int, gather: bool) -> float:
+        lora_extra = lora_params(A, a.lora_dim) * d
+        if a.zero_stage >= 3 and gather:
+            weights = (n_actor * d + lora_extra) / tp  # gathered copy (the shard stays)
+        elif tp > 1:
+            weights = (n_actor * d + lora_extra) / tp  # TP-sliced inference containers
+        else:
+            weights = 0.0
+        return weights + kv_full / tp + prefill
+
+    a_cands, c_cands = _candidates(inp, ca), _candidates(inp, cc)
+    a_mems = [(s, *actor_side(s)) for s in a_cands]
+    c_mems = [(s, *critic_side(s)) for s in c_cands]
+
+    def evaluate(a, am, ref, ema, c, cm, rew, tp, gather):
+        persistent = am.state + ref.state + (ema.state if ema else 0) + cm.state + rew.state
+        host = am.host + ref.host + (ema.host if ema else 0) + cm.host + rew.host
+        phases = {"generation": gen_bytes(a, am, tp, gather), "experience": experience,
+                  "train": max(am.act, cm.act)}
+        return persistent + max(phases.values()), host, persistent, phases
+
+    chosen = None
+    for a, am, ref, ema in a_mems:
+        for c, cm, rew in c_mems:
+            for tp, gather in _gen_options(inp, a, ca):
+                peak, host, persistent, phases = evaluate(a, am, ref, ema, c, cm, rew, tp, gather)
+                if peak <= usable and host <= host_cap:
+                    chosen = (a, am, ref, ema, c, cm, rew, tp, gather)
+                    break
+            if chosen:
+                break
+        if chosen:
+            break
+    fits = chosen is not None
+    if not fits:
+        best = None
+        for a, am, ref, ema in a_mems:
+            for c, cm, rew in c_mems:
+                for tp, gather in _gen_options(inp, a, ca):
+                    peak = evaluate(a, am, ref, ema, c, cm, rew, tp, gather)[0]
+                    if best is None or peak < best[0]:
+                        best = (peak, (a, am, ref, ema, c, cm, rew, tp, gather))
+        chosen = best[1]
+    a, am, ref, ema, c, cm, rew, tp, gather = chosen
+    peak, host, persistent, phases = evaluate(a, am, ref, ema, c, cm, rew, tp, gather)
+    a = dataclasses.replace(a, tp_degree=tp)
+    gen_a = gen_bytes(a, am, tp, gather)
+    roles = [
+        RolePlan("actor", inp.actor_name, n_actor, True, a,
+                 (am.state + max(am.act, gen_a, experience)) / GIB, am.host / GIB,
+                 {**am.breakdown, "generation": gen_a / GIB}, ca.given()),
+        RolePlan("critic", inp.reward_name, reward_params(R), True, c, (cm.state + cm.act) / GIB, cm.host / GIB,
+                 cm.breakdown, cc.given()),
+        RolePlan("ref", inp.actor_name, n_actor, False, Strategy(3 if a.zero_stage >= 3 else 0, a.offload and a.zero_stage >= 3),
+                 ref.state / GIB, ref.host / GIB, ref.breakdown),
+        RolePlan("reward", inp.reward_name, reward_params(R), False,
+                 Strategy(3 if c.zero_stage >= 3 else 0, c.offload and c.zero_stage >= 3),
+                 rew.state / GIB, rew.host / GIB, rew.breakdown),
+    ]
+    if ema:
+        roles.append(RolePlan("ema", inp.actor_name, n_actor, False, roles[2].strategy, ema.state / GIB,
+                              ema.host / GIB, ema.breakdown))
+    ph = {"resident": persistent / GIB, **{k: v / GIB for k, v in phases.items()}}
+    return StagePlan("ppo", roles, peak / GIB, inp.usable_gib, inp.device_gib, host / GIB, fits, active, ph,
+                     generation_gathers_params=(gather if a.zero_stage >= 3 else None))
+
+
+def _plan_stage(inp: _Inputs, stage: str, active: set[str]) -> StagePlan:
+    full = inp.prompt_len + inp.answer_len
+    if stage == "sft":
+        return _single_stage(inp, "sft", "actor", inp.actor, inp.actor_name, lm=True, batch=inp.sft_batch,
+                             seq=full, active="sft" in active)
+    if stage == "rm":  # chosen and rejected go through the model in one forward: 2 x batch
+        return _single_stage(inp, "rm", "reward", inp.reward, inp.reward_name, lm=False, batch=2 * inp.rm_batch,
+                             seq=full, active="rm" in active)
+    return _ppo_stage(inp, "ppo" in active)
+
+
+def _plan_stages(inp: _Inputs, active: set[str]) -> dict[str, StagePlan]:
+    return {stage: _plan_stage(inp, stage, active) for stage in ("sft", "rm", "ppo")}
+
+
+# =========================================================================== warnings + suggestions
+
+
+_BATCH_KEY = {"sft": ["stage.sft.per_device_train_batch_size"], "rm": ["stage.rm.per_device_train_batch_size"],
+              "ppo": ["stage.ppo.per_device_generation_batch_size", "stage.ppo.per_device_training_batch_size"]}
+_BATCH_FIELD = {"sft": ["sft_batch"], "rm": ["rm_batch"], "ppo": ["ppo_gen_batch", "ppo_train_batch"]}
+
+
+def _key_prefix(stage: str, role: str) -> tuple[str, str]:
+    sec, strat, lora = _FIELDS[(stage, role)]
+    return f"stage.{sec}.{strat}", f"stage.{sec}.{lora}"
+
+
+def _explicit_warnings(inp: _Inputs) -> list[str]:
+    out = []
+    for (stage, role), c in inp.constraints:
+        sk, lk = _key_prefix(stage, role)
+        if c.offload and c.zero_stage == 0:
+            out.append(f"{sk}.offload=true has no effect with {sk}.zero_stage=0 (offload needs ZeRO >= 1)")
+        if c.offload and inp.device == "cpu":
+            out.append(f"{sk}.offload=true on a CPU device only moves memory within the same RAM")
+        if c.tp_degree and c.tp_degree > 1:
+            if not (stage == "ppo" and role == "actor"):
+                out.append(f"{sk}.tp_degree={c.tp_degree} is used only for PPO generation; ignored here")
+            elif inp.backend != "deepspeed":
+                out.append(f"{sk}.tp_degree={c.tp_degree} needs stage.ppo.generation.backend=deepspeed; "
+                           f"the hf backend generates without tensor parallelism")
+            elif inp.ranks_per_node % c.tp_degree:
+                out.append(f"{sk}.tp_degree={c.tp_degree} does not divide the {inp.ranks_per_node} processes per node")
+    return out
+
+
+def _world_options(inp: _Inputs) -> list[int]:
+    per = max(1, inp.ranks_per_node if inp.world > 1 else 8)
+    opts = sorted({w for w in [2, 4, 8] if w <= per} | {per * k for k in (1, 2, 4, 8, 16, 32, 64, 128)})
+    return [w for w in opts if w > inp.world]
+
+
+def _suggest(inp: _Inputs, stage: str, active: set[str]) -> list[str]:
+    """What would make `stage` fit, each as overrides; cheapest changes first."""
+    def fits(i: _Inputs) -> Optional[StagePlan]:
+        sp = _plan_stage(i, stage, active)
+        return sp if sp.fits else None
+
+    out = []
+    given = [(k, c) for k, c in inp.constraints if k[0] == stage and c.given()]
+    free = dataclasses.replace(inp, constraints=tuple((k, _Constraint()) for k, _ in inp.constraints))
+    if given:
+        sp = fits(free)
+        if sp:
+            keys = ", ".join(f"{_key_prefix(*k)[0]}.{f}" if f != "lora_dim" else f"{_key_prefix(*k)[1]}.dim"
+                             for k, c in given for f in c.given())
+            layout = "; ".join(f"{r.role}: {r.strategy.label()}" for r in sp.roles if r.trained)
+            out.append(f"leave {keys} to the planner: it would choose {layout} ({sp.peak_gib:.1f} GiB)")
+    if inp.device == "cuda" and stage == "ppo" and inp.backend != "deepspeed":
+        i = dataclasses.replace(free, backend="deepspeed", ranks_per_node=max(inp.ranks_per_node, 1))
+        sp = fits(i)
+        if sp and sp.role("actor").strategy.tp_degree > 1:
+            out.append(f"stage.ppo.generation.backend=deepspeed stage.ppo.actor_strategy.tp_degree="
+                       f"{sp.role('actor').strategy.tp_degree} (tensor-parallel generation)")
+    for w in _world_options(free):
+        per = free.ranks_per_node if free.world > 1 or inp.device == "cpu" else min(w, 8)
+        i = dataclasses.replace(free, world=w, ranks_per_node=per)
+        if fits(i):
+            nodes = max(1, w // per)
+            out.append(f"{w} devices (e.g. +deployment=multi_node deployment.nodes={nodes} "
+                       f"deployment.procs_per_node={per}) with the planner choosing the layout")
+            break
+    # smaller batch (keeps the global batch with gradient accumulation where there is one)
+    fields = _BATCH_FIELD[stage]
+    b = getattr(free, fields[0])
+    while b > 1:
+        b //= 2
+        i = dataclasses.replace(free, **{f: max(1, min(getattr(free, f), b)) for f in fields})
+        if fits(i):
+            keys = " ".join(f"{k}={max(1, min(getattr(free, f), b))}" for k, f in zip(_BATCH_KEY[stage], fields))
+            extra = "" if stage == "ppo" else f" (raise stage.{stage}.gradient_accumulation_steps to keep the global batch)"
+            out.append(f"{keys}{extra}")
+            break
+    if not out or all("devices" in s for s in out):
+        for total in (512, 256):
+            if total < free.prompt_len + free.answer_len:
+                half = total // 2
+                i = dataclasses.replace(free, prompt_len=min(free.prompt_len, half),
+                                        answer_len=min(free.answer_len, half), new_tokens=min(free.new_tokens, half))
+                if fits(i):
+                    out.append(f"data_blend.max_prompt_len={i.prompt_len} data_blend.max_answer_len={i.answer_len}"
+                               + (f" stage.ppo.generation.max_new_tokens={i.new_tokens}" if stage == "ppo" else ""))
+                    break
+    if inp.device == "cuda":
+        from pipeline.hardware import load_profile, profile_names
+
+        for name in sorted(profile_names(), key=lambda n: load_profile(n)["memory_gib"]):
+            prof = load_profile(name)
+            if prof["device"] != "cuda" or prof["memory_gib"] <= inp.memory_gib:
+                continue
+            i = dataclasses.replace(free, memory_gib=float(prof["memory_gib"]),
+                                    dtype=inp.dtype if prof["bf16"] or inp.dtype != "bf16" else "fp16")
+            if fits(i):
+                out.append(f"hardware={name} ({prof['memory_gib']} GiB per GPU)")
+                break
+    if not out:  # a bigger change: more devices and batch 1 (and, on CPU, one process per node)
+        for w in _world_options(free)[-4:]:
+            per = 1 if inp.device == "cpu" else min(w, 8)
+            i = dataclasses.replace(free, world=w, ranks_per_node=per,
+                                    **{f: 1 for f in _BATCH_FIELD[stage]})
+            if fits(i):
+                out.append(f"{w} devices ({max(1, w // per)} nodes x {per}) and "
+                           + " ".join(f"{k}=1" for k in _BATCH_KEY[stage]))
+                break
+    if not out:
+        out.append("nothing tried fits: use more devices with ZeRO-3 + offload, LoRA, and shorter sequences")
+    return [f"{stage}: {s}" for s in out]
+
+
+# =========================================================================== entry points
+
+
+def plan_run(cfg: Any) -> Plan:
+    """Plan every stage for `cfg` (RunConfig). Pure arithmetic: no weights, no deepspeed."""
+    inp = _inputs(cfg)
+    active = set(cfg.run.stages)
+    stages = _plan_stages(inp, active)
+    warnings = _explicit_warnings(inp)
+    for name, spec in (("model.actor", inp.actor), ("model.reward", inp.reward)):
+        if spec is None:
+            warnings.append(f"{name}: size unknown (not in the catalog or local cache); the planner "
+                            f"cannot check memory and chose a conservative layout")
+    suggestions: list[str] = []
+    for name, sp in stages.items():
+        if sp.fits:
+            continue
+        explicit = [f"{_key_prefix(name, r.role)[0]}.{k}" if k != "lora_dim" else f"{_key_prefix(name, r.role)[1]}.dim"
+                    for r in sp.roles if r.trained for k in r.explicit]
+        who = f" with your settings ({', '.join(explicit)})" if explicit else ""
+        msg = (f"stage {name}{who} will not fit: predicted {sp.peak_gib:.1f} GiB per device > "
+               f"{sp.usable_gib:.1f} GiB usable of {sp.device_gib:.1f} GiB ({HEADROOM:.0%} headroom, "
+               f"{OVERHEAD_GIB.get(inp.device, 1.0)} GiB runtime overhead)")
+        if sp.host_gib > inp.host_gib_per_rank:
+            msg += f"; offload needs {sp.host_gib:.0f} GiB host RAM per rank (~{inp.host_gib_per_rank:.0f} available)"
+        if not sp.active:
+            msg += " (stage not in run.stages)"
+        warnings.append(msg)
+        if sp.active:
+            suggestions += _suggest(inp, name, active)
+    return Plan(hardware=cfg.hardware.name, device=inp.device, world_size=inp.world, dtype=inp.dtype,
+                stages=stages, warnings=warnings, suggestions=suggestions)
+
+
+def dry_run_report(cfg: Any) -> str:
+    """Plan table + warnings + suggestions: what `run.dry_run=true` prints before exiting."""
+    plan = plan_run(cfg)
+    lines = [
+        f"Memory plan: hardware={plan.hardware} ({plan.device}, {cfg.hardware.memory_gib} GiB per device), "
+        f"world size {plan.world_size}, dtype {plan.dtype}, actor {cfg.model.actor}, reward {cfg.model.reward}",
+        "",
+        plan.table(),
+        "",
+        "PPO phases (GiB/device): " + ", ".join(f"{k} {v:.1f}" for k, v in plan.stages["ppo"].phases.items()),
+    ]
+    if plan.warnings:
+        lines += ["", "Warnings:"] + [f"  - {w}" for w in plan.warnings]
+    if plan.suggestions:
+        lines += ["", "What would fit:"] + [f"  - {s}" for s in plan.suggestions]
+    lines += ["", "Plan fits." if plan.fits else "Plan does NOT fit.", "(dry run: no weights were loaded)"]
+    return "\n".join(lines)

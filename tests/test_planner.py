@@ -1,0 +1,282 @@
+"""Memory planner and hardware profiles: formulas, preferences, DeepSpeed-Chat's published fits."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from functools import lru_cache
+
+import pytest
+from omegaconf import OmegaConf
+
+from pipeline.catalog import CATALOG, resolve_model
+from pipeline.config import HardwareSection, load_config
+from pipeline.hardware import CONF_DIR, detect_hardware, gpu_profile, load_profile, profile_names
+from pipeline import planner as P
+
+GB = 1e9
+PROFILES = ["v100-32g", "a6000-48g", "a100-40g", "a100-80g", "h100-80g", "h200-141g", "cpu"]
+
+
+def hw(name: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{name}.yaml"))
+
+
+@lru_cache(maxsize=None)
+def _base(profile: str, nodes: int, procs: int | None, dtype: str | None):
+    d = {"model": {"actor": "opt-1.3b", "reward": "opt-350m"}, "hardware": hw(profile)}
+    if procs is not None:
+        d["deployment"] = {"launcher": "deepspeed", "nodes": nodes, "procs_per_node": procs}
+    if dtype:
+        d["run"] = {"dtype": dtype}
+    return load_config(d)
+
+
+def make(actor: str, profile: str, *, reward: str = "opt-350m", nodes: int = 1, procs: int | None = None,
+         dtype: str | None = None, **stage):
+    """A validated RunConfig (load_config is slow, so the base is cached and copied)."""
+    cfg = copy.deepcopy(_base(profile, nodes, procs, dtype))
+    cfg.model.actor, cfg.model.reward = actor, reward
+    for dotted, value in stage.items():
+        obj = cfg
+        parts = dotted.split("__")
+        for p in parts[:-1]:
+            obj = getattr(obj, p)
+        setattr(obj, parts[-1], value)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- profiles
+
+
+def test_profiles_exist_and_load():
+    assert set(PROFILES) <= set(profile_names())
+    assert (CONF_DIR / "auto.yaml").is_file()
+    keys = {f.name for f in dataclasses.fields(HardwareSection)}
+    for name in PROFILES:
+        facts = hw(name)
+        assert set(facts) == keys, name
+        cfg = load_config({"hardware": facts})
+        assert cfg.hardware.name == name and cfg.hardware.memory_gib > 0
+    assert hw("v100-32g")["bf16"] is False and hw("a100-80g")["bf16"] is True
+
+
+def test_detect_hardware_has_section_keys_and_validates():
+    facts = detect_hardware()
+    assert set(facts) == {f.name for f in dataclasses.fields(HardwareSection)}
+    assert facts["name"].startswith("auto:")
+    load_config({"hardware": facts})
+
+
+def test_gpu_profile_known_and_unknown():
+    a = gpu_profile("NVIDIA A100-SXM4-80GB", int(79.2 * 2**30), 8, 0, 108, 8)
+    assert a["peak_tflops"] == load_profile("a100-80g")["peak_tflops"] and a["name"] == "auto:NVIDIA A100-SXM4-80GB"
+    assert gpu_profile("NVIDIA A100-SXM4-40GB", int(39.4 * 2**30), 8, 0, 108, 1)["bandwidth_gbps"] == 1555
+    u = gpu_profile("NVIDIA Mystery", 24 * 2**30, 8, 9, 128, 2)
+    assert u["bf16"] and u["memory_gib"] == 24.0 and u["peak_tflops"] > 0 and u["devices_per_node"] == 2
+    assert gpu_profile("Tesla V100-SXM2-32GB", 32 * 2**30, 7, 0, 80, 1)["bf16"] is False
+
+
+# ----------------------------------------------------------------------------- formulas
+
+
+def test_model_state_bytes_per_param():
+    n = 10**9
+    fp16 = P.trained_state_bytes(n, n, "fp16", 0, False, 1)
+    assert (fp16["params"], fp16["grads"], fp16["optimizer"]) == (2 * GB, 2 * GB, 12 * GB)  # 16 B/param
+    fp32 = P.trained_state_bytes(n, n, "fp32", 0, False, 1)
+    assert (fp32["params"], fp32["grads"], fp32["optimizer"]) == (4 * GB, 4 * GB, 8 * GB)  # 16 B/param
+    bf16 = P.trained_state_bytes(n, n, "bf16", 0, False, 1)
+    assert bf16["grads"] == 6 * GB  # + fp32 gradient accumulator of BF16_Optimizer
+    z1 = P.trained_state_bytes(n, n, "fp16", 1, False, 8)
+    assert (z1["params"], z1["grads"], z1["optimizer"]) == (2 * GB, 2 * GB, 1.5 * GB)
+    z2 = P.trained_state_bytes(n, n, "fp16", 2, False, 8)
+    assert (z2["params"], z2["grads"], z2["optimizer"]) == (2 * GB, 0.25 * GB, 1.5 * GB)
+    z3 = P.trained_state_bytes(n, n, "fp16", 3, False, 8)
+    assert (z3["params"], z3["grads"], z3["optimizer"]) == (0.25 * GB, 0.25 * GB, 1.5 * GB)
+
+
+def test_offload_and_lora_and_frozen():
+    n = 10**9
+    off2 = P.trained_state_bytes(n, n, "fp16", 2, True, 4)
+    assert off2["optimizer"] == 0 and off2["grads"] == 0.5 * GB and off2["params"] == 2 * GB
+    assert off2["host"] == 12 * GB / 4 + 4 * GB / 4  # Adam states + fp32 gradient partition
+    off3 = P.trained_state_bytes(n, n, "fp16", 3, True, 4)
+    assert off3["params"] == 0 and off3["host"] == 4 * GB + 0.5 * GB
+    # LoRA: frozen base in fp16, adapters at 16 B/param
+    adapters = P.lora_params(resolve_model("opt-1.3b"), 128)
+    assert adapters == 128 * (10 * 2048 + 2 * 8192) * 24 == 113_246_208
+    lo = P.trained_state_bytes(n + adapters, adapters, "fp16", 0, False, 1)
+    assert lo["params"] == 2 * (n + adapters) and lo["grads"] == 2 * adapters and lo["optimizer"] == 12 * adapters
+    assert P.lora_params(resolve_model("llama-2-70b"), 8) == 8 * (9 * 8192 + 2 * 1024 + 3 * 28672) * 80
+    fz = P.frozen_state_bytes(n, "bf16", 3, False, 8)
+    assert fz["params"] == 0.25 * GB and fz["grads"] == fz["optimizer"] == 0
+    assert P.frozen_state_bytes(n, "bf16", 3, True, 8)["params"] == 0
+    assert P.frozen_state_bytes(n, "bf16", 0, False, 8)["params"] == 2 * GB
+
+
+def test_activation_formulas_match_korthikanti():
+    spec = resolve_model("opt-1.3b")
+    s, b, h, a = 512, 4, spec.hidden_size, spec.num_heads
+    sbh = s * b * h
+    # Korthikanti et al.: 34*s*b*h + 5*a*s^2*b bytes (fp16). Without dropout masks: 32*s*b*h;
+    # with hidden dropout masks: 34*s*b*h; eager attention adds the fp16 softmax output 2*a*s^2*b.
+    assert P.layer_activation_bytes(spec, b, s, "fp16") == 32 * sbh
+    assert P.layer_activation_bytes(spec, b, s, "fp16", dropout=True) == 34 * sbh
+    assert P.layer_activation_bytes(spec, b, s, "fp16", eager_attention=True) == 32 * sbh + 2 * a * s * s * b
+    assert P.layer_activation_bytes(spec, b, s, "fp32") == 64 * sbh
+    L, V = spec.num_layers, spec.vocab_size
+    full = P.training_activation_bytes(spec, b, s, "fp16", grad_ckpt=False, lm_head=True)
+    assert full == L * 32 * sbh + 2 * 2 * sbh + s * b * V * (2 + 8)
+    ckpt = P.training_activation_bytes(spec, b, s, "fp16", grad_ckpt=True, lm_head=True)
+    assert ckpt == L * 2 * sbh + 32 * sbh + 2 * 2 * sbh + s * b * V * (2 + 8)
+    value = P.training_activation_bytes(spec, b, s, "fp16", grad_ckpt=True, lm_head=False)
+    assert value == L * 2 * sbh + 32 * sbh + 2 * 2 * sbh + s * b * 4
+
+
+def test_kv_cache_and_gqa():
+    llama70 = resolve_model("llama-2-70b")  # 80 layers, 8 KV heads of 128
+    assert P.kv_cache_bytes(llama70, 1, 4096, "fp16") == 2 * 80 * 4096 * 1024 * 2  # 1.25 GiB
+    assert P.kv_cache_bytes(llama70, 1, 4096, "fp16") / 2**30 == 1.25
+    opt = resolve_model("opt-13b")
+    assert P.kv_cache_bytes(opt, 16, 512, "bf16", tp=4) == 2 * 40 * 16 * 512 * 5120 * 2 / 4
+
+
+def test_reward_params_drop_untied_head():
+    llama = resolve_model("llama-2-7b")
+    assert P.reward_params(llama) == llama.num_params() - 32000 * 4096 + 4096
+    opt = resolve_model("opt-350m")
+    assert P.reward_params(opt) == opt.num_params() + 1024
+
+
+# ----------------------------------------------------------------------------- planner behaviour
+
+
+def _strategy_fields(cfg):
+    p = cfg.stage
+    return [p.sft.strategy, p.rm.strategy, p.ppo.actor_strategy, p.ppo.critic_strategy]
+
+
+def test_cpu_natural_choice_and_apply_fills_everything():
+    cfg = make("tiny-opt", "cpu", reward="tiny-opt")
+    plan = P.plan_run(cfg)
+    assert plan.fits and not plan.warnings and not plan.suggestions
+    plan.apply(cfg)
+    for s in _strategy_fields(cfg):
+        assert (s.zero_stage, s.offload, s.gradient_checkpointing, s.tp_degree) == (0, False, False, 1)
+    for lora in (cfg.stage.sft.lora, cfg.stage.rm.lora, cfg.stage.ppo.actor_lora, cfg.stage.ppo.critic_lora):
+        assert lora.dim == 0
+    assert json.loads(json.dumps(plan.to_dict()))["fits"] is True
+    table = plan.table()
+    for col in ("stage", "role", "ZeRO", "offload", "LoRA", "grad ckpt", "TP", "GiB/device", "fits?"):
+        assert col in table
+    assert {"actor", "critic", "ref", "reward"} <= {r.role for r in plan.stages["ppo"].roles}
+
+
+def test_ema_adds_a_frozen_copy():
+    base = P.plan_run(make("opt-1.3b", "a100-80g"))
+    cfg = make("opt-1.3b", "a100-80g", stage__ppo__ema_beta=0.992)
+    ema = P.plan_run(cfg)
+    assert "ema" in {r.role for r in ema.stages["ppo"].roles}
+    assert ema.stages["ppo"].peak_gib > base.stages["ppo"].peak_gib
+
+
+def test_preference_order_prefers_less_sharding_first():
+    # opt-1.3b full fine-tune fits plain on an 80G GPU: ZeRO-0, no ckpt, no LoRA, no offload.
+    s = P.plan_run(make("opt-1.3b", "a100-80g")).stages["sft"].role("actor").strategy
+    assert s == P.Strategy(0, False, False, 0, 1)
+    # opt-13b over 8 x A100-40G: not at ZeRO 0-2; sharding comes before LoRA and offload.
+    s = P.plan_run(make("opt-13b", "a100-40g", procs=8)).stages["sft"].role("actor").strategy
+    assert s.zero_stage == 3 and s.lora_dim == 0 and not s.offload
+    order = P._candidates(P._inputs(make("opt-1.3b", "a100-80g")), P._Constraint())
+    ranks = [(P._offload_level(c), c.lora_dim > 0, c.gradient_checkpointing) for c in order]
+    assert ranks == sorted(ranks) and order[0] == P.Strategy(0, False, False, 0, 1)
+
+
+def test_explicit_settings_win_and_warn_when_they_do_not_fit():
+    cfg = make("opt-13b", "a100-40g", stage__sft__strategy__zero_stage=0, stage__sft__strategy__offload=False,
+               stage__sft__lora__dim=0)
+    plan = P.plan_run(cfg)
+    sft = plan.stages["sft"]
+    assert not sft.fits and not plan.fits
+    assert sft.role("actor").strategy.zero_stage == 0 and sft.role("actor").strategy.lora_dim == 0
+    assert any("stage sft" in w and "stage.sft.strategy.zero_stage" in w for w in plan.warnings)
+    assert any(s.startswith("sft: leave") for s in plan.suggestions)
+    plan.apply(cfg)
+    assert cfg.stage.sft.strategy.zero_stage == 0 and cfg.stage.sft.lora.dim == 0
+    assert cfg.stage.sft.strategy.gradient_checkpointing is not None  # the planner filled the rest
+    # an explicit choice that fits is kept without a warning
+    cfg = make("tiny-opt", "cpu", reward="tiny-opt", stage__rm__strategy__zero_stage=2)
+    plan = P.plan_run(cfg)
+    plan.apply(cfg)
+    assert cfg.stage.rm.strategy.zero_stage == 2 and not plan.warnings
+
+
+def test_inconsistent_explicit_settings_warn():
+    cfg = make("opt-1.3b", "a100-80g", stage__ppo__actor_strategy__tp_degree=2,
+               stage__sft__strategy__zero_stage=0, stage__sft__strategy__offload=True)
+    w = " ".join(P.plan_run(cfg).warnings)
+    assert "backend=deepspeed" in w and "offload needs ZeRO" in w
+
+
+def _largest_actor(profile: str, dtype: str | None = None) -> str:
+    fitting = None
+    for name in ["opt-125m", "opt-350m", "opt-1.3b", "opt-2.7b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b"]:
+        if P.plan_run(make(name, profile, dtype=dtype)).fits:
+            fitting = name
+    return fitting
+
+
+@pytest.mark.parametrize("profile,dtype,at_least", [
+    ("v100-32g", "fp16", "opt-2.7b"),
+    ("a6000-48g", None, "opt-6.7b"),
+    ("a100-40g", None, "opt-6.7b"),
+    ("a100-80g", None, "opt-13b"),
+])
+def test_deepspeed_chat_table3_single_gpu(profile, dtype, at_least):
+    """DeepSpeed-Chat Table 3: largest actor (with an OPT-350m reward model) on one GPU."""
+    order = list(CATALOG)
+    got = _largest_actor(profile, dtype)
+    assert got is not None and order.index(got) >= order.index(at_least), got
+
+
+@pytest.mark.parametrize("actor,profile,nodes,procs", [
+    ("opt-1.3b", "a6000-48g", 1, None),   # single_gpu preset (in-process)
+    ("opt-13b", "a100-40g", 1, 8),         # single_node 8 x A100-40G
+    ("opt-13b", "a100-80g", 1, 8),
+    ("opt-30b", "a100-80g", 1, 8),
+    ("opt-66b", "a100-80g", 1, 8),
+    ("opt-66b", "a100-80g", 8, 8),         # multi_node 64 x A100-80G
+    ("opt-13b", "a100-80g", 8, 8),
+])
+def test_deepspeed_chat_presets_are_feasible(actor, profile, nodes, procs):
+    cfg = make(actor, profile, nodes=nodes, procs=procs)
+    plan = P.plan_run(cfg)
+    assert plan.fits, P.dry_run_report(cfg)
+
+
+def test_nothing_fits_says_what_would():
+    plan = P.plan_run(make("opt-66b", "a100-80g"))  # one GPU
+    assert not plan.fits and plan.suggestions
+    assert any("devices" in s for s in plan.suggestions)
+    report = P.dry_run_report(make("opt-66b", "a100-80g"))
+    assert "What would fit" in report and "does NOT fit" in report
+    plan = P.plan_run(make("opt-1.3b", "cpu", stage__ppo__per_device_generation_batch_size=64,
+                           stage__ppo__per_device_training_batch_size=64))
+    assert not plan.fits and any("batch_size" in s or "devices" in s for s in plan.suggestions)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_dry_run_every_catalog_model_on_every_profile(profile):
+    for actor in CATALOG:
+        cfg = make(actor, profile)
+        report = P.dry_run_report(cfg)
+        assert "stage" in report and "dry run" in report
+        plan = P.plan_run(cfg)
+        json.dumps(plan.to_dict())
+        if not plan.fits:
+            assert plan.suggestions
+        plan.apply(cfg)
+        for s in _strategy_fields(cfg):
+            assert None not in (s.zero_stage, s.offload, s.gradient_checkpointing, s.tp_degree)
