@@ -175,8 +175,11 @@ def _encode(records: list[Record], tokenizer, cfg: RunConfig, stage: str, stats:
     if stage == "sft":
         return [{"input_ids": p + c, "prompt_len": len(p)} for p, c in zip(prompts, chosen)]
     rejected = answers([r.rejected for r in records])
+    same = sum(c == r for c, r in zip(chosen, rejected))
+    if same:  # answers that differ only past max_answer_len teach the reward model nothing
+        stats.dropped["chosen == rejected after truncation"] += same
     return [{"chosen_input_ids": p + c, "rejected_input_ids": p + r, "prompt_len": len(p)}
-            for p, c, r in zip(prompts, chosen, rejected)]
+            for p, c, r in zip(prompts, chosen, rejected) if c != r]
 
 
 # --------------------------------------------------------------------------- stage data
@@ -213,7 +216,8 @@ def _build_stage(cfg: RunConfig, stage: str, tokenizer) -> tuple[list[dict], lis
     for key, spec, sft_only in _specs(cfg, stage):
         src: SourceData = read_source(spec, seed, key)
         stats = SourceStats(spec.name, read=src.read, dropped=Counter(src.dropped), path=spec.path)
-        name = spec.name if not spec.path else f"{spec.name}:{Path(spec.path).name}"
+        # The shuffle's key: the dataset and its file's last two path parts (stable across machines).
+        name = spec.name if not spec.path else f"{spec.name}:{'/'.join(Path(spec.path).parts[-2:])}"
         if sft_only:
             train_recs, test_recs = src.train, src.test
         else:
