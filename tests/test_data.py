@@ -374,3 +374,46 @@ def test_presets_compose(overrides, first):
         assert len(cfg.data_blend.datasets) == 6
     if "local" in overrides[0]:
         assert cfg.data_blend.datasets[0].path == "/x/f.csv" and cfg.data_blend.datasets[0].fields["prompt"] == "q"
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _two_rank_worker(rank: int, tmp: str, port: int) -> None:
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        tok = AutoTokenizer.from_pretrained(f"{tmp}/tok")
+        cfg = load_config({"run": {"output_dir": f"{tmp}/run"}, "data_blend": {
+            "datasets": [{"name": "builtin", "max_records": 300}], "max_prompt_len": 32, "max_answer_len": 24}})
+        data = load_stage_data(cfg, "rm", tok)
+        Path(f"{tmp}/rank{rank}.json").write_text(json.dumps({"cache": data.cache, "train": data.train}))
+        bad = cfg_of(Path(tmp), [{"name": "hh-rlhf", "path": f"{tmp}/bad.jsonl"}])
+        try:
+            load_stage_data(bad, "sft", tok)
+        except DataError as err:  # every rank gets rank 0's error instead of hanging
+            Path(f"{tmp}/err{rank}.txt").write_text(str(err))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_build_once_and_share_errors(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from pipeline.data.builtin import save_tokenizer
+
+    save_tokenizer(tmp_path / "tok")
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(str(tmp_path), port), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["cache"] == "built" and r1["cache"] == "hit" and r0["train"] == r1["train"]
+    assert len(list((tmp_path / "run" / "data_cache").glob("rm-*"))) == 1
+    e0, e1 = ((tmp_path / f"err{r}.txt").read_text() for r in (0, 1))
+    assert e0 == e1 and "bad.jsonl:1: malformed JSON" in e0

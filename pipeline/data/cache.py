@@ -94,4 +94,4 @@ def build_or_load(entry: Path, build: Callable[[Path], None], load: Callable[[Pa
         barrier()
         if rank != 0 and error_note.exists():
             raise DataError(error_note.read_text())
-    return load(entry), hit
+    return load(entry), hit or rank != 0  # other ranks never build: they read rank 0's entry
