@@ -103,6 +103,9 @@ def gpu_profile(name: str, total_bytes: int, major: int, minor: int, sm_count: i
 
 def detect_hardware() -> dict[str, Any]:
     """Describe the local device with HardwareSection's keys (name "auto:<GPU name>" or "auto:cpu")."""
+    # No NVIDIA device node: skip importing torch (seconds) and describe the CPU.
+    if not any(Path("/dev").glob("nvidia[0-9]*")) and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return _cpu_profile()
     try:
         import torch
 

@@ -825,17 +825,18 @@ def plan_run(cfg: Any) -> Plan:
                 stages=stages, warnings=warnings, suggestions=suggestions)
 
 
-def dry_run_report(cfg: Any) -> str:
+def dry_run_report(cfg: Any, plan: Optional[Plan] = None) -> str:
     """Plan table + warnings + suggestions: what `run.dry_run=true` prints before exiting."""
-    plan = plan_run(cfg)
+    plan = plan or plan_run(cfg)
     lines = [
         f"Memory plan: hardware={plan.hardware} ({plan.device}, {cfg.hardware.memory_gib} GiB per device), "
         f"world size {plan.world_size}, dtype {plan.dtype}, actor {cfg.model.actor}, reward {cfg.model.reward}",
         "",
         plan.table(),
-        "",
-        "PPO phases (GiB/device): " + ", ".join(f"{k} {v:.1f}" for k, v in plan.stages["ppo"].phases.items()),
     ]
+    if plan.stages["ppo"].phases:
+        lines += ["", "PPO phases (GiB/device, peak = resident + the largest phase): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in plan.stages["ppo"].phases.items())]
     if plan.warnings:
         lines += ["", "Warnings:"] + [f"  - {w}" for w in plan.warnings]
     if plan.suggestions:

@@ -271,12 +271,29 @@ def test_nothing_fits_says_what_would():
 def test_dry_run_every_catalog_model_on_every_profile(profile):
     for actor in CATALOG:
         cfg = make(actor, profile)
-        report = P.dry_run_report(cfg)
-        assert "stage" in report and "dry run" in report
         plan = P.plan_run(cfg)
+        report = P.dry_run_report(cfg, plan)
+        assert "stage" in report and "dry run" in report
         json.dumps(plan.to_dict())
         if not plan.fits:
             assert plan.suggestions
         plan.apply(cfg)
         for s in _strategy_fields(cfg):
             assert None not in (s.zero_stage, s.offload, s.gradient_checkpointing, s.tp_degree)
+
+
+def test_unsized_hub_model_gets_a_conservative_plan(tmp_path):
+    cfg = make("someorg/unsized-model", "a100-80g", procs=8)
+    plan = P.plan_run(cfg)
+    assert any("model.actor: size unknown" in w for w in plan.warnings)
+    plan.apply(cfg)
+    assert cfg.stage.sft.strategy.zero_stage == 3 and cfg.stage.sft.strategy.gradient_checkpointing is True
+    assert "dry run" in P.dry_run_report(cfg)
+
+
+def test_local_folder_model_is_sized_from_config_json(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "opt", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+        "ffn_dim": 256, "vocab_size": 512, "max_position_embeddings": 512}))
+    plan = P.plan_run(make(str(tmp_path), "cpu", reward="tiny-opt"))
+    assert plan.fits and plan.stages["sft"].role("actor").params == CATALOG["tiny-opt"].num_params()
