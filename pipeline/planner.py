@@ -56,7 +56,8 @@ Order of preference (fastest first; the first that fits wins)
    on speed.
 4. + optimizer offload (ZeRO 1/2 + offload): Adam on the CPU and gradients over PCIe every step.
 5. + parameter offload (ZeRO-3 + offload): weights over PCIe every forward and backward too.
-Within a level, the lower ZeRO stage goes first. For PPO the actor (the larger model, which
+Within an offload level: full fine-tuning before LoRA, then no checkpointing before checkpointing,
+then the lower ZeRO stage first. For PPO the actor (the larger model, which
 also generates) gets the fastest layout first; the critic takes the fastest that fits next to it.
 Generation prefers TP 1 (no TP traffic), then larger TP degrees (deepspeed backend, within a
 node), then ZeRO-3 layer-by-layer gathering. Explicit user settings always win: they filter the
@@ -324,6 +325,16 @@ class Plan:
             }
         json.dumps(out)  # guaranteed serialisable
         return out
+
+    def save(self, run_dir: Any) -> None:
+        """Write <run_dir>/plan.json (to_dict) and <run_dir>/plan.txt (the table and notes)."""
+        from pathlib import Path
+
+        out = Path(run_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "plan.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        notes = [self.table()] + [f"warning: {w}" for w in self.warnings] + [f"would fit: {x}" for x in self.suggestions]
+        (out / "plan.txt").write_text("\n".join(notes) + "\n")
 
     def table(self) -> str:
         head = ["stage", "role", "model", "params", "ZeRO", "offload", "LoRA", "grad ckpt", "TP",

@@ -158,7 +158,7 @@ def _strategy_fields(cfg):
     return [p.sft.strategy, p.rm.strategy, p.ppo.actor_strategy, p.ppo.critic_strategy]
 
 
-def test_cpu_natural_choice_and_apply_fills_everything():
+def test_cpu_natural_choice_and_apply_fills_everything(tmp_path):
     cfg = make("tiny-opt", "cpu", reward="tiny-opt")
     plan = P.plan_run(cfg)
     assert plan.fits and not plan.warnings and not plan.suggestions
@@ -168,6 +168,9 @@ def test_cpu_natural_choice_and_apply_fills_everything():
     for lora in (cfg.stage.sft.lora, cfg.stage.rm.lora, cfg.stage.ppo.actor_lora, cfg.stage.ppo.critic_lora):
         assert lora.dim == 0
     assert json.loads(json.dumps(plan.to_dict()))["fits"] is True
+    plan.save(tmp_path)
+    assert json.loads((tmp_path / "plan.json").read_text())["stages"]["ppo"]["fits"] is True
+    assert "ZeRO" in (tmp_path / "plan.txt").read_text()
     table = plan.table()
     for col in ("stage", "role", "ZeRO", "offload", "LoRA", "grad ckpt", "TP", "GiB/device", "fits?"):
         assert col in table

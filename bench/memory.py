@@ -1,0 +1,168 @@
+"""Memory model vs measurement: peak memory of real training steps, predicted vs measured.
+
+    python bench/memory.py            # CPU: peak RSS of one process per shape (fp32, AdamW)
+    python bench/memory.py --gpu      # CUDA: torch.cuda.max_memory_allocated, bf16, OPT-125m..1.3b
+
+Each shape runs in its own subprocess: a random-init OPT built from OPTConfig (dropout 0, as
+the pipeline's model.dropout=0.0), plain torch AdamW, gradients kept between steps
+(zero_grad(set_to_none=False), like DeepSpeed's persistent gradient buffers). The optimizer
+states are created by a warm-up step on a tiny batch, then the measured step runs at full size.
+Measured = peak minus the baseline taken after imports and a warm-up op, before the model exists.
+Predicted = pipeline.planner's formulas for a trained model at ZeRO-0 (params + grads + Adam
+states + training activations); the planner adds headroom and runtime overhead on top of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# name, layers, hidden, heads, ffn, vocab, batch, seq, grad_ckpt
+CPU_SHAPES = [
+    ("L4-h256-V50k", 4, 256, 4, 1024, 50272, 8, 256, False),
+    ("L8-h1024-V8k", 8, 1024, 16, 4096, 8192, 4, 512, False),
+    ("L8-h1024-V8k ckpt", 8, 1024, 16, 4096, 8192, 4, 512, True),
+    ("opt-125m", 12, 768, 12, 3072, 50272, 4, 256, False),
+    ("opt-125m ckpt", 12, 768, 12, 3072, 50272, 4, 256, True),
+]
+GPU_SHAPES = [
+    ("opt-125m", 12, 768, 12, 3072, 50272, 8, 512, False),
+    ("opt-350m*", 24, 1024, 16, 4096, 50272, 8, 512, False),  # without the 512-d embedding projection
+    ("opt-1.3b", 24, 2048, 32, 8192, 50272, 8, 512, False),
+    ("opt-1.3b ckpt", 24, 2048, 32, 8192, 50272, 8, 512, True),
+]
+
+
+def _spec(layers, hidden, heads, ffn, vocab):
+    from pipeline.catalog import ModelSpec
+
+    return ModelSpec(name="bench", source="builtin:bench", family="opt", num_layers=layers, hidden_size=hidden,
+                     num_heads=heads, ffn_dim=ffn, vocab_size=vocab, max_positions=2048)
+
+
+def predict(layers, hidden, heads, ffn, vocab, batch, seq, ckpt, dtype):
+    from pipeline import planner as P
+
+    spec = _spec(layers, hidden, heads, ffn, vocab)
+    n = spec.num_params()
+    st = P.trained_state_bytes(n, n, dtype, 0, False, 1)
+    act = P.training_activation_bytes(spec, batch, seq, dtype, grad_ckpt=ckpt, lm_head=True, dropout=False)
+    return {"params": n, "state": st["params"] + st["grads"] + st["optimizer"], "act": act,
+            "total": st["params"] + st["grads"] + st["optimizer"] + act}
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def child(args: dict) -> dict:
+    import resource
+
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    gpu = args["gpu"]
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    dev = "cuda" if gpu else "cpu"
+    # warm-up op so thread pools / kernels exist before the baseline
+    x = torch.randn(256, 256, device=dev)
+    (x @ x).sum().item()
+    del x
+    cfg = OPTConfig(num_hidden_layers=args["layers"], hidden_size=args["hidden"], num_attention_heads=args["heads"],
+                    ffn_dim=args["ffn"], vocab_size=args["vocab"], max_position_embeddings=2048,
+                    word_embed_proj_dim=args["hidden"], dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss()
+    model = OPTForCausalLM(cfg).to(dev)
+    if gpu:
+        model = model.to(torch.bfloat16)  # bf16 weights/grads; fp32 Adam states kept by hand below
+    if args["ckpt"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    params = [p for p in model.parameters()]
+    if gpu:
+        # Mixed precision like DeepSpeed: fp32 master copy + AdamW moments (12 B/param).
+        master = [p.detach().float().clone().requires_grad_(True) for p in params]
+        opt = torch.optim.AdamW(master, lr=1e-5, foreach=False)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-5, foreach=False)
+
+    def step(b, s):
+        ids = torch.randint(0, args["vocab"], (b, s), device=dev)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if gpu:
+            for m, p in zip(master, params):
+                m.grad = p.grad.float() if m.grad is None else m.grad.copy_(p.grad)
+            opt.step()
+            with torch.no_grad():
+                for m, p in zip(master, params):
+                    p.copy_(m)
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=False)
+        model.zero_grad(set_to_none=False)
+
+    step(1, 8)  # creates optimizer states and gradient buffers
+    t = time.time()
+    step(args["batch"], args["seq"])
+    secs = time.time() - t
+    if gpu:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"measured": peak, "seconds": secs, "actual_params": sum(p.numel() for p in params)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--child")
+    ap.add_argument("--json", help="write results here")
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(json.loads(a.child))))
+        return
+    shapes = GPU_SHAPES if a.gpu else CPU_SHAPES
+    dtype = "bf16" if a.gpu else "fp32"
+    rows = []
+    print(f"{'shape':20s} {'params':>8s} {'b x s':>8s} {'pred GiB':>9s} {'meas GiB':>9s} {'ratio':>6s}  (state / act pred)")
+    for name, L, h, heads, f, V, b, s, ck in shapes:
+        args = dict(layers=L, hidden=h, heads=heads, ffn=f, vocab=V, batch=b, seq=s, ckpt=ck, gpu=a.gpu)
+        pred = predict(L, h, heads, f, V, b, s, ck, dtype)
+        out = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if out.returncode:
+            print(name, "failed:", out.stderr[-2000:])
+            continue
+        m = json.loads(out.stdout.strip().splitlines()[-1])
+        assert m["actual_params"] == pred["params"], (m["actual_params"], pred["params"])
+        ratio = pred["total"] / m["measured"]
+        rows.append({"shape": name, "params": pred["params"], "batch": b, "seq": s, "grad_ckpt": ck,
+                     "predicted_gib": pred["total"] / 2**30, "measured_gib": m["measured"] / 2**30, "ratio": ratio,
+                     "step_s": m["seconds"]})
+        print(f"{name:20s} {pred['params'] / 1e6:7.1f}M {b:>3d}x{s:<4d} {pred['total'] / 2**30:9.2f} "
+              f"{m['measured'] / 2**30:9.2f} {ratio:6.2f}  ({pred['state'] / 2**30:.2f} / {pred['act'] / 2**30:.2f})",
+              flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
