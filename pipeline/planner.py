@@ -752,8 +752,9 @@ def _suggest(inp: _Inputs, stage: str, active: set[str]) -> list[str]:
         i = dataclasses.replace(free, world=w, ranks_per_node=per)
         if fits(i):
             nodes = max(1, w // per)
-            out.append(f"{w} devices (e.g. +deployment=multi_node deployment.nodes={nodes} "
-                       f"deployment.procs_per_node={per}) with the planner choosing the layout")
+            how = (f"+deployment=single_node deployment.procs_per_node={per}" if nodes == 1 else
+                   f"+deployment=multi_node deployment.nodes={nodes} deployment.procs_per_node={per}")
+            out.append(f"{w} devices (e.g. {how}) with the planner choosing the layout")
             break
     # smaller batch (keeps the global batch with gradient accumulation where there is one)
     fields = _BATCH_FIELD[stage]
