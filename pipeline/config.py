@@ -282,8 +282,13 @@ class RunConfig:
 
 
 def register_resolvers() -> None:
+    """The `model_source` resolver and the schema node that conf/config.yaml builds on."""
     if not OmegaConf.has_resolver("model_source"):
         OmegaConf.register_new_resolver("model_source", model_source)
+        OmegaConf.register_new_resolver("run_dir", lambda output_dir, name: output_dir or f"outputs/{name}")
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="run_config_schema", node=RunConfig)
 
 
 def _key_of(err: OmegaConfBaseException) -> str:

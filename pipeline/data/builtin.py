@@ -2,7 +2,8 @@
 
 Each record asks about one fact of a small made-up world ("what color is the frog ?").
 The chosen answer states the fact; the rejected one is objectively worse in one of four
-ways: about another subject, a wrong fact, the wrong kind of fact, or garbled words. A
+ways: off-topic (another subject and kind of fact), a wrong fact, the wrong kind of fact
+for the right subject, or garbled words. A
 2-layer model learns to tell them apart in a minute, so every stage shows learning:
 SFT loss drops, the reward model ranks held-out pairs correctly, and PPO raises the reward
 of sampled answers.
@@ -13,10 +14,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-SUBJECTS = [
-    "cat", "dog", "frog", "fish", "bird", "cow", "fox", "bear", "owl", "bee", "duck", "horse",
-    "lion", "mouse", "snake", "whale", "crab", "wolf", "goat", "pig", "seal", "hen", "ant", "bat",
-]
+SUBJECTS = ["cat", "dog", "frog", "fish", "bird", "cow", "fox", "bear", "owl", "bee", "duck", "horse"]
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "gray"]
 PLACES = ["forest", "river", "desert", "city", "farm", "sea", "mountain", "cave"]
 QUESTIONS = {
@@ -24,7 +22,7 @@ QUESTIONS = {
     "place": ["where does the {s} live ?", "where can i find the {s} ?", "what is the home of the {s} ?"],
 }
 ANSWERS = {"color": "the {s} is {v} .", "place": "the {s} lives in the {v} ."}
-REJECTION_KINDS = ("other_subject", "wrong_fact", "wrong_relation", "garbled")
+REJECTION_KINDS = ("off_topic", "wrong_fact", "wrong_relation", "garbled")
 
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 # Words of the chat format and of the chat CLI's greeting, so formatted prompts have no <unk>.
@@ -54,9 +52,10 @@ def generate_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
         prompt = rng.choice(QUESTIONS[relation]).format(s=subject)
         chosen = ANSWERS[relation].format(s=subject, v=facts[subject][relation])
         kind = rng.choice(REJECTION_KINDS)
-        if kind == "other_subject":
+        if kind == "off_topic":  # another subject, another kind of fact
             other = rng.choice([s for s in SUBJECTS if s != subject])
-            rejected = ANSWERS[relation].format(s=other, v=facts[other][relation])
+            other_relation = "place" if relation == "color" else "color"
+            rejected = ANSWERS[other_relation].format(s=other, v=facts[other][other_relation])
         elif kind == "wrong_fact":
             wrong = rng.choice([v for v in values[relation] if v != facts[subject][relation]])
             rejected = ANSWERS[relation].format(s=subject, v=wrong)

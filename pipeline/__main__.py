@@ -1,0 +1,27 @@
+"""`python -m pipeline [group=option ...] [key=value ...]`: the Hydra app running SFT -> RM -> PPO.
+
+    python -m pipeline +experiment=demo                 # offline tiny demo, CPU, minutes
+    python -m pipeline                                  # DeepSpeed-Chat defaults (OPT-1.3B + OPT-350M)
+    python -m pipeline +deployment=multi_node model.actor=opt-66b
+    python -m pipeline run.stages=[sft,rm] run.output_dir=/runs/a
+    python -m pipeline --cfg job --resolve              # print the composed config
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.config import register_resolvers
+from pipeline.cli import execute
+
+register_resolvers()
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def main(composed: DictConfig) -> None:
+    execute(composed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Stage manifests and resumable checkpoints, written so a crash at any moment leaves the last
+complete one usable: files and folders are written under a temporary name and renamed, and
+the `latest` pointer moves only after the folder is complete.
+
+Layout of a stage folder:
+    manifest.json              written last: {"status": "done", "config_hash": ..., "result": {...}}
+    metrics.jsonl
+    checkpoints/step_000040/   engines' DeepSpeed checkpoints + state.json + rng.pt
+    checkpoints/latest         name of the newest complete step folder
+    final/                     Hugging Face format
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from pipeline.engine import rank
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    path = Path(stage_dir) / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_manifest(stage_dir: Path, config_hash: str, result: dict) -> None:
+    write_json_atomic(Path(stage_dir) / "manifest.json",
+                      {"status": "done", "config_hash": config_hash, "finished_at": time.time(), "result": result})
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """Saves every `every_steps` steps or `every_minutes` minutes; keeps the last `keep`."""
+
+    def __init__(self, stage_dir: Path, every_steps: int, every_minutes: float, keep: int):
+        self.root = Path(stage_dir) / "checkpoints"
+        self.every_steps, self.every_minutes, self.keep = every_steps, every_minutes, max(keep, 1)
+        self.last_save = time.time()
+
+    def due(self, step: int) -> bool:
+        if self.every_steps and step % self.every_steps == 0:
+            return True
+        return bool(self.every_minutes) and time.time() - self.last_save >= 60 * self.every_minutes
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if not pointer.exists():
+            return None
+        path = self.root / pointer.read_text().strip()
+        return path if (path / "state.json").exists() else None
+
+    def save(self, step: int, engines: dict[str, Any], state: dict[str, Any], modules: dict[str, Any] | None = None) -> Path:
+        """Collective: every rank calls it. `engines` are DeepSpeed engines by name; `modules` are
+        plain modules (the EMA copy) stored as <name>.safetensors."""
+        name = f"step_{step:06d}"
+        tmp = self.root / f".tmp_{name}"
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        for key, engine in engines.items():
+            engine.save_checkpoint(str(tmp / key), tag="state", save_latest=False)
+        if rank() == 0:
+            torch.save(rng_state(), tmp / "rng.pt")
+            for key, module in (modules or {}).items():
+                save_model(module, str(tmp / f"{key}.safetensors"))  # handles tied embeddings
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
+            final = self.root / name
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            write_json_atomic_text(self.root / "latest", name)
+            self._prune()
+        barrier()
+        self.last_save = time.time()
+        return self.root / name
+
+    def load(self, path: Path, engines: dict[str, Any], modules: dict[str, Any] | None = None) -> dict[str, Any]:
+        for key, engine in engines.items():
+            engine.load_checkpoint(str(path / key), tag="state", load_module_strict=False)
+        for key, module in (modules or {}).items():
+            load_model(module, str(path / f"{key}.safetensors"))
+        # Written by this pipeline into this run's folder (RNG states hold numpy/python objects).
+        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        return json.loads((path / "state.json").read_text())
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.root.glob("step_*") if p.is_dir())
+        for old in done[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

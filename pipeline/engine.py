@@ -1,0 +1,193 @@
+"""DeepSpeed set-up shared by the stages: process group, LoRA, optimizer, scheduler, engine."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.config import LoRASection, OptimSection, RunConfig, StrategySection
+
+NO_DECAY = ("bias", "layer_norm", "layernorm", "norm.weight", "ln_")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: RunConfig) -> None:
+    """Join (or, alone, create) the process group: gloo on CPU, nccl on CUDA."""
+    import deepspeed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(cfg.deployment.master_port or free_port()))
+    deepspeed.init_distributed(dist_backend="nccl" if device_type(cfg) == "cuda" else "gloo", verbose=False)
+    if device_type(cfg) == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def device_type(cfg: RunConfig) -> str:
+    if cfg.run.device == "auto":
+        return "cuda" if torch.cuda.is_available() and cfg.hardware.device == "cuda" else "cpu"
+    return cfg.run.device
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def apply_lora(model: nn.Module, lora: LoRASection) -> nn.Module:
+    """Wrap `model` with peft LoRA adapters (dim > 0); the base stays trainable unless only_optimize_lora."""
+    if not lora.dim:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(
+        r=lora.dim, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)))
+    if not lora.only_optimize_lora:
+        for name, param in peft_model.named_parameters():
+            if "lora_" not in name:
+                param.requires_grad_(True)
+    return peft_model
+
+
+def param_groups(model: nn.Module, optim: OptimSection, lora: LoRASection) -> list[dict]:
+    """No weight decay on biases and norms (as DeepSpeed-Chat); LoRA weights at their own rate."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = ("lora_" in name, not any(tag in name.lower() for tag in NO_DECAY))
+        groups.setdefault(key, []).append(param)
+    out = []
+    for (is_lora, decay), params in sorted(groups.items()):
+        out.append({"params": params, "weight_decay": optim.weight_decay if decay else 0.0,
+                    "lr": lora.learning_rate if is_lora else optim.learning_rate})
+    return out
+
+
+def ds_config(cfg: RunConfig, micro_batch: int, grad_accum: int, strategy: StrategySection, optim: OptimSection | None) -> dict:
+    dtype = cfg.dtype
+    zero: dict = {"stage": strategy.zero_stage or 0}
+    if strategy.offload and zero["stage"] >= 1:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if zero["stage"] == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    if zero["stage"] == 3:
+        # Gather whole layers for generation-time forwards without prefetch races.
+        zero.update({"stage3_prefetch_bucket_size": 0, "stage3_param_persistence_threshold": 1e4})
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size(),
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16", "loss_scale_window": 100},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if optim is not None and optim.gradient_clipping > 0:
+        config["gradient_clipping"] = optim.gradient_clipping
+    return config
+
+
+def make_optimizer(cfg: RunConfig, model: nn.Module, optim: OptimSection, lora: LoRASection, strategy: StrategySection):
+    groups = param_groups(model, optim, lora)
+    betas = tuple(optim.betas)
+    if strategy.offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=optim.learning_rate, betas=betas)
+    if device_type(cfg) == "cuda":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, lr=optim.learning_rate, betas=betas)
+    return torch.optim.AdamW(groups, lr=optim.learning_rate, betas=betas)
+
+
+def initialize(
+    cfg: RunConfig,
+    model: nn.Module,
+    *,
+    micro_batch: int,
+    grad_accum: int,
+    optim: OptimSection,
+    lora: LoRASection,
+    strategy: StrategySection,
+    total_steps: int,
+):
+    """A DeepSpeed engine training `model` (LoRA and gradient checkpointing applied here)."""
+    import deepspeed
+    from transformers import get_scheduler
+
+    model = apply_lora(model, lora)
+    if strategy.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora.dim and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    optimizer = make_optimizer(cfg, model, optim, lora, strategy)
+    scheduler = get_scheduler(optim.lr_scheduler_type, optimizer, num_warmup_steps=min(optim.num_warmup_steps, total_steps),
+                              num_training_steps=max(total_steps, 1))
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=ds_config(cfg, micro_batch, grad_accum, strategy, optim),
+    )
+    return engine
+
+
+def inference_engine(cfg: RunConfig, model: nn.Module, strategy: StrategySection):
+    """A frozen model: ZeRO-3 shards it through DeepSpeed, otherwise it stays a plain module."""
+    model.eval().requires_grad_(False)
+    if (strategy.zero_stage or 0) < 3:
+        return model.to(device_type(cfg))
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config(cfg, 1, 1, strategy, None))
+    return engine
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a DeepSpeed engine (and peft wrapper, if any)."""
+    return getattr(model, "module", model)
+
+
+@contextmanager
+def gathered_params(model: nn.Module):
+    """Full parameters of a ZeRO-3 model for the duration (one gather, not one per forward)."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        with nullcontext():
+            yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        yield
+
+
+def save_hf(model: nn.Module, path, tokenizer) -> None:
+    """Write a trained model in Hugging Face format (safetensors), LoRA merged, ZeRO-3 gathered."""
+    path = Path(path)
+    module = unwrap(model)
+    with gathered_params(module):
+        if rank() == 0:
+            to_save = module
+            if hasattr(module, "merge_and_unload"):  # peft: fold the adapters into the weights
+                to_save = copy.deepcopy(module).merge_and_unload()
+            to_save.save_pretrained(path)
+            tokenizer.save_pretrained(path)

@@ -1,0 +1,52 @@
+"""Where a stage starts from, and pre-emption: SIGTERM / SIGUSR1 ask the stage to save a
+checkpoint at the next step and exit with RESUMABLE_EXIT_CODE (run the command again to go on)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.checkpoint import Checkpointer
+from pipeline.config import ConfigError, RunConfig
+
+RESUMABLE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"
+_stop = {"requested": False}
+
+
+def install_signal_handlers() -> None:
+    def handler(signum, _frame):
+        _stop["requested"] = True
+        print(f"received {signal.Signals(signum).name}: saving a checkpoint at the next step, then exiting "
+              f"(resumable, exit code {RESUMABLE_EXIT_CODE})", file=sys.stderr, flush=True)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, handler)
+
+
+def stop_requested(exit_if_set: bool = False) -> bool:
+    """True on every rank when any rank got a stop signal; with exit_if_set, exit resumable."""
+    flag = torch.tensor([1.0 if _stop["requested"] else 0.0])
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    requested = bool(flag.item())
+    if requested and exit_if_set:
+        print("checkpoint saved; exiting so the job can be resumed", file=sys.stderr, flush=True)
+        sys.exit(RESUMABLE_EXIT_CODE)
+    return requested
+
+
+def resume_point(cfg: RunConfig, checkpointer: Checkpointer) -> Path | None:
+    """run.resume: auto = the stage's latest complete checkpoint, never = none, else a path."""
+    mode = cfg.run.resume
+    if mode == "never":
+        return None
+    if mode == "auto":
+        return checkpointer.latest()
+    path = Path(mode).expanduser()
+    if not (path / "state.json").exists():
+        raise ConfigError(f"run.resume={mode}: not a checkpoint folder (no state.json)")
+    # A path names one stage's checkpoint; other stages start as auto would.
+    return path if path.parent.resolve() == checkpointer.root.resolve() else checkpointer.latest()

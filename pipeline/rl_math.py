@@ -1,0 +1,204 @@
+"""RLHF math as pure functions. Shapes: B = batch, T = answer (action) length, L = full length.
+
+Conventions (the same as DeepSpeed-Chat, except where noted):
+- `mask` (B, T) is 1 on answer tokens that count (up to and including the eos, or up to
+  the length cap when no eos was produced), 0 after.
+- The sequence score is the reward model's value at the last counted token. DeepSpeed-Chat
+  places it one past the last unmasked token because OPT's pad == eos drops the eos from
+  its mask; we keep the eos in the mask and score on it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over mask == 1. x, mask: same shape. An all-zero mask gives 0, not NaN."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over mask == 1. x, mask: (B, T). Used for advantage whitening."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return out if shift_mean else out + mean
+
+
+def logprobs_of_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) per position. logits: (B, L, V), labels: (B, L) -> (B, L)."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy per position. logits: (B, L, V) -> (B, L)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def answer_mask(answer_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 up to and including the first eos of each row, 0 after. answer_ids: (B, T) -> (B, T) long.
+
+    A row with no eos (it hit max_new_tokens) counts every token; an empty answer (eos first)
+    counts just the eos, so every row has at least one scored token.
+    """
+    is_eos = (answer_ids == eos_id).long()
+    eos_before = torch.cumsum(is_eos, dim=1) - is_eos  # eos tokens strictly before each position
+    return (eos_before == 0).long()
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row of mask (B, T) -> (B,); 0 for an all-zero row."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return (positions * mask).max(dim=1).values
+
+
+def kl_penalized_rewards(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    clip_reward_value: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards: -kl_coef * (logp - logp_ref), plus the clipped score on the last token.
+
+    logprobs, ref_logprobs, mask: (B, T); scores: (B,). Returns (rewards (B, T), kl (B, T)),
+    both zero where mask == 0.
+    """
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    ends = last_index(mask)
+    clipped = scores.clamp(-clip_reward_value, clip_reward_value).to(rewards.dtype)
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), ends] += clipped
+    return rewards, kl
+
+
+def gae_advantages(
+    values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation, backwards over the answer.
+
+    values, rewards, mask: (B, T). Positions after the answer end have value 0, so the last
+    counted token bootstraps from nothing. Returns (advantages, returns), each (B, T) and
+    zero where mask == 0; returns = advantages + values.
+    """
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    length = rewards.shape[1]
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def actor_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO-clip policy loss: masked mean of max(-A * r, -A * clip(r, 1 - c, 1 + c)).
+
+    All inputs (B, T). Returns (loss scalar, stats: clip_frac, approx_kl).
+    """
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_frac = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean(0.5 * log_ratio**2, mask)
+    return loss, {"clip_frac": clip_frac, "approx_kl": approx_kl}
+
+
+def critic_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: 0.5 * masked mean of max((v - R)^2, (clip(v, v_old -+ c) - R)^2).
+
+    All inputs (B, T). Returns (loss scalar, stats: value_clip_frac, value_error).
+    """
+    clipped_values = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(loss_unclipped, loss_clipped), mask)
+    with torch.no_grad():
+        clip_frac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
+        value_error = masked_mean(loss_unclipped, mask)
+    return loss, {"value_clip_frac": clip_frac, "value_error": value_error}
+
+
+def pairwise_ranking_loss(
+    chosen_values: torch.Tensor,
+    rejected_values: torch.Tensor,
+    chosen_ids: torch.Tensor,
+    rejected_ids: torch.Tensor,
+    chosen_mask: torch.Tensor,
+    rejected_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepSpeed-Chat's reward-model loss for a batch of pairs.
+
+    All inputs (B, L): per-token values, token ids and attention masks of the chosen and the
+    rejected sequence (right-padded to the same L). Per pair, -logsigmoid(chosen - rejected)
+    is averaged over the positions from the first one where the two sequences differ (in token
+    or in presence) to the later of their two ends. The score of a sequence is its value at
+    its last real token. Returns (loss scalar, chosen_scores (B,), rejected_scores (B,)).
+    """
+    chosen_end = last_index(chosen_mask)
+    rejected_end = last_index(rejected_mask)
+    rows = torch.arange(chosen_values.shape[0], device=chosen_values.device)
+    chosen_scores = chosen_values[rows, chosen_end]
+    rejected_scores = rejected_values[rows, rejected_end]
+
+    differs = (chosen_ids != rejected_ids) | (chosen_mask != rejected_mask)
+    end = torch.maximum(chosen_end, rejected_end)
+    # Identical pairs (no position differs) fall back to the last token alone.
+    start = torch.where(differs.any(dim=1), differs.float().argmax(dim=1), end)
+    positions = torch.arange(chosen_values.shape[1], device=chosen_values.device).expand_as(chosen_values)
+    span = ((positions >= start[:, None]) & (positions <= end[:, None])).to(chosen_values.dtype)
+    per_token = -F.logsigmoid(chosen_values - rejected_values)
+    loss = masked_mean(per_token, span, dim=1).mean()
+    return loss, chosen_scores, rejected_scores
+
+
+class AdaptiveKLController:
+    """Ziegler et al.'s controller: move the KL coefficient so that the measured KL tracks a target.
+
+    coef <- coef * (1 + clip(kl / target - 1, -0.2, 0.2) * n_samples / horizon)
+    """
+
+    def __init__(self, init_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_coef, target, horizon
+
+    def update(self, kl: float, n_samples: int) -> None:
+        error = max(-0.2, min(0.2, kl / self.target - 1.0))
+        self.value *= 1.0 + error * n_samples / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = state["value"]
+
+
+class FixedKLController:
+    def __init__(self, coef: float):
+        self.value = coef
+
+    def update(self, kl: float, n_samples: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = state["value"]

@@ -1,0 +1,208 @@
+"""The Python API users know from DeepSpeed-Chat, used by the PPO stage itself:
+
+    engine = RLHFEngine(actor_model_name_or_path=..., critic_model_name_or_path=..., tokenizer=...,
+                        num_total_iters=..., args=cfg)
+    trainer = PPOTrainer(engine=engine, args=cfg)
+    out = trainer.generate_experience(prompt_batch)      # {"input_ids", "attention_mask"} of prompts
+    actor_loss, critic_loss = trainer.train_rlhf(out)
+
+`args` is the pipeline's RunConfig; its stage.ppo section holds every PPO setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.config import RunConfig
+from pipeline.engine import apply_lora, gathered_params, inference_engine, initialize, unwrap
+from pipeline.models import RewardModel, load_causal_lm
+from pipeline.rl_math import (AdaptiveKLController, FixedKLController, actor_loss, answer_mask, critic_loss,
+                              entropy_from_logits, gae_advantages, kl_penalized_rewards, last_index,
+                              logprobs_of_labels, masked_mean, masked_whiten)
+from pipeline.rollout import RolloutEngine
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left-padded prompts start at 0. (B, L) -> (B, L)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class RLHFEngine:
+    """The four models of step 3: trained actor and critic (DeepSpeed engines), frozen reference
+    (a copy of the starting actor) and frozen reward model; plus the actor's EMA when asked."""
+
+    def __init__(self, actor_model_name_or_path: str | Path, critic_model_name_or_path: str | Path, tokenizer,
+                 num_total_iters: int, args: RunConfig, reward_model_name_or_path: str | Path | None = None):
+        p = args.stage.ppo
+        self.tokenizer, self.args = tokenizer, args
+        trust = args.model.trust_remote_code
+
+        def actor_model():
+            return load_causal_lm(str(actor_model_name_or_path), tokenizer, args.dtype, args.model.dropout, trust)
+
+        self.actor = initialize(args, actor_model(), micro_batch=p.per_device_training_batch_size, grad_accum=1,
+                                optim=p.actor_optim, lora=p.actor_lora, strategy=p.actor_strategy,
+                                total_steps=num_total_iters)
+        self.ref = inference_engine(args, actor_model(), p.actor_strategy)
+        self.ema = None
+        if p.ema_beta is not None:
+            # Same construction as the actor (LoRA included) so parameters pair up; starts equal to it.
+            self.ema = apply_lora(actor_model(), p.actor_lora).eval().requires_grad_(False).to(self.actor.device)
+            with torch.no_grad(), gathered_params(unwrap(self.actor)):
+                for ema_param, param in zip(self.ema.parameters(), unwrap(self.actor).parameters(), strict=True):
+                    ema_param.copy_(param.detach())
+        self.critic = initialize(
+            args, RewardModel.from_pretrained(critic_model_name_or_path, args.dtype, args.model.dropout, trust),
+            micro_batch=p.per_device_training_batch_size, grad_accum=1, optim=p.critic_optim, lora=p.critic_lora,
+            strategy=p.critic_strategy, total_steps=num_total_iters)
+        reward_path = reward_model_name_or_path or critic_model_name_or_path
+        self.reward = inference_engine(args, RewardModel.from_pretrained(reward_path, args.dtype, None, trust), p.critic_strategy)
+
+    @property
+    def device(self) -> torch.device:
+        return self.actor.device
+
+
+class RunningMoments:
+    """Running mean and std of reward scores (Chan et al.'s parallel update), for normalisation."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def update(self, x: torch.Tensor) -> None:
+        batch_mean, batch_var, n = float(x.mean()), float(x.var(unbiased=False)), x.numel()
+        delta, total = batch_mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        self.count = total
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / max(self.var, 1e-8) ** 0.5
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
+
+
+class PPOTrainer:
+    def __init__(self, engine: RLHFEngine, args: RunConfig):
+        self.engine, self.args, self.p = engine, args, args.stage.ppo
+        p = self.p
+        self.kl_ctl = (AdaptiveKLController(p.kl_ctl, p.kl_target, p.kl_horizon) if p.kl_target
+                       else FixedKLController(p.kl_ctl))
+        self.reward_moments = RunningMoments()
+        self.rollout = RolloutEngine(engine.actor, engine.tokenizer, p.generation)
+        self.eos_id = engine.tokenizer.eos_token_id
+        self.last_stats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ experience
+
+    @torch.no_grad()
+    def generate_experience(self, prompt_batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sample answers to left-padded prompts (B, Lp) and score them with all four models.
+
+        Returns tensors: seq, attention_mask, position_ids (B, Lp + T); answer_mask, logprobs,
+        ref_logprobs, values (B, T); scores (B,); and prompt_len (int).
+        """
+        e = self.engine
+        prompts = prompt_batch["input_ids"].to(e.device)
+        prompt_mask = prompt_batch["attention_mask"].to(e.device)
+        prompt_len = prompts.shape[1]
+        seq = self.rollout.generate(prompts, prompt_mask)
+        answer = seq[:, prompt_len:]
+        mask = answer_mask(answer, self.eos_id)
+        attention = torch.cat([prompt_mask, mask], dim=1)
+        positions = position_ids(attention)
+
+        unwrap(e.actor).eval()
+        logits = e.actor(input_ids=seq, attention_mask=attention, position_ids=positions, use_cache=False).logits
+        unwrap(e.actor).train()
+        ref_logits = e.ref(input_ids=seq, attention_mask=attention, position_ids=positions, use_cache=False).logits
+        unwrap(e.critic).eval()
+        values = e.critic(seq, attention, positions)[:, prompt_len - 1: -1]
+        unwrap(e.critic).train()
+        reward_values = e.reward(seq, attention, positions)
+        rows = torch.arange(seq.shape[0], device=seq.device)
+        scores = reward_values[rows, prompt_len + last_index(mask)].float()
+
+        return {
+            "seq": seq, "attention_mask": attention, "position_ids": positions, "answer_mask": mask,
+            "logprobs": logprobs_of_labels(logits[:, prompt_len - 1: -1], answer),
+            "ref_logprobs": logprobs_of_labels(ref_logits[:, prompt_len - 1: -1], answer),
+            "values": values.float(), "scores": scores, "prompt_len": prompt_len,
+        }
+
+    # ------------------------------------------------------------------ training
+
+    def train_rlhf(self, exp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One PPO update of actor and critic on an experience batch; returns (actor_loss, critic_loss)."""
+        p, e = self.p, self.engine
+        mask, start = exp["answer_mask"], exp["prompt_len"]
+        answer = exp["seq"][:, start:]
+        scores = exp["scores"]
+        if p.normalize_reward:
+            self.reward_moments.update(scores)
+            scores = self.reward_moments.normalize(scores)
+        with torch.no_grad():
+            rewards, kl = kl_penalized_rewards(exp["logprobs"], exp["ref_logprobs"], scores, mask,
+                                               self.kl_ctl.value, p.clip_reward_value)
+            advantages, returns = gae_advantages(exp["values"], rewards, mask, p.gamma, p.lam)
+            if p.whiten_advantages:
+                advantages = masked_whiten(advantages, mask) * mask
+
+        inputs = {"input_ids": exp["seq"], "attention_mask": exp["attention_mask"], "position_ids": exp["position_ids"]}
+        logits = e.actor(**inputs, use_cache=False).logits[:, start - 1: -1]
+        logprobs = logprobs_of_labels(logits, answer)
+        a_loss, a_stats = actor_loss(logprobs, exp["logprobs"], advantages, mask, p.cliprange)
+        e.actor.backward(a_loss)
+        e.actor.step()
+        self._update_ema()
+
+        values = e.critic(exp["seq"], exp["attention_mask"], exp["position_ids"])[:, start - 1: -1].float()
+        c_loss, c_stats = critic_loss(values, exp["values"], returns, mask, p.cliprange_value)
+        e.critic.backward(c_loss)
+        e.critic.step()
+
+        with torch.no_grad():
+            self.last_stats = {
+                "reward": float(exp["scores"].mean()),
+                "kl": float((kl.sum(1)).mean()),
+                "entropy": float(masked_mean(entropy_from_logits(logits.detach()), mask)),
+                "clip_frac": float(a_stats["clip_frac"]),
+                "approx_kl": float(a_stats["approx_kl"]),
+                "value_error": float(c_stats["value_error"]),
+                "value_clip_frac": float(c_stats["value_clip_frac"]),
+                "answer_length": float(mask.sum(1).float().mean()),
+                "advantage": float(masked_mean(advantages, mask)),
+                "return": float(masked_mean(returns, mask)),
+            }
+        return a_loss.detach(), c_loss.detach()
+
+    def train_unsupervised(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mixed training (PTX): unsup_coef x the causal-LM loss on a pretraining batch, its own step."""
+        e = self.engine
+        batch = {k: v.to(e.device) for k, v in batch.items()}
+        loss = e.actor(**batch, use_cache=False).loss
+        e.actor.backward(self.p.unsup_coef * loss)
+        e.actor.step()
+        self._update_ema()
+        return loss.detach()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """ema = beta * ema + (1 - beta) * actor, over every parameter (ZeRO-3 gathered)."""
+        ema = self.engine.ema
+        if ema is None:
+            return
+        beta = self.p.ema_beta
+        actor = unwrap(self.engine.actor)
+        with gathered_params(actor):
+            for ema_param, param in zip(ema.parameters(), actor.parameters(), strict=True):
+                ema_param.mul_(beta).add_(param.detach().to(ema_param.dtype), alpha=1.0 - beta)
+
+    def update_kl_controller(self, kl_per_sequence: float, n_samples: int) -> None:
+        self.kl_ctl.update(kl_per_sequence, n_samples)

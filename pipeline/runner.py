@@ -1,0 +1,125 @@
+"""The runner: stages in order, each skipped when its manifest says it finished with the same
+config, else run (resuming from its last checkpoint when there is one)."""
+
+from __future__ import annotations
+
+import importlib
+import random
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from pipeline.checkpoint import barrier, read_manifest, write_json_atomic, write_manifest
+from pipeline.config import ConfigError, RunConfig
+from pipeline.engine import init_distributed, rank
+from pipeline.models import load_tokenizer
+from pipeline.resume import install_signal_handlers
+from pipeline.training import StageContext
+
+# What shapes each stage's result; a stage's hash also covers the stages it reads from.
+STAGE_KEYS = {
+    "sft": ["model.actor", "model.tokenizer", "model.dropout", "data_blend", "stage.sft", "run.seed", "run.dtype"],
+    "rm": ["model.reward", "model.tokenizer", "model.dropout", "data_blend", "stage.rm", "run.seed", "run.dtype"],
+    "ppo": ["model", "data_blend", "stage.ppo", "run.seed", "run.dtype"],
+}
+UPSTREAM = {"sft": [], "rm": [], "ppo": ["sft", "rm"]}
+
+
+def stage_hash(cfg: RunConfig, stage: str) -> str:
+    own = cfg.section_hash(*STAGE_KEYS[stage])
+    return "-".join([own] + [stage_hash(cfg, up)[:8] for up in UPSTREAM[stage]])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _prepare_stage_dir(cfg: RunConfig, stage: str, config_hash: str) -> None:
+    """Checkpoints and metrics made under another config are removed before the stage runs."""
+    stage_dir = cfg.stage_dir(stage)
+    marker = stage_dir / "config_hash"
+    if marker.exists() and marker.read_text().strip() != config_hash:
+        for stale in ("checkpoints", "metrics.jsonl", "final", "manifest.json"):
+            path = stage_dir / stale
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(config_hash)
+
+
+def run_pipeline(cfg: RunConfig) -> dict[str, dict]:
+    """Run cfg.run.stages; return {stage: result numbers}."""
+    install_signal_handlers()
+    out = cfg.output_dir
+    init_distributed(cfg)
+    is_main = rank() == 0
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    barrier()
+    tokenizer = load_tokenizer(cfg.tokenizer_source, out, cfg.model.trust_remote_code)
+
+    results: dict[str, dict] = {}
+    for stage in cfg.run.stages:
+        config_hash = stage_hash(cfg, stage)
+        manifest = read_manifest(cfg.stage_dir(stage))
+        if manifest and manifest.get("config_hash") == config_hash and (cfg.stage_dir(stage) / "final").exists():
+            print(f"[{stage}] already done with this config: skipping (results in {cfg.stage_dir(stage)})", flush=True)
+            results[stage] = manifest["result"]
+            continue
+        if manifest and is_main:
+            print(f"[{stage}] config changed since it finished: running {stage} again, and the stages after it", flush=True)
+        inputs = {}
+        for up in UPSTREAM[stage]:
+            up_manifest = read_manifest(cfg.stage_dir(up))
+            if not up_manifest or up_manifest.get("config_hash") != stage_hash(cfg, up):
+                raise ConfigError(f"run.stages={cfg.run.stages}: {stage} reads {cfg.stage_dir(up)}/final, which is missing "
+                                  f"or was made with another config; add {up} to run.stages")
+            inputs[up] = cfg.stage_dir(up) / "final"
+        if is_main:
+            _prepare_stage_dir(cfg, stage, config_hash)
+        barrier()
+        seed_everything(cfg.run.seed)
+        started = time.time()
+        module = importlib.import_module(f"stages.{stage}")
+        result = module.run(cfg, StageContext(tokenizer=tokenizer, work_dir=out, inputs=inputs))
+        result["seconds"] = round(time.time() - started, 1)
+        barrier()
+        if is_main:
+            write_manifest(cfg.stage_dir(stage), config_hash, result)
+        results[stage] = result
+    if is_main:
+        write_json_atomic(out / "results.json", results)
+        print(summary(cfg, results), flush=True)
+    return results
+
+
+def summary(cfg: RunConfig, results: dict[str, dict]) -> str:
+    lines = ["", f"== run {cfg.output_dir} =="]
+    if "sft" in results:
+        r = results["sft"]
+        lines.append(f"SFT   eval loss {r['eval_loss_before']:.3f} -> {r['eval_loss_after']:.3f} "
+                     f"(perplexity {r['perplexity_after']:.2f}), {r['steps']} steps, {r.get('seconds', 0):.0f} s")
+    if "rm" in results:
+        r = results["rm"]
+        lines.append(f"RM    held-out accuracy {r['accuracy_before']:.3f} -> {r['accuracy_after']:.3f}, "
+                     f"mean score chosen {r['chosen_score']:.3f} / rejected {r['rejected_score']:.3f}, "
+                     f"{r['steps']} steps, {r.get('seconds', 0):.0f} s")
+    if "ppo" in results:
+        r = results["ppo"]
+        lines.append(f"PPO   mean reward {r['reward_first']:.3f} (first steps) -> {r['reward_last']:.3f} (last steps), "
+                     f"KL {r['kl_last']:.4f}, answer length {r['answer_length_last']:.1f}, {r['steps']} steps, "
+                     f"{r.get('seconds', 0):.0f} s")
+    for stage in results:
+        lines.append(f"{stage.upper():5} model: {cfg.stage_dir(stage) / 'final'}")
+    return "\n".join(lines)
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)

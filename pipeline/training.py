@@ -1,0 +1,91 @@
+"""Small pieces every stage's loop uses: the stage context, data order, step budget, non-finite guard."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from pipeline.engine import rank, world_size
+
+
+@dataclass
+class StageContext:
+    """What the runner hands a stage: the tokenizer and the previous stages' final folders."""
+
+    tokenizer: Any
+    work_dir: Path
+    inputs: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return rank() == 0
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class NonFiniteGuard:
+    """Skip steps whose loss is NaN/inf; stop after `limit` in a row."""
+
+    def __init__(self, limit: int = 5):
+        self.limit, self.in_a_row, self.skipped = limit, 0, 0
+
+    def ok(self, loss: torch.Tensor, where: str) -> bool:
+        if torch.isfinite(loss).all():
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.skipped += 1
+        if self.in_a_row >= self.limit:
+            raise NonFiniteLossError(f"{where}: loss was not finite {self.in_a_row} steps in a row; "
+                                     f"lower the learning rate or use fp32/bf16")
+        return False
+
+
+def steps_per_epoch(n_examples: int, micro_batch: int, grad_accum: int) -> int:
+    return n_examples // (micro_batch * grad_accum * world_size())
+
+
+def total_steps(n_examples: int, micro_batch: int, grad_accum: int, epochs: int, max_steps: int | None, where: str) -> int:
+    per_epoch = steps_per_epoch(n_examples, micro_batch, grad_accum)
+    if per_epoch == 0:
+        raise ValueError(f"{where}: {n_examples} training examples are fewer than one step "
+                         f"({micro_batch} x {grad_accum} x {world_size()} ranks); lower the batch size")
+    steps = per_epoch * epochs
+    return min(steps, max_steps) if max_steps else steps
+
+
+def epoch_batches(data, micro_batch: int, collate: Callable, seed: int, epoch: int, skip: int = 0) -> Iterator[dict]:
+    """This rank's micro-batches of one epoch: a seeded shuffle, split across ranks, drop_last.
+
+    `skip` micro-batches are passed over without collating (resume mid-epoch).
+    """
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    per_rank = len(order) // world_size()
+    mine = order[rank() * per_rank: (rank() + 1) * per_rank]
+    for start in range(skip * micro_batch, len(mine) - micro_batch + 1, micro_batch):
+        yield collate([data[i] for i in mine[start: start + micro_batch]])
+
+
+def eval_batches(data, batch: int, collate: Callable) -> Iterator[dict]:
+    """Evaluation batches in order, this rank's share (the last ragged batch kept)."""
+    mine = list(range(rank(), len(data), world_size()))
+    for start in range(0, len(mine), batch):
+        yield collate([data[i] for i in mine[start: start + batch]])
+
+
+def all_reduce_mean(values: list[float], weight: float) -> list[float]:
+    """Weighted mean of per-rank values across ranks (weight = examples this rank saw)."""
+    t = torch.tensor([v * weight for v in values] + [weight], dtype=torch.float64)
+    if torch.distributed.is_initialized() and world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return [float(x) / max(float(t[-1]), 1e-12) for x in t[:-1]]
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))

@@ -1,0 +1,146 @@
+"""Step 3: RLHF with PPO. The actor starts from sft/final, the critic and the frozen reward model
+from rm/final, the frozen reference is a copy of the starting actor.
+
+Each step: generate answers for `generation_batches` prompt batches, score them (actor and
+reference log-probs, critic values, reward), then `ppo_epochs` passes of PPO updates over
+minibatches of `per_device_training_batch_size`, with an optional PTX step after each update.
+
+Reads: sft/final, rm/final, data_blend (the ppo slice; ptx_path for mixed training), stage.ppo.
+Writes: ppo/final/{actor,critic,actor_ema} (Hugging Face format), ppo/metrics.jsonl, ppo/checkpoints/.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from functools import partial
+
+import torch
+
+from pipeline.checkpoint import Checkpointer
+from pipeline.config import RunConfig
+from pipeline.data import load_ptx_data, load_stage_data
+from pipeline.data.collate import collate_prompts, collate_text
+from pipeline.engine import save_hf, world_size
+from pipeline.resume import resume_point, stop_requested
+from pipeline.rlhf import PPOTrainer, RLHFEngine
+from pipeline.tracking import MetricsLogger
+from pipeline.training import NonFiniteGuard, StageContext, epoch_batches, total_steps
+
+STAT_KEYS = ("reward", "kl", "entropy", "clip_frac", "approx_kl", "value_error", "answer_length")
+
+
+def minibatches(exp: dict, size: int):
+    """Row slices of an experience batch (tensors of batch B) of `size` rows each."""
+    rows = exp["seq"].shape[0]
+    for start in range(0, rows, size):
+        yield {k: (v[start: start + size] if torch.is_tensor(v) else v) for k, v in exp.items()}
+
+
+def run(cfg: RunConfig, ctx: StageContext) -> dict:
+    p = cfg.stage.ppo
+    out = cfg.stage_dir("ppo")
+    tokenizer = ctx.tokenizer
+    logger = MetricsLogger(out, "ppo", ctx.is_main, cfg.run.log_interval)
+
+    # ---- data: prompts, and text for the mixed (PTX) loss
+    data = load_stage_data(cfg, "ppo", tokenizer)
+    if ctx.is_main:
+        print(data.summary("ppo"), flush=True)
+    prompts_of = partial(collate_prompts, pad_id=tokenizer.pad_token_id)
+    ptx = load_ptx_data(cfg, tokenizer, cfg.data_blend.max_prompt_len + cfg.data_blend.max_answer_len) \
+        if cfg.data_blend.ptx_path else None
+
+    # ---- the four models
+    prompts_per_step = p.per_device_generation_batch_size * p.generation_batches
+    n_steps = total_steps(len(data.train), p.per_device_generation_batch_size, p.generation_batches,
+                          p.num_train_epochs, p.max_steps, "stage.ppo")
+    per_epoch = len(data.train) // (prompts_per_step * world_size())
+    updates_per_step = p.ppo_epochs * (prompts_per_step // p.per_device_training_batch_size) * (2 if ptx else 1)
+    engine = RLHFEngine(actor_model_name_or_path=ctx.inputs["sft"], critic_model_name_or_path=ctx.inputs["rm"],
+                        tokenizer=tokenizer, num_total_iters=n_steps * updates_per_step, args=cfg)
+    trainer = PPOTrainer(engine=engine, args=cfg)
+
+    # ---- resume
+    checkpointer = Checkpointer(out, p.checkpoint.every_steps, p.checkpoint.every_minutes, p.checkpoint.keep)
+    engines = {"actor": engine.actor, "critic": engine.critic}
+    modules = {"actor_ema": engine.ema} if engine.ema is not None else {}
+    step = 0
+    resume_from = resume_point(cfg, checkpointer)
+    if resume_from is not None:
+        state = checkpointer.load(resume_from, engines, modules)
+        step = state["step"]
+        trainer.kl_ctl.load_state_dict(state["kl_ctl"])
+        trainer.reward_moments.load_state_dict(state["reward_moments"])
+        logger.truncate_after(step)
+        print(f"[ppo] resumed from {resume_from} at step {step}", flush=True)
+
+    # ---- train
+    guard = NonFiniteGuard()
+    ptx_batches = None
+    epoch = step // per_epoch
+    while step < n_steps:
+        skip = (step - epoch * per_epoch) * p.generation_batches
+        prompt_batches = epoch_batches(data.train, p.per_device_generation_batch_size, prompts_of, cfg.run.seed, epoch, skip)
+        if ptx is not None:
+            ptx_batches = epoch_batches(ptx, p.per_device_training_batch_size, partial(collate_text, pad_id=tokenizer.pad_token_id),
+                                        cfg.run.seed + 1, step, 0)
+        for group in iter(lambda: list(itertools.islice(prompt_batches, p.generation_batches)), []):
+            if len(group) < p.generation_batches:
+                break
+            t0 = time.time()
+            experiences = [trainer.generate_experience(batch) for batch in group]
+            t_generation = time.time() - t0
+            stats, losses = [], []
+            for _ in range(p.ppo_epochs):
+                for exp in experiences:
+                    for mb in minibatches(exp, p.per_device_training_batch_size):
+                        a_loss, c_loss = trainer.train_rlhf(mb)
+                        if not (guard.ok(a_loss, f"ppo step {step} actor") and guard.ok(c_loss, f"ppo step {step} critic")):
+                            continue
+                        stats.append(trainer.last_stats)
+                        losses.append((float(a_loss), float(c_loss)))
+                        if ptx_batches is not None:
+                            batch = next(ptx_batches, None)
+                            if batch is not None:
+                                losses[-1] += (float(trainer.train_unsupervised(batch)),)
+            t_total = time.time() - t0
+            step += 1
+            mean = {k: sum(s[k] for s in stats) / max(len(stats), 1) for k in STAT_KEYS}
+            trainer.update_kl_controller(mean["kl"], prompts_per_step * world_size())
+            extra = {"ptx_loss": sum(l[2] for l in losses) / len(losses)} if ptx_batches is not None and losses and len(losses[0]) > 2 else {}
+            logger.log(step, "train", **mean,
+                       actor_loss=sum(l[0] for l in losses) / max(len(losses), 1),
+                       critic_loss=sum(l[1] for l in losses) / max(len(losses), 1),
+                       kl_coef=trainer.kl_ctl.value, **extra,
+                       generation_s=t_generation, training_s=t_total - t_generation, step_s=t_total,
+                       samples_per_s=prompts_per_step * world_size() / t_total)
+            if checkpointer.due(step) or stop_requested():
+                checkpointer.save(step, engines, {"epoch": epoch, "kl_ctl": trainer.kl_ctl.state_dict(),
+                                                  "reward_moments": trainer.reward_moments.state_dict()}, modules)
+                stop_requested(exit_if_set=True)
+            if step >= n_steps:
+                break
+        epoch += 1
+
+    # ---- write
+    save_hf(engine.actor, out / "final" / "actor", tokenizer)
+    save_hf(engine.critic, out / "final" / "critic", tokenizer)
+    if engine.ema is not None:
+        save_hf(engine.ema, out / "final" / "actor_ema", tokenizer)
+    return summarize(logger.path, step, guard.skipped)
+
+
+def summarize(metrics_path, steps: int, skipped: int) -> dict:
+    """Mean reward over the first and the last fifth of the steps (at least 3), and the last KL/length."""
+    from pipeline.tracking import read_metrics
+
+    rows = [r for r in read_metrics(metrics_path) if r["split"] == "train"]
+    k = max(3, len(rows) // 5)
+    first, last = rows[:k], rows[-k:]
+
+    def avg(part, key):
+        return sum(r[key] for r in part) / max(len(part), 1)
+
+    return {"steps": steps, "reward_first": avg(first, "reward"), "reward_last": avg(last, "reward"),
+            "kl_last": avg(last, "kl"), "answer_length_last": avg(last, "answer_length"), "skipped_steps": skipped}
