@@ -84,7 +84,9 @@ class LoRASection:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
     learning_rate: float = 5e-4
-    only_optimize_lora: bool = False
+    # Train the adapters only (peft's way, what the planner assumes); false also trains the base
+    # weights, as DeepSpeed-Chat does by default.
+    only_optimize_lora: bool = True
 
 
 @dataclass
@@ -217,6 +219,8 @@ class HardwareSection:
     bandwidth_gbps: float = 20.0
     # Devices per node (GPUs; processes for cpu).
     devices_per_node: int = 1
+    # Host RAM per node in GiB (the budget for CPU offload); null = assume 3x the node's GPU memory.
+    host_memory_gib: Optional[float] = None
 
 
 @dataclass
@@ -260,7 +264,12 @@ class RunConfig:
     def dtype(self) -> str:
         if self.run.dtype:
             return self.run.dtype
-        return "bf16" if self.hardware.bf16 and self.hardware.device == "cuda" else "fp32"
+        if self.hardware.device == "cuda":
+            if self.hardware.bf16:
+                return "bf16"
+            if self.hardware.fp16:
+                return "fp16"
+        return "fp32"
 
     @property
     def tokenizer_source(self) -> str:
@@ -415,4 +424,3 @@ def _check_strategy(s: StrategySection, p: str) -> None:
 
 def _check_lora(lora: LoRASection, p: str) -> None:
     _check(lora.dim is None or lora.dim >= 0, f"{p}.dim", lora.dim, "must be >= 0 (0 = off)")
-    _check(not lora.only_optimize_lora or lora.dim != 0, f"{p}.only_optimize_lora", True, f"needs {p}.dim > 0")

@@ -17,6 +17,7 @@ from pipeline.checkpoint import barrier, read_manifest, write_json_atomic, write
 from pipeline.config import ConfigError, RunConfig
 from pipeline.engine import init_distributed, rank
 from pipeline.models import load_tokenizer
+from pipeline.planner import plan_run
 from pipeline.resume import install_signal_handlers
 from pipeline.training import StageContext
 
@@ -58,9 +59,15 @@ def run_pipeline(cfg: RunConfig) -> dict[str, dict]:
     out = cfg.output_dir
     init_distributed(cfg)
     is_main = rank() == 0
+    plan = plan_run(cfg)
+    plan.apply(cfg)  # fills only the settings the user left null
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        plan.save(out)
+        print(plan.table(), flush=True)
+        for warning in plan.warnings:
+            print(f"warning: {warning}", flush=True)
     barrier()
     tokenizer = load_tokenizer(cfg.tokenizer_source, out, cfg.model.trust_remote_code)
 

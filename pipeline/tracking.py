@@ -16,6 +16,10 @@ class MetricsLogger:
         self.stage, self.is_main, self.log_interval = stage, is_main, log_interval
         self.start = time.time()
 
+    def begin(self, total_steps: int, start_step: int = 0) -> None:
+        """Called once the step budget is known (and after a resume)."""
+        self.total_steps, self.start_step = total_steps, start_step
+
     def log(self, step: int, split: str, echo: bool | None = None, **metrics: float) -> None:
         if not self.is_main:
             return

@@ -76,6 +76,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
         print(f"[ppo] resumed from {resume_from} at step {step}", flush=True)
 
     # ---- train
+    logger.begin(n_steps, step)
     guard = NonFiniteGuard()
     ptx_batches = None
     epoch = step // per_epoch

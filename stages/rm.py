@@ -88,6 +88,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
         logger.log(0, "eval", **before)
 
     # ---- train
+    logger.begin(n_steps, step)
     guard = NonFiniteGuard()
     engine.train()
     epoch = step // per_epoch if per_epoch else 0

@@ -70,6 +70,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
         logger.log(0, "eval", loss=eval_before, perplexity=perplexity(eval_before))
 
     # ---- train
+    logger.begin(n_steps, step)
     guard = NonFiniteGuard()
     engine.train()
     epoch = step // per_epoch if per_epoch else 0
