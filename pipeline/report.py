@@ -1,0 +1,315 @@
+"""The run report: `<run>/report.md` plus PNG plots in `<run>/plots/`.
+
+    python -m pipeline.report outputs/demo            # rebuild it from the run's files
+
+It reads only what the run wrote: config.yaml, plan.txt / plan.json, results.json (or each
+stage's manifest.json) and each stage's metrics.jsonl, so it works on a finished run, a
+partial run, or a run copied from another machine. Plots (matplotlib, Agg backend):
+  plots/sft_loss.png      SFT train loss per step (and eval loss)
+  plots/rm_accuracy.png   RM train accuracy per step, smoothed (and held-out accuracy)
+  plots/ppo.png           PPO reward, KL and answer length per step
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.tracking import read_metrics
+
+STAGES = ("sft", "rm", "ppo")
+
+
+# --------------------------------------------------------------------------- reading the run
+
+
+def _load_yaml(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def _results(run: Path) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    path = run / "results.json"
+    if path.exists():
+        try:
+            out.update(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            pass
+    for stage in STAGES:  # a stage finished in a run that stopped later still has its manifest
+        manifest = run / stage / "manifest.json"
+        if stage not in out and manifest.exists():
+            try:
+                out[stage] = json.loads(manifest.read_text()).get("result", {})
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def _get(d: dict, dotted: str, default: Any = None) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return default
+        d = d[part]
+    return d
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _series(rows: list[dict], split: str, key: str) -> tuple[list[float], list[float]]:
+    picked = [(r["step"], r[key]) for r in rows if r.get("split") == split and isinstance(r.get(key), (int, float))]
+    return [p[0] for p in picked], [p[1] for p in picked]
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    if window <= 1 or len(values) < window:
+        return values
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def _plot(path: Path, panels: list[dict], title: str) -> Path | None:
+    """panels: [{"ylabel", "lines": [(x, y, label, style)]}] -> one PNG; None when nothing to draw."""
+    panels = [p for p in panels if any(len(x) for x, *_ in p["lines"])]
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), sharex=True, squeeze=False)
+    for ax, panel in zip(axes[:, 0], panels):
+        for x, y, label, style in panel["lines"]:
+            if len(x):
+                ax.plot(x, y, style, label=label, markersize=4, linewidth=1.2 if style == "-" else 1.0,
+                        alpha=0.45 if label.endswith("(raw)") else 1.0)
+        ax.set_ylabel(panel["ylabel"])
+        ax.grid(alpha=0.3)
+        if sum(1 for x, *_ in panel["lines"] if len(x)) > 1:
+            ax.legend(fontsize=8)
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def make_plots(run: Path) -> dict[str, Path]:
+    """The PNGs of every stage that has metrics; {name: path}."""
+    run = Path(run)
+    plots = run / "plots"
+    made: dict[str, Path] = {}
+    sft = read_metrics(run / "sft" / "metrics.jsonl")
+    if sft:
+        x, y = _series(sft, "train", "loss")
+        ex, ey = _series(sft, "eval", "loss")
+        w = max(1, len(x) // 50)
+        p = _plot(plots / "sft_loss.png", [{"ylabel": "loss", "lines": [
+            (x, y, "train (raw)", "-"), (x, _smooth(y, w), "train", "-"), (ex, ey, "eval", "o-")]}], "SFT loss")
+        if p:
+            made["sft_loss"] = p
+    rm = read_metrics(run / "rm" / "metrics.jsonl")
+    if rm:
+        x, y = _series(rm, "train", "accuracy")
+        ex, ey = _series(rm, "eval", "accuracy")
+        w = max(5, len(x) // 25)
+        panels = [{"ylabel": "accuracy", "lines": [(x, _smooth(y, w), f"train (mean of {w})", "-"),
+                                                   (ex, ey, "held-out", "o-")]}]
+        cx, cy = _series(rm, "eval", "chosen_score")
+        rx, ry = _series(rm, "eval", "rejected_score")
+        panels.append({"ylabel": "held-out score", "lines": [(cx, cy, "chosen", "o-"), (rx, ry, "rejected", "o-")]})
+        p = _plot(plots / "rm_accuracy.png", panels, "Reward model")
+        if p:
+            made["rm_accuracy"] = p
+    ppo = read_metrics(run / "ppo" / "metrics.jsonl")
+    if ppo:
+        panels = []
+        for key, label in (("reward", "reward"), ("kl", "KL to reference"), ("answer_length", "answer length")):
+            x, y = _series(ppo, "train", key)
+            w = max(1, len(x) // 25)
+            lines = [(x, y, f"{label} (raw)", "-"), (x, _smooth(y, w), f"mean of {w}", "-")] if w > 1 else [(x, y, label, "-")]
+            panels.append({"ylabel": label, "lines": lines})
+        p = _plot(plots / "ppo.png", panels, "PPO")
+        if p:
+            made["ppo"] = p
+    return made
+
+
+# --------------------------------------------------------------------------- the markdown
+
+
+def _num(v: Any, digits: int = 4) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _config_summary(cfg: dict) -> list[str]:
+    rows = [
+        ("actor", _get(cfg, "model.actor")), ("reward model", _get(cfg, "model.reward")),
+        ("tokenizer", _get(cfg, "model.tokenizer") or "(the actor's)"),
+        ("stages", ", ".join(_get(cfg, "run.stages", []) or [])),
+        ("data", ", ".join(f"{d.get('name')}" + (f" ({d['path']})" if d.get("path") else "")
+                           for d in (_get(cfg, "data_blend.datasets", []) or []))),
+        ("split sft,rm,ppo", _get(cfg, "data_blend.split")), ("prompt format", _get(cfg, "data_blend.prompt_format")),
+        ("hardware", f"{_get(cfg, 'hardware.name')} ({_get(cfg, 'hardware.device')})"),
+        ("deployment", f"{_get(cfg, 'deployment.name', 'local')} ({_get(cfg, 'deployment.launcher', 'in_process')}, "
+                       f"{_get(cfg, 'deployment.nodes', 1)} node(s))"),
+        ("dtype", _get(cfg, "run.dtype") or "auto"), ("seed", _get(cfg, "run.seed")),
+        ("loggers", ", ".join(_get(cfg, "run.loggers", []) or []) or "metrics.jsonl only"),
+    ]
+    lines = ["| setting | value |", "|---|---|"] + [f"| {k} | {_num(v)} |" for k, v in rows if v not in (None, "")]
+    stage_rows = []
+    for stage, batch, optim in (("sft", "per_device_train_batch_size", "optim"), ("rm", "per_device_train_batch_size", "optim"),
+                                ("ppo", "per_device_training_batch_size", "actor_optim")):
+        s = _get(cfg, f"stage.{stage}", {}) or {}
+        if not s:
+            continue
+        extra = ""
+        if stage == "ppo":
+            extra = (f"kl_ctl {_num(s.get('kl_ctl'))}, generation batch {s.get('per_device_generation_batch_size')}, "
+                     f"max_new_tokens {_get(s, 'generation.max_new_tokens')}, critic lr {_num(_get(s, 'critic_optim.learning_rate'))}")
+        stage_rows.append(f"| {stage} | {s.get(batch)} | {_num(_get(s, optim + '.learning_rate'))} | "
+                          f"{s.get('num_train_epochs')} | {s.get('max_steps') if s.get('max_steps') is not None else '-'} | {extra} |")
+    if stage_rows:
+        lines += ["", "| stage | micro-batch | lr | epochs | max steps | other |", "|---|---|---|---|---|---|"] + stage_rows
+    return lines
+
+
+def _stage_numbers(stage: str, r: dict) -> list[str]:
+    if stage == "sft" and "eval_loss_after" in r:
+        return [f"- eval loss {_num(r.get('eval_loss_before'))} -> **{_num(r['eval_loss_after'])}** "
+                f"(perplexity {_num(r.get('perplexity_after'))})"]
+    if stage == "rm" and "accuracy_after" in r:
+        return [f"- held-out accuracy {_num(r.get('accuracy_before'))} -> **{_num(r['accuracy_after'])}**",
+                f"- mean held-out score: chosen {_num(r.get('chosen_score'))}, rejected {_num(r.get('rejected_score'))}"]
+    if stage == "ppo" and "reward_last" in r:
+        return [f"- mean reward {_num(r.get('reward_first'))} (first steps) -> **{_num(r['reward_last'])}** (last steps)",
+                f"- KL to reference (last steps) {_num(r.get('kl_last'))}, answer length {_num(r.get('answer_length_last'))}"]
+    return []
+
+
+def _timing(stage: str, r: dict, rows: list[dict]) -> str:
+    parts = [f"{r.get('steps', '?')} steps"]
+    if r.get("seconds") is not None:
+        parts.append(f"{r['seconds']:.0f} s")
+    if r.get("skipped_steps"):
+        parts.append(f"{r['skipped_steps']} steps skipped (non-finite loss)")
+    if stage == "ppo":
+        gen = [x["generation_s"] for x in rows if x.get("split") == "train" and "generation_s" in x]
+        tot = [x["step_s"] for x in rows if x.get("split") == "train" and "step_s" in x]
+        if gen and tot and sum(tot) > 0:
+            parts.append(f"{sum(tot) / len(tot):.2f} s/step, generation {100 * sum(gen) / sum(tot):.0f}% of it")
+    return "- " + ", ".join(parts)
+
+
+def build_report(run: str | Path) -> Path:
+    """Write <run>/report.md and <run>/plots/*.png; return the report's path."""
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run folder")
+    cfg = _load_yaml(run / "config.yaml")
+    results = _results(run)
+    plots = make_plots(run)
+    name = _get(cfg, "run.name") or run.name
+    md = [f"# Run report: {name}", "", f"Run folder: `{run}`", ""]
+
+    md += ["## Configuration", ""]
+    md += _config_summary(cfg) if cfg else ["(no config.yaml)"]
+    md += ["", "Full config: `config.yaml`.", ""]
+
+    md += ["## Plan", ""]
+    plan_txt = run / "plan.txt"
+    if plan_txt.exists():
+        md += ["```", plan_txt.read_text().rstrip(), "```"]
+    else:
+        md.append("(no plan.txt)")
+    plan = {}
+    if (run / "plan.json").exists():
+        try:
+            plan = json.loads((run / "plan.json").read_text())
+        except json.JSONDecodeError:
+            plan = {}
+    for w in plan.get("warnings", []) or []:
+        md.append(f"- warning: {w}")
+    for s in plan.get("suggestions", []) or []:
+        md.append(f"- suggestion: {s if isinstance(s, str) else json.dumps(s)}")
+    md.append("")
+
+    md += ["## Results", ""]
+    titles = {"sft": "Step 1: supervised fine-tuning", "rm": "Step 2: reward model", "ppo": "Step 3: PPO"}
+    plot_of = {"sft": ("sft_loss", "SFT loss"), "rm": ("rm_accuracy", "RM accuracy"), "ppo": ("ppo", "PPO reward, KL, answer length")}
+    any_stage = False
+    for stage in STAGES:
+        r = results.get(stage)
+        rows = read_metrics(run / stage / "metrics.jsonl")
+        if r is None and not rows:
+            continue
+        any_stage = True
+        md += [f"### {titles[stage]}", ""]
+        if r is None:
+            md.append("- not finished (numbers below come from its metrics so far)")
+            r = {"steps": max((x["step"] for x in rows), default=0)}
+        md += _stage_numbers(stage, r)
+        md.append(_timing(stage, r, rows))
+        final = run / stage / "final"
+        if final.exists():
+            md.append(f"- model: `{final}`" + (" (actor, critic" + (", actor_ema" if (final / 'actor_ema').exists() else "")
+                                               + ")" if stage == "ppo" else ""))
+        key, caption = plot_of[stage]
+        if key in plots:
+            md += ["", f"![{caption}](plots/{plots[key].name})"]
+        md.append("")
+    if not any_stage:
+        md += ["(no stage has written metrics yet)", ""]
+
+    actor = run / "ppo" / "final" / "actor"
+    if actor.exists() or (run / "sft" / "final").exists():
+        target = actor if actor.exists() else run / "sft" / "final"
+        md += ["## Next", "", "```",
+               f"python -m pipeline.chat path={target}",
+               f"python -m pipeline.evaluate compare run={run}",
+               f"python -m pipeline.evaluate reward run={run}", "```", ""]
+    path = run / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(md))
+    tmp.replace(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    args = [a.split("=", 1)[1] if a.startswith(("run=", "run.output_dir=")) else a for a in args]
+    if len(args) != 1 or args[0] in ("-h", "--help"):
+        print("usage: python -m pipeline.report <run folder>", file=sys.stderr)
+        return 2
+    try:
+        path = build_report(args[0])
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
