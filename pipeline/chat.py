@@ -350,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     if s.format not in ("text", "jsonl"):
         print(f"error: format={s.format}: must be text or jsonl", file=sys.stderr)
         return 2
-    if not Path(s.path).expanduser().exists() and "/" not in s.path.strip("/"):
+    looks_local = s.path.startswith(("/", ".", "~")) or s.path.count("/") != 1
+    if looks_local and not Path(s.path).expanduser().exists():
         print(f"error: path={s.path}: no such folder", file=sys.stderr)
         return 2
     try:
