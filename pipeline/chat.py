@@ -172,9 +172,21 @@ def load_tokenizer_for(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def quiet_transformers() -> None:
+    """No "Loading weights" bars from transformers where ours are off (pipes, logs, other ranks)."""
+    from pipeline.tracking import progress_enabled
+
+    if not progress_enabled():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def load_policy(path: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
     """(model in eval mode on its device, tokenizer) of a causal LM folder or hub id."""
     from pipeline.models import load_causal_lm
+
+    quiet_transformers()
 
     device = pick_device(device)
     tokenizer = load_tokenizer_for(path, trust_remote_code)

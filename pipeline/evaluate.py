@@ -257,6 +257,9 @@ def load_reward_model(path: str, s: EvalSettings):
     from pipeline.chat import load_tokenizer_for
     from pipeline.models import RewardModel
 
+    from pipeline.chat import quiet_transformers
+
+    quiet_transformers()
     device = pick_device(s.device)
     rm = RewardModel.from_pretrained(path, dtype=pick_dtype(s.dtype, device), trust_remote_code=s.trust_remote_code)
     return rm.to(device).eval(), load_tokenizer_for(path, s.trust_remote_code)

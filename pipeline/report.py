@@ -116,6 +116,10 @@ def make_plots(run: Path) -> dict[str, Path]:
     run = Path(run)
     plots = run / "plots"
     made: dict[str, Path] = {}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return made
     sft = read_metrics(run / "sft" / "metrics.jsonl")
     if sft:
         x, y = _series(sft, "train", "loss")
@@ -279,6 +283,9 @@ def build_report(run: str | Path) -> Path:
         if key in plots:
             md += ["", f"![{caption}](plots/{plots[key].name})"]
         md.append("")
+    if any_stage and not plots:
+        md += ["(no plots: matplotlib is not installed; `pip install rlhf-pipeline[report]`, then "
+               f"`python -m pipeline.report {run}`)", ""]
     if not any_stage:
         md += ["(no stage has written metrics yet)", ""]
 
