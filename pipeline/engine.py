@@ -80,7 +80,10 @@ def param_groups(model: nn.Module, optim: OptimSection, lora: LoRASection) -> li
     return out
 
 
-def ds_config(cfg: RunConfig, micro_batch: int, grad_accum: int, strategy: StrategySection, optim: OptimSection | None) -> dict:
+def ds_config(cfg: RunConfig, micro_batch: int, grad_accum: int, strategy: StrategySection, optim: OptimSection | None,
+              hybrid: dict | None = None) -> dict:
+    """DeepSpeed's config for one engine. `hybrid`: DeepSpeed hybrid_engine settings (the actor, when
+    stage.ppo.generation.backend=deepspeed), e.g. {"max_out_tokens": 512}."""
     dtype = cfg.dtype
     zero: dict = {"stage": strategy.zero_stage or 0}
     if strategy.offload and zero["stage"] >= 1:
@@ -103,16 +106,35 @@ def ds_config(cfg: RunConfig, micro_batch: int, grad_accum: int, strategy: Strat
     }
     if optim is not None and optim.gradient_clipping > 0:
         config["gradient_clipping"] = optim.gradient_clipping
+    if hybrid is not None:
+        config["hybrid_engine"] = {"enabled": True, "release_inference_cache": True, "pin_parameters": True,
+                                   "inference_tp_size": strategy.tp_degree or 1, **hybrid}
     return config
 
 
-def make_optimizer(cfg: RunConfig, model: nn.Module, optim: OptimSection, lora: LoRASection, strategy: StrategySection):
+class OffloadUnavailable(RuntimeError):
+    """CPU offload was asked for but cannot run here; the message names the key."""
+
+
+def make_optimizer(cfg: RunConfig, model: nn.Module, optim: OptimSection, lora: LoRASection, strategy: StrategySection,
+                   key: str = "strategy"):
+    """AdamW; FusedAdam on CUDA; DeepSpeedCPUAdam with offload (a C++ op JIT-built on first use,
+    cached under ~/.cache/torch_extensions; needs a C++ compiler and the Python headers)."""
     groups = param_groups(model, optim, lora)
     betas = tuple(optim.betas)
     if strategy.offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        if (strategy.zero_stage or 0) < 1:
+            raise OffloadUnavailable(f"{key}.offload=true needs {key}.zero_stage >= 1 (ZeRO offloads the optimizer "
+                                     f"state it partitions); set {key}.zero_stage=1, 2 or 3, or {key}.offload=false")
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=optim.learning_rate, betas=betas)
+            return DeepSpeedCPUAdam(groups, lr=optim.learning_rate, betas=betas)
+        except Exception as err:  # the op build failed: no compiler, headers, or an unsupported CPU
+            raise OffloadUnavailable(
+                f"{key}.offload=true: DeepSpeed's CPU Adam op could not be built or loaded here "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); it needs a C++ compiler and "
+                f"Python headers (check `ds_report`), or set {key}.offload=false") from err
     if device_type(cfg) == "cuda":
         from deepspeed.ops.adam import FusedAdam
 
@@ -130,8 +152,13 @@ def initialize(
     lora: LoRASection,
     strategy: StrategySection,
     total_steps: int,
+    key: str = "strategy",
+    hybrid: dict | None = None,
 ):
-    """A DeepSpeed engine training `model` (LoRA and gradient checkpointing applied here)."""
+    """A DeepSpeed engine training `model` (LoRA and gradient checkpointing applied here).
+
+    key: the config prefix of `strategy` for error messages (e.g. "stage.ppo.actor_strategy");
+    hybrid: build DeepSpeed's hybrid engine (generation backend deepspeed) with these settings."""
     import deepspeed
     from transformers import get_scheduler
 
@@ -140,12 +167,12 @@ def initialize(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora.dim and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    optimizer = make_optimizer(cfg, model, optim, lora, strategy)
+    optimizer = make_optimizer(cfg, model, optim, lora, strategy, key)
     scheduler = get_scheduler(optim.lr_scheduler_type, optimizer, num_warmup_steps=min(optim.num_warmup_steps, total_steps),
                               num_training_steps=max(total_steps, 1))
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=ds_config(cfg, micro_batch, grad_accum, strategy, optim),
+        config=ds_config(cfg, micro_batch, grad_accum, strategy, optim, hybrid),
     )
     return engine
 
@@ -166,17 +193,22 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def is_zero3(model: nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in unwrap(model).parameters())
+
+
 @contextmanager
-def gathered_params(model: nn.Module):
-    """Full parameters of a ZeRO-3 model for the duration (one gather, not one per forward)."""
-    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+def gathered_params(model: nn.Module, params: list | None = None, modifier_rank: int | None = None):
+    """Full parameters of a ZeRO-3 model (or just `params`) for the duration: one gather, not one
+    per forward. With modifier_rank, that rank's in-place changes are kept (scattered back)."""
+    params = [p for p in (model.parameters() if params is None else params) if hasattr(p, "ds_id")]
     if not params:
         with nullcontext():
             yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(params):
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
         yield
 
 

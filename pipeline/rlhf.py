@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from pipeline.models import RewardModel, load_causal_lm
 from pipeline.rl_math import (AdaptiveKLController, FixedKLController, actor_loss, answer_mask, critic_loss,
                               entropy_from_logits, gae_advantages, kl_penalized_rewards, last_index,
                               logprobs_of_labels, masked_mean, masked_whiten)
-from pipeline.rollout import RolloutEngine
+from pipeline.rollout import RolloutEngine, check_backend
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -29,9 +30,33 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def forward_flops(n_params: int, n_layers: int, hidden: int, batch: int, seq_len: int) -> float:
+    """FLOPs of one forward pass over (batch, seq_len) tokens: 2 per parameter per token (matmuls,
+    the tied LM head included through the embedding) plus attention scores and mixing,
+    4 * layers * hidden * seq_len^2 per sequence. Backward costs 2x forward; gradient
+    checkpointing adds one more forward. Generation with a KV cache is counted as one forward
+    over the final length (prefill plus one token per step)."""
+    return 2.0 * n_params * batch * seq_len + 4.0 * n_layers * hidden * batch * seq_len**2
+
+
+def model_size(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(parameters, layers, hidden size) of a model, ZeRO-3 partitioned or not, LoRA included."""
+    module = unwrap(model)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+    config = getattr(module, "config", None)
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    hidden = getattr(config, "hidden_size", 0) or 0
+    return int(n_params), int(layers), int(hidden)
+
+
 class RLHFEngine:
     """The four models of step 3: trained actor and critic (DeepSpeed engines), frozen reference
-    (a copy of the starting actor) and frozen reward model; plus the actor's EMA when asked."""
+    (a copy of the starting actor) and frozen reward model; plus the actor's EMA when asked.
+
+    The reference and reward models follow the actor's and the critic's ZeRO stage: under ZeRO-3
+    they are sharded (and parameter-offloaded with `offload`) through DeepSpeed inference
+    engines, else plain frozen modules. The EMA is a plain full copy (on CPU when the actor
+    offloads), updated from the actor's gathered trainable parameters."""
 
     def __init__(self, actor_model_name_or_path: str | Path, critic_model_name_or_path: str | Path, tokenizer,
                  num_total_iters: int, args: RunConfig, reward_model_name_or_path: str | Path | None = None):
@@ -42,23 +67,30 @@ class RLHFEngine:
         def actor_model():
             return load_causal_lm(str(actor_model_name_or_path), tokenizer, args.dtype, args.model.dropout, trust)
 
-        self.actor = initialize(args, actor_model(), micro_batch=p.per_device_training_batch_size, grad_accum=1,
+        model = actor_model()
+        check_backend(p.generation, model)  # before any engine is built: a clear error, early
+        hybrid = None
+        if p.generation.backend == "deepspeed":
+            hybrid = {"max_out_tokens": args.data_blend.max_prompt_len + p.generation.max_new_tokens}
+        self.actor = initialize(args, model, micro_batch=p.per_device_training_batch_size, grad_accum=1,
                                 optim=p.actor_optim, lora=p.actor_lora, strategy=p.actor_strategy,
-                                total_steps=num_total_iters)
+                                total_steps=num_total_iters, key="stage.ppo.actor_strategy", hybrid=hybrid)
         self.ref = inference_engine(args, actor_model(), p.actor_strategy)
         self.ema = None
         if p.ema_beta is not None:
             # Same construction as the actor (LoRA included) so parameters pair up; starts equal to it.
-            self.ema = apply_lora(actor_model(), p.actor_lora).eval().requires_grad_(False).to(self.actor.device)
+            device = "cpu" if p.actor_strategy.offload else self.actor.device
+            self.ema = apply_lora(actor_model(), p.actor_lora).eval().requires_grad_(False).to(device)
             with torch.no_grad(), gathered_params(unwrap(self.actor)):
                 for ema_param, param in zip(self.ema.parameters(), unwrap(self.actor).parameters(), strict=True):
                     ema_param.copy_(param.detach())
         self.critic = initialize(
             args, RewardModel.from_pretrained(critic_model_name_or_path, args.dtype, args.model.dropout, trust),
             micro_batch=p.per_device_training_batch_size, grad_accum=1, optim=p.critic_optim, lora=p.critic_lora,
-            strategy=p.critic_strategy, total_steps=num_total_iters)
+            strategy=p.critic_strategy, total_steps=num_total_iters, key="stage.ppo.critic_strategy")
         reward_path = reward_model_name_or_path or critic_model_name_or_path
         self.reward = inference_engine(args, RewardModel.from_pretrained(reward_path, args.dtype, None, trust), p.critic_strategy)
+        self.sizes = {name: model_size(getattr(self, name)) for name in ("actor", "ref", "critic", "reward")}
 
     @property
     def device(self) -> torch.device:
@@ -98,6 +130,25 @@ class PPOTrainer:
         self.rollout = RolloutEngine(engine.actor, engine.tokenizer, p.generation)
         self.eos_id = engine.tokenizer.eos_token_id
         self.last_stats: dict[str, float] = {}
+        self.counters: dict[str, float] = {}
+
+    def _count(self, **amounts: float) -> None:
+        for key, value in amounts.items():
+            self.counters[key] = self.counters.get(key, 0.0) + value
+
+    def pop_counters(self) -> dict[str, float]:
+        """Seconds, FLOPs and tokens accumulated since the last call: generation_s, experience_s
+        (the four scoring forwards), generation_flops, experience_flops, training_flops,
+        answer_tokens, sequences; then reset."""
+        out, self.counters = self.counters, {}
+        return out
+
+    def _flops(self, role: str, batch: int, seq_len: int) -> float:
+        return forward_flops(*self.engine.sizes[role], batch, seq_len)
+
+    def _train_factor(self, role: str) -> float:
+        """fwd + bwd = 3 forwards; with gradient checkpointing 4 (DeepSpeed-Chat's convention)."""
+        return 4.0 if getattr(self.p, f"{role}_strategy").gradient_checkpointing else 3.0
 
     # ------------------------------------------------------------------ experience
 
@@ -112,23 +163,35 @@ class PPOTrainer:
         prompts = prompt_batch["input_ids"].to(e.device)
         prompt_mask = prompt_batch["attention_mask"].to(e.device)
         prompt_len = prompts.shape[1]
+        t0 = time.perf_counter()
         seq = self.rollout.generate(prompts, prompt_mask)
+        t1 = time.perf_counter()
         answer = seq[:, prompt_len:]
         mask = answer_mask(answer, self.eos_id)
         attention = torch.cat([prompt_mask, mask], dim=1)
         positions = position_ids(attention)
 
-        unwrap(e.actor).eval()
+        actor = unwrap(e.actor)
+        was_training = actor.training
+        actor.eval()
         logits = e.actor(input_ids=seq, attention_mask=attention, position_ids=positions, use_cache=False).logits
-        unwrap(e.actor).train()
+        actor.train(was_training)
         ref_logits = e.ref(input_ids=seq, attention_mask=attention, position_ids=positions, use_cache=False).logits
-        unwrap(e.critic).eval()
+        critic = unwrap(e.critic)
+        was_training = critic.training
+        critic.eval()
         values = e.critic(seq, attention, positions)[:, prompt_len - 1: -1]
-        unwrap(e.critic).train()
+        critic.train(was_training)
         reward_values = e.reward(seq, attention, positions)
         rows = torch.arange(seq.shape[0], device=seq.device)
         scores = reward_values[rows, prompt_len + last_index(mask)].float()
+        t2 = time.perf_counter()
 
+        batch, length = seq.shape
+        self._count(generation_s=t1 - t0, experience_s=t2 - t1, sequences=batch, answer_tokens=float(mask.sum()),
+                    generated_positions=batch * answer.shape[1],
+                    generation_flops=self._flops("actor", batch, length),
+                    experience_flops=sum(self._flops(r, batch, length) for r in ("actor", "ref", "critic", "reward")))
         return {
             "seq": seq, "attention_mask": attention, "position_ids": positions, "answer_mask": mask,
             "logprobs": logprobs_of_labels(logits[:, prompt_len - 1: -1], answer),
@@ -139,7 +202,9 @@ class PPOTrainer:
     # ------------------------------------------------------------------ training
 
     def train_rlhf(self, exp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One PPO update of actor and critic on an experience batch; returns (actor_loss, critic_loss)."""
+        """One PPO update of actor and critic on an experience batch; returns (actor_loss, critic_loss).
+
+        The EMA is not touched here: call `update_ema()` after the step (and its PTX step, if any)."""
         p, e = self.p, self.engine
         mask, start = exp["answer_mask"], exp["prompt_len"]
         answer = exp["seq"][:, start:]
@@ -160,16 +225,19 @@ class PPOTrainer:
         a_loss, a_stats = actor_loss(logprobs, exp["logprobs"], advantages, mask, p.cliprange)
         e.actor.backward(a_loss)
         e.actor.step()
-        self._update_ema()
 
         values = e.critic(exp["seq"], exp["attention_mask"], exp["position_ids"])[:, start - 1: -1].float()
         c_loss, c_stats = critic_loss(values, exp["values"], returns, mask, p.cliprange_value)
         e.critic.backward(c_loss)
         e.critic.step()
 
+        batch, length = exp["seq"].shape
+        self._count(training_flops=self._train_factor("actor") * self._flops("actor", batch, length)
+                    + self._train_factor("critic") * self._flops("critic", batch, length))
         with torch.no_grad():
             self.last_stats = {
                 "reward": float(exp["scores"].mean()),
+                "reward_normalized": float(scores.mean()),
                 "kl": float((kl.sum(1)).mean()),
                 "entropy": float(masked_mean(entropy_from_logits(logits.detach()), mask)),
                 "clip_frac": float(a_stats["clip_frac"]),
@@ -182,27 +250,32 @@ class PPOTrainer:
             }
         return a_loss.detach(), c_loss.detach()
 
-    def train_unsupervised(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mixed training (PTX): unsup_coef x the causal-LM loss on a pretraining batch, its own step."""
+    def train_unsupervised(self, batch: dict[str, torch.Tensor], unsup_coef: float | None = None) -> torch.Tensor:
+        """Mixed training (PTX): unsup_coef x the causal-LM loss on a pretraining batch
+        (input_ids, attention_mask, labels: (B, L)), its own optimizer step. Returns the LM loss."""
         e = self.engine
+        coef = self.p.unsup_coef if unsup_coef is None else unsup_coef
         batch = {k: v.to(e.device) for k, v in batch.items()}
         loss = e.actor(**batch, use_cache=False).loss
-        e.actor.backward(self.p.unsup_coef * loss)
+        e.actor.backward(coef * loss)
         e.actor.step()
-        self._update_ema()
+        self._count(training_flops=self._train_factor("actor") * self._flops("actor", *batch["input_ids"].shape))
         return loss.detach()
 
     @torch.no_grad()
-    def _update_ema(self) -> None:
-        """ema = beta * ema + (1 - beta) * actor, over every parameter (ZeRO-3 gathered)."""
+    def update_ema(self) -> None:
+        """ema = beta * ema + (1 - beta) * actor. Only trainable parameters move (the frozen ones,
+        e.g. the base under LoRA, are equal in both from the start); ZeRO-3 gathers just those."""
         ema = self.engine.ema
         if ema is None:
             return
         beta = self.p.ema_beta
         actor = unwrap(self.engine.actor)
-        with gathered_params(actor):
-            for ema_param, param in zip(ema.parameters(), actor.parameters(), strict=True):
-                ema_param.mul_(beta).add_(param.detach().to(ema_param.dtype), alpha=1.0 - beta)
+        pairs = [(ema_param, param) for ema_param, param in zip(ema.parameters(), actor.parameters(), strict=True)
+                 if param.requires_grad]
+        with gathered_params(actor, [param for _, param in pairs]):
+            for ema_param, param in pairs:
+                ema_param.mul_(beta).add_(param.detach().to(ema_param.device, ema_param.dtype), alpha=1.0 - beta)
 
     def update_kl_controller(self, kl_per_sequence: float, n_samples: int) -> None:
         self.kl_ctl.update(kl_per_sequence, n_samples)

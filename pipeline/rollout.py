@@ -2,14 +2,18 @@
 layout for one `generate` call and back.
 
 Generation layout: eval mode (no dropout), KV cache on, gradient checkpointing off, ZeRO-3
-parameters gathered once for the whole call instead of once per token, LoRA adapters merged
-into the weights when `merge_lora` is set (and unmerged afterwards). Backends:
+parameters gathered once for the whole call (and DeepSpeed's per-module fetch/release hooks
+taken off meanwhile, so no token triggers a gather), LoRA adapters merged into the weights when
+`merge_lora` is set (and the exact original weights restored afterwards), caches released at
+the end. Backends (stage.ppo.generation.backend):
   hf        transformers' generate; any model, CPU and GPU (default)
-  deepspeed DeepSpeed's hybrid engine; CUDA inference kernels, some model families only
+  deepspeed DeepSpeed's hybrid engine (the actor engine is built with `hybrid_engine` on);
+            CUDA inference kernels, only the model families DeepSpeed has inference policies for
 """
 
 from __future__ import annotations
 
+import gc
 from contextlib import contextmanager
 
 import torch
@@ -18,45 +22,143 @@ from pipeline.config import GenerationSection
 from pipeline.engine import gathered_params, unwrap
 
 
+class BackendUnavailable(RuntimeError):
+    """The configured generation backend cannot run here; the message names the key to change."""
+
+
+def hybrid_engine_families() -> list[str]:
+    """Model layer classes DeepSpeed's hybrid engine has inference policies for (what it can run)."""
+    from deepspeed.module_inject.replace_policy import replace_policies
+
+    names = []
+    for policy in replace_policies:
+        try:
+            policy()  # sets _orig_layer_class when transformers has the family
+        except Exception:
+            continue
+        orig = getattr(policy, "_orig_layer_class", None)
+        for cls in orig if isinstance(orig, list) else [orig]:
+            if cls is not None:
+                names.append(cls.__name__)
+    return sorted(set(names))
+
+
+def check_backend(gen: GenerationSection, model: torch.nn.Module | None = None) -> None:
+    """Raise BackendUnavailable (naming stage.ppo.generation.backend) when `gen.backend` cannot run."""
+    if gen.backend == "hf":
+        return
+    if gen.backend != "deepspeed":
+        raise BackendUnavailable(f"stage.ppo.generation.backend={gen.backend}: choose hf or deepspeed")
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("stage.ppo.generation.backend=deepspeed needs CUDA (DeepSpeed's hybrid engine runs "
+                                 "CUDA inference kernels); no CUDA device here: use stage.ppo.generation.backend=hf")
+    if model is not None:
+        supported = set(hybrid_engine_families())
+        layers = {type(m).__name__ for m in model.modules()}
+        if not layers & supported:
+            raise BackendUnavailable(
+                f"stage.ppo.generation.backend=deepspeed: DeepSpeed's hybrid engine has no inference policy for "
+                f"{type(unwrap(model)).__name__} (supported layers: {', '.join(sorted(supported))}); use backend=hf")
+
+
+def _zero3_offload(engine):
+    """DeepSpeed's ZeRO-3 parameter coordinator of a training or inference engine, or None."""
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", None) or optimizer
+    return offload if offload is not None and hasattr(offload, "forward_hooks") else None
+
+
+@contextmanager
+def zero3_hooks_off(engine):
+    """Take ZeRO-3's per-module fetch/release hooks off for the duration (parameters must be
+    gathered by the caller), and put them back afterwards."""
+    offload = _zero3_offload(engine)
+    if offload is None:
+        yield
+        return
+    from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
+
+    for param in iter_params(offload.module, recurse=True):
+        param.ds_active_sub_modules.clear()
+    for hook in offload.forward_hooks + offload.backward_hooks:
+        hook.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+    try:
+        yield
+    finally:
+        offload._register_deepspeed_module(offload.module)
+
+
+def _lora_layers(module) -> list:
+    return [m for m in module.modules() if hasattr(m, "merge") and hasattr(m, "base_layer")]
+
+
 class RolloutEngine:
-    def __init__(self, actor, tokenizer, gen: GenerationSection, merge_lora: bool = False):
-        if gen.backend == "deepspeed" and not torch.cuda.is_available():
-            raise RuntimeError("stage.ppo.generation.backend=deepspeed needs CUDA; use backend=hf")
-        self.actor, self.tokenizer, self.gen, self.merge_lora = actor, tokenizer, gen, merge_lora
+    def __init__(self, actor, tokenizer, gen: GenerationSection, merge_lora: bool | None = None):
+        """actor: the actor's DeepSpeed engine (or a plain module). merge_lora: fold LoRA adapters
+        into the weights while generating (default: stage.ppo.generation.merge_lora, off)."""
+        check_backend(gen, unwrap(actor))
+        if gen.backend == "deepspeed" and not hasattr(actor, "_inference_containers"):
+            raise BackendUnavailable("stage.ppo.generation.backend=deepspeed: the actor engine was built without "
+                                     "DeepSpeed's hybrid_engine (pass hybrid=... to pipeline.engine.initialize)")
+        self.actor, self.tokenizer, self.gen = actor, tokenizer, gen
+        self.merge_lora = bool(getattr(gen, "merge_lora", False) if merge_lora is None else merge_lora)
+        self.calls = 0
 
     @contextmanager
     def generation_layout(self):
+        """Yield the module to call `generate` on, in generation layout; training layout after."""
         module = unwrap(self.actor)
         was_training = module.training
         checkpointing = bool(getattr(module, "is_gradient_checkpointing", False))
-        merged = self.merge_lora and hasattr(module, "merge_adapter")
+        lora_layers = _lora_layers(module) if self.merge_lora else []
         module.eval()
         if checkpointing:
             module.gradient_checkpointing_disable()
         try:
-            with gathered_params(module):
-                if merged:
-                    module.merge_adapter()
+            with gathered_params(module), zero3_hooks_off(self.actor):
+                # Merging then unmerging is not exact in floating point: keep the originals.
+                originals = [layer.base_layer.weight.detach().clone() for layer in lora_layers]
+                for layer in lora_layers:
+                    layer.merge()
                 try:
                     yield module
                 finally:
-                    if merged:
-                        module.unmerge_adapter()
+                    with torch.no_grad():
+                        for layer, weight in zip(lora_layers, originals):
+                            layer.unmerge()
+                            layer.base_layer.weight.copy_(weight)
+                    del originals
         finally:
             if checkpointing:
                 module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             module.train(was_training)
+            gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    def sampling_kwargs(self, do_sample: bool) -> dict:
+        g = self.gen
+        kwargs = {"do_sample": do_sample, "max_new_tokens": g.max_new_tokens, "use_cache": True,
+                  "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id}
+        if do_sample:
+            kwargs.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)  # top_k 0 = off
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs  # no min_new_tokens: an answer may end at once (DeepSpeed-Chat forced a minimum)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, do_sample: bool = True) -> torch.Tensor:
         """Prompts (B, Lp), left-padded -> prompt + answer (B, Lp + T); rows that ended early are padded."""
-        g = self.gen
+        self.calls += 1
+        kwargs = self.sampling_kwargs(do_sample)
+        if self.gen.backend == "deepspeed":
+            engine = self.actor  # DeepSpeedHybridEngine: switches layouts (and fuses LoRA) itself
+            engine.eval()
+            try:
+                return engine.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            finally:
+                engine.train()
         with self.generation_layout() as module:
-            return module.generate(
-                input_ids=input_ids, attention_mask=attention_mask, do_sample=do_sample,
-                temperature=g.temperature if do_sample else None, top_p=g.top_p if do_sample else None,
-                top_k=g.top_k if do_sample else None, max_new_tokens=g.max_new_tokens,  # top_k 0 = off
-                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, use_cache=True,
-            )
+            return module.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+

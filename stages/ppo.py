@@ -3,7 +3,8 @@ from rm/final, the frozen reference is a copy of the starting actor.
 
 Each step: generate answers for `generation_batches` prompt batches, score them (actor and
 reference log-probs, critic values, reward), then `ppo_epochs` passes of PPO updates over
-minibatches of `per_device_training_batch_size`, with an optional PTX step after each update.
+minibatches of `per_device_training_batch_size`; after each update an optional PTX step
+(data_blend.ptx_path set and unsup_coef > 0) and the EMA update (ema_beta set).
 
 Reads: sft/final, rm/final, data_blend (the ppo slice; ptx_path for mixed training), stage.ppo.
 Writes: ppo/final/{actor,critic,actor_ema} (Hugging Face format), ppo/metrics.jsonl, ppo/checkpoints/.
@@ -37,6 +38,33 @@ def minibatches(exp: dict, size: int):
         yield {k: (v[start: start + size] if torch.is_tensor(v) else v) for k, v in exp.items()}
 
 
+def endless_batches(data, micro_batch: int, collate, seed: int, start: int = 0):
+    """Micro-batches of `data` epoch after epoch (a new seeded shuffle each), from batch `start` on:
+    the PTX stream, resumable from the number of batches already used."""
+    per_epoch = len(data) // (micro_batch * world_size())
+    if per_epoch == 0:
+        raise ValueError(f"data_blend.ptx_path: {len(data)} text blocks are fewer than one PTX batch of "
+                         f"{micro_batch} x {world_size()} ranks; give more text or lower stage.ppo.per_device_training_batch_size")
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        yield from epoch_batches(data, micro_batch, collate, seed, epoch, skip)
+        epoch, skip = epoch + 1, 0
+
+
+def throughput_line(step: int, n_steps: int, c: dict, step_s: float, training_s: float, samples: int, seq_len: int) -> str:
+    """DeepSpeed-Chat's three throughput lines in one; TFLOPs count the four experience forwards too."""
+    tera = 1e12
+    total = c.get("generation_flops", 0) + c.get("experience_flops", 0) + c.get("training_flops", 0)
+    gen_s, exp_s = c.get("generation_s", 0.0), c.get("experience_s", 0.0)
+    per_token_ms = 1e3 * gen_s / max(c.get("generated_positions", 0) / max(c.get("sequences", 1), 1), 1)
+    return (f"[ppo] step {step}/{n_steps} | End-to-End {step_s:.3f} s, {total / tera / step_s:.4g} TFLOPs, "
+            f"{samples / step_s:.3g} samples/s, seq length {seq_len} | Generation {gen_s:.3f} s "
+            f"({100 * gen_s / step_s:.0f}%), {per_token_ms:.2f} ms/token, "
+            f"{c.get('generation_flops', 0) / tera / max(gen_s, 1e-9):.4g} TFLOPs | Experience forwards {exp_s:.3f} s, "
+            f"{c.get('experience_flops', 0) / tera / max(exp_s, 1e-9):.4g} TFLOPs | Training {training_s:.3f} s, "
+            f"{c.get('training_flops', 0) / tera / max(training_s, 1e-9):.4g} TFLOPs")
+
+
 def run(cfg: RunConfig, ctx: StageContext) -> dict:
     p = cfg.stage.ppo
     out = cfg.stage_dir("ppo")
@@ -48,15 +76,17 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     if ctx.is_main:
         print(data.summary("ppo"), flush=True)
     prompts_of = partial(collate_prompts, pad_id=tokenizer.pad_token_id)
-    ptx = load_ptx_data(cfg, tokenizer, cfg.data_blend.max_prompt_len + cfg.data_blend.max_answer_len) \
-        if cfg.data_blend.ptx_path else None
+    use_ptx = bool(cfg.data_blend.ptx_path) and p.unsup_coef > 0
+    ptx = load_ptx_data(cfg, tokenizer, cfg.data_blend.max_prompt_len + cfg.data_blend.max_answer_len) if use_ptx else None
+    collate_ptx = partial(collate_text, pad_id=tokenizer.pad_token_id)
 
     # ---- the four models
     prompts_per_step = p.per_device_generation_batch_size * p.generation_batches
     n_steps = total_steps(len(data.train), p.per_device_generation_batch_size, p.generation_batches,
                           p.num_train_epochs, p.max_steps, "stage.ppo")
     per_epoch = len(data.train) // (prompts_per_step * world_size())
-    updates_per_step = p.ppo_epochs * (prompts_per_step // p.per_device_training_batch_size) * (2 if ptx else 1)
+    minibatches_per_step = p.ppo_epochs * (prompts_per_step // p.per_device_training_batch_size)
+    updates_per_step = minibatches_per_step * (2 if ptx is not None else 1)  # actor optimizer steps (PTX has its own)
     engine = RLHFEngine(actor_model_name_or_path=ctx.inputs["sft"], critic_model_name_or_path=ctx.inputs["rm"],
                         tokenizer=tokenizer, num_total_iters=n_steps * updates_per_step, args=cfg)
     trainer = PPOTrainer(engine=engine, args=cfg)
@@ -78,44 +108,49 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     # ---- train
     logger.begin(n_steps, step)
     guard = NonFiniteGuard()
-    ptx_batches = None
+    ptx_batches = endless_batches(ptx, p.per_device_training_batch_size, collate_ptx, cfg.run.seed + 1,
+                                  start=step * minibatches_per_step) if ptx is not None else None
     epoch = step // per_epoch
     while step < n_steps:
         skip = (step - epoch * per_epoch) * p.generation_batches
         prompt_batches = epoch_batches(data.train, p.per_device_generation_batch_size, prompts_of, cfg.run.seed, epoch, skip)
-        if ptx is not None:
-            ptx_batches = epoch_batches(ptx, p.per_device_training_batch_size, partial(collate_text, pad_id=tokenizer.pad_token_id),
-                                        cfg.run.seed + 1, step, 0)
         for group in iter(lambda: list(itertools.islice(prompt_batches, p.generation_batches)), []):
             if len(group) < p.generation_batches:
                 break
             t0 = time.time()
             experiences = [trainer.generate_experience(batch) for batch in group]
-            t_generation = time.time() - t0
-            stats, losses = [], []
+            t_experience = time.time() - t0
+            stats, losses, ptx_losses = [], [], []
             for _ in range(p.ppo_epochs):
                 for exp in experiences:
                     for mb in minibatches(exp, p.per_device_training_batch_size):
                         a_loss, c_loss = trainer.train_rlhf(mb)
+                        ptx_batch = next(ptx_batches) if ptx_batches is not None else None  # drawn even when skipped
                         if not (guard.ok(a_loss, f"ppo step {step} actor") and guard.ok(c_loss, f"ppo step {step} critic")):
                             continue
                         stats.append(trainer.last_stats)
                         losses.append((float(a_loss), float(c_loss)))
-                        if ptx_batches is not None:
-                            batch = next(ptx_batches, None)
-                            if batch is not None:
-                                losses[-1] += (float(trainer.train_unsupervised(batch)),)
+                        if ptx_batch is not None:
+                            ptx_losses.append(float(trainer.train_unsupervised(ptx_batch)))
+                        trainer.update_ema()
             t_total = time.time() - t0
             step += 1
             mean = {k: sum(s[k] for s in stats) / max(len(stats), 1) for k in STAT_KEYS}
             trainer.update_kl_controller(mean["kl"], prompts_per_step * world_size())
-            extra = {"ptx_loss": sum(l[2] for l in losses) / len(losses)} if ptx_batches is not None and losses and len(losses[0]) > 2 else {}
+            counters = trainer.pop_counters()
+            samples = prompts_per_step * world_size()
+            flops = counters.get("generation_flops", 0) + counters.get("experience_flops", 0) + counters.get("training_flops", 0)
+            extra = {"ptx_loss": sum(ptx_losses) / len(ptx_losses)} if ptx_losses else {}
             logger.log(step, "train", **mean,
                        actor_loss=sum(l[0] for l in losses) / max(len(losses), 1),
                        critic_loss=sum(l[1] for l in losses) / max(len(losses), 1),
                        kl_coef=trainer.kl_ctl.value, **extra,
-                       generation_s=t_generation, training_s=t_total - t_generation, step_s=t_total,
-                       samples_per_s=prompts_per_step * world_size() / t_total)
+                       generation_s=counters.get("generation_s", 0.0), experience_s=counters.get("experience_s", 0.0),
+                       training_s=t_total - t_experience, step_s=t_total, samples_per_s=samples / t_total,
+                       tflops=flops * world_size() / 1e12 / t_total)
+            if ctx.is_main:
+                print(throughput_line(step, n_steps, counters, t_total, t_total - t_experience, samples,
+                                      experiences[0]["seq"].shape[1]), flush=True)
             if checkpointer.due(step) or stop_requested():
                 checkpointer.save(step, engines, {"epoch": epoch, "kl_ctl": trainer.kl_ctl.state_dict(),
                                                   "reward_moments": trainer.reward_moments.state_dict()}, modules)
