@@ -55,7 +55,7 @@ def answer_mask(answer_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 def last_index(mask: torch.Tensor) -> torch.Tensor:
     """Index of the last 1 in each row of mask (B, T) -> (B,); 0 for an all-zero row."""
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return (positions * mask).max(dim=1).values
+    return (positions * mask.long()).max(dim=1).values
 
 
 def kl_penalized_rewards(

@@ -19,6 +19,7 @@ from pipeline.engine import init_distributed, rank
 from pipeline.models import load_tokenizer
 from pipeline.planner import plan_run
 from pipeline.resume import install_signal_handlers
+from pipeline.tracking import finish_loggers
 from pipeline.training import StageContext
 
 # What shapes each stage's result; a stage's hash also covers the stages it reads from.
@@ -103,6 +104,14 @@ def run_pipeline(cfg: RunConfig) -> dict[str, dict]:
     if is_main:
         write_json_atomic(out / "results.json", results)
         print(summary(cfg, results), flush=True)
+        try:  # the report must never fail a finished run
+            from pipeline.report import build_report
+
+            print(f"report: {build_report(out)}", flush=True)
+        except Exception as err:  # noqa: BLE001
+            print(f"warning: report.md not written ({type(err).__name__}: {err}); "
+                  f"retry with: python -m pipeline.report {out}", flush=True)
+    finish_loggers()  # close this run's wandb run / tensorboard writers (a sweep runs many in one process)
     return results
 
 

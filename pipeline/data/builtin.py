@@ -1,9 +1,9 @@
 """The built-in preference task and tokenizer: no download, deterministic for a seed.
 
 Each record asks about one fact of a small made-up world ("what color is the frog ?").
-The chosen answer states the fact; the rejected one is objectively worse in one of four
+The chosen answer states the fact; the rejected one is objectively worse in one of six
 ways: off-topic (another subject and kind of fact), a wrong fact, the wrong kind of fact
-for the right subject, or garbled words. A
+for the right subject, garbled words, cut off mid-sentence, or rambling on after the answer. A
 2-layer model learns to tell them apart in a minute, so every stage shows learning:
 SFT loss drops, the reward model ranks held-out pairs correctly, and PPO raises the reward
 of sampled answers.
@@ -22,7 +22,7 @@ QUESTIONS = {
     "place": ["where does the {s} live ?", "where can i find the {s} ?", "what is the home of the {s} ?"],
 }
 ANSWERS = {"color": "the {s} is {v} .", "place": "the {s} lives in the {v} ."}
-REJECTION_KINDS = ("off_topic", "wrong_fact", "wrong_relation", "garbled")
+REJECTION_KINDS = ("off_topic", "wrong_fact", "wrong_relation", "garbled", "truncated", "rambling")
 
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 # Words of the chat format and of the chat CLI's greeting, so formatted prompts have no <unk>.
@@ -62,6 +62,12 @@ def generate_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
         elif kind == "wrong_relation":
             other_relation = "place" if relation == "color" else "color"
             rejected = ANSWERS[other_relation].format(s=subject, v=facts[subject][other_relation])
+        elif kind == "truncated":  # stops mid-sentence
+            words = chosen.split()
+            rejected = " ".join(words[: rng.randint(1, len(words) - 2)])
+        elif kind == "rambling":  # the right answer, then an unasked-for sentence
+            other = rng.choice([s for s in SUBJECTS if s != subject])
+            rejected = chosen + " " + ANSWERS[relation].format(s=other, v=facts[other][relation])
         else:
             words = chosen.split()
             rng.shuffle(words)

@@ -442,7 +442,9 @@ def read_source(spec: DatasetSpec, seed: int, key: str = "data_blend.datasets[0]
             raise DataError(f"{key}.name={spec.name}: unknown dataset; known: builtin, local, "
                             f"{', '.join(sorted(k for k in ADAPTERS if k != 'local'))} "
                             f"(or set {key}.path to read a local file with {key}.fields)")
-    for pool, where, row in iter_rows(spec, key):
+    from pipeline.tracking import progress
+
+    for pool, where, row in progress(iter_rows(spec, key), desc=f"reading {spec.name}", unit=" rows"):
         out.read += 1
         result = adapter(row, where, spec, key)
         if isinstance(result, str):

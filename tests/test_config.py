@@ -1,0 +1,119 @@
+"""Every config file composes into a valid RunConfig; bad values fail naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import ROOT, run_cli
+from pipeline.catalog import CATALOG, UnknownModelError, resolve_model
+from pipeline.cli import resolve_hardware
+from pipeline.config import ConfigError, load_config, register_resolvers
+
+CONF = ROOT / "conf"
+APPENDED = {"deployment", "experiment"}  # groups outside the defaults list: added with "+"
+
+
+def conf_files() -> list[tuple[str, str]]:
+    out = []
+    for path in sorted(CONF.rglob("*.yaml")):
+        group = str(path.parent.relative_to(CONF))
+        if group != ".":
+            out.append((group, path.stem))
+    return out
+
+
+def compose_with(*overrides: str, hydra: bool = False):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def test_conf_has_every_group():
+    groups = {g for g, _ in conf_files()}
+    assert {"model", "data_blend", "stage", "hardware", "deployment", "experiment"} <= groups
+
+
+@pytest.mark.parametrize("group,name", conf_files(), ids=lambda x: str(x))
+def test_every_config_file_composes_and_validates(group, name):
+    if group.startswith("hydra/"):
+        cfg = compose_with(f"{group}={name}", hydra=True)
+        assert cfg.hydra.launcher is not None
+        return
+    prefix = "+" if group in APPENDED else ""
+    cfg = compose_with(f"{prefix}{group}={name}")
+    run_cfg = load_config(resolve_hardware(cfg))
+    assert run_cfg.stage.ppo.kl_ctl >= 0 and run_cfg.output_dir.parts
+
+
+def test_default_is_deepspeed_chat_pair_and_constants():
+    cfg = load_config(compose_with("hardware=cpu"))
+    assert cfg.model.actor_source == "facebook/opt-1.3b" and cfg.model.reward_source == "facebook/opt-350m"
+    p = cfg.stage.ppo
+    assert (p.kl_ctl, p.clip_reward_value, p.cliprange, p.cliprange_value, p.gamma, p.lam) == (0.1, 5.0, 0.2, 0.2, 1.0, 0.95)
+    assert cfg.run.stages == ["sft", "rm", "ppo"]
+
+
+def test_promised_multi_node_command_resolves_actor():
+    proc = run_cli("+deployment=multi_node", "model.actor=opt-66b", "--cfg", "job", "--resolve")
+    assert proc.returncode == 0, proc.stderr
+    printed = OmegaConf.create(proc.stdout)
+    assert printed.model.actor_source == "facebook/opt-66b"
+    assert printed.deployment.name == "multi_node"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("stage.ppo.per_device_training_batch_size=7", "stage.ppo.per_device_training_batch_size=7"),
+    ("stage.ppo.cliprange=-1", "stage.ppo.cliprange=-1.0 must be > 0"),
+    ("run.stages=[sft,dpo]", "run.stages"),
+    ("data_blend.split='1,2'", "data_blend.split"),
+    ("model.actor=gpt-17", "model.actor=gpt-17"),
+    ("stage.sft.strategy.zero_stage=4", "stage.sft.strategy.zero_stage=4"),
+    ("stage.ppo.generation.top_p=1.5", "stage.ppo.generation.top_p"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load_config(compose_with("hardware=cpu", override))
+
+
+def test_unknown_key_and_wrong_type_fail_at_the_command_line():
+    proc = run_cli("stage.ppo.clip_range=0.3", "--cfg", "job")
+    assert proc.returncode != 0 and "clip_range" in proc.stderr
+    proc = run_cli("stage.ppo.cliprange=abc", "--cfg", "job")
+    assert proc.returncode != 0 and "stage.ppo.cliprange" in proc.stderr
+
+
+def test_fp16_on_cpu_is_refused():
+    with pytest.raises(ConfigError, match="run.dtype=fp16"):
+        load_config(compose_with("hardware=cpu", "run.dtype=fp16"))
+
+
+def test_catalog_sizes_without_download():
+    expected = {"opt-125m": 125.2e6, "opt-350m": 331.2e6, "opt-1.3b": 1315.8e6, "opt-13b": 12853e6,
+                "opt-66b": 65.7e9, "llama-2-7b": 6.738e9, "llama-2-70b": 68.98e9}
+    for name, params in expected.items():
+        assert resolve_model(name).num_params() == pytest.approx(params, rel=0.01), name
+    assert resolve_model("facebook/opt-1.3b").hidden_size == 2048
+    assert len([n for n in CATALOG if n.startswith(("opt-", "llama-2-"))]) == 12
+    with pytest.raises(UnknownModelError, match="gpt-17"):
+        resolve_model("gpt-17")
+
+
+def test_local_folder_is_sized_from_its_config(tmp_path: Path):
+    from transformers import OPTConfig
+
+    OPTConfig(hidden_size=32, num_hidden_layers=3, ffn_dim=64, num_attention_heads=2, vocab_size=100,
+              word_embed_proj_dim=32).save_pretrained(tmp_path)
+    spec = resolve_model(str(tmp_path))
+    assert (spec.num_layers, spec.hidden_size, spec.vocab_size, spec.family) == (3, 32, 100, "opt")
+
+
+def test_default_model_missing_offline_fails_fast_with_one_line(tmp_path: Path):
+    proc = run_cli(f"run.output_dir={tmp_path}/run", "hardware=cpu",
+                   env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, timeout=120)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "facebook/opt-1.3b" in last and "+experiment=demo" in last
