@@ -91,6 +91,10 @@ class RLHFEngine:
         reward_path = reward_model_name_or_path or critic_model_name_or_path
         self.reward = inference_engine(args, RewardModel.from_pretrained(reward_path, args.dtype, None, trust), p.critic_strategy)
         self.sizes = {name: model_size(getattr(self, name)) for name in ("actor", "ref", "critic", "reward")}
+        # Training layout (from_pretrained returns eval mode): dropout as configured, and gradient
+        # checkpointing, which transformers applies only in train mode.
+        self.actor.train()
+        self.critic.train()
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,306 @@
+"""PPO in full on CPU with tiny models: ZeRO 0-3, LoRA, EMA, PTX, the rollout engine, throughput.
+
+One tiny SFT + RM run is made once per session; each PPO variant runs in a copy of it
+(`run.stages=[ppo]`), so only stage.ppo.* differs between variants. Tolerances, CPU fp32:
+  ZeRO-2 vs ZeRO-3 (and 0, 1) losses per step: rtol 1e-4, atol 1e-6
+  EMA vs the hand-computed average: atol 1e-6
+  ZeRO-3 rollout vs the gathered plain model, greedy: identical tokens
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import GenerationSection, load_config
+from pipeline.runner import run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+PTX_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-6
+EMA_ATOL = 1e-6
+STEP_KEYS = ("reward", "kl", "entropy", "clip_frac", "approx_kl", "value_error", "answer_length", "actor_loss",
+             "critic_loss", "kl_coef", "generation_s", "experience_s", "training_s", "samples_per_s", "tflops")
+
+
+def merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+    return out
+
+
+BASE = {
+    "run": {"name": "tiny", "dtype": "fp32", "log_interval": 1, "seed": 1234},
+    "model": {"actor": "tiny-opt", "reward": "tiny-opt", "tokenizer": "builtin"},
+    "data_blend": {"name": "builtin", "datasets": [{"name": "builtin", "max_records": 400}], "split": "2,4,4",
+                   "max_prompt_len": 32, "max_answer_len": 24,
+                   "ptx_path": str(PTX_TEXT) if PTX_TEXT.is_file() else None, "ptx_max_blocks": 64},
+    "hardware": {"name": "cpu", "device": "cpu"},
+    "stage": {
+        "sft": {"per_device_train_batch_size": 8, "max_steps": 3, "optim": {"learning_rate": 2e-3}},
+        "rm": {"per_device_train_batch_size": 8, "max_steps": 3, "optim": {"learning_rate": 1e-3}},
+        # unsup_coef 0 = no PTX (data_blend.ptx_path is set for every variant: it is part of the SFT/RM hash)
+        "ppo": {"per_device_generation_batch_size": 4, "per_device_training_batch_size": 4, "max_steps": 2,
+                "unsup_coef": 0.0, "generation": {"max_new_tokens": 8},
+                "actor_optim": {"learning_rate": 1e-3, "num_warmup_steps": 0},
+                "critic_optim": {"learning_rate": 1e-3, "num_warmup_steps": 0}},
+    },
+}
+
+
+def config(out: Path, stages: list[str], **ppo) -> dict:
+    return merge(BASE, {"run": {"output_dir": str(out), "stages": stages}, "stage": {"ppo": ppo}})
+
+
+def zero(stage: int, **extra) -> dict:
+    return {"actor_strategy": {"zero_stage": stage, **extra}, "critic_strategy": {"zero_stage": stage, **extra}}
+
+
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory) -> Path:
+    """SFT and RM, tiny, once per session."""
+    out = tmp_path_factory.mktemp("ppo_base") / "run"
+    run_pipeline(load_config(config(out, ["sft", "rm"])))
+    return out
+
+
+_RUNS: dict[str, tuple[dict, list[dict], Path]] = {}
+
+
+def run_ppo(base_run: Path, tmp_root: Path, name: str, **ppo) -> tuple[dict, list[dict], Path]:
+    """PPO alone in a copy of the base run; (result, train metrics rows, ppo dir). Cached by name."""
+    if name not in _RUNS:
+        out = tmp_root / name
+        shutil.copytree(base_run, out)
+        result = run_pipeline(load_config(config(out, ["ppo"], **ppo)))["ppo"]
+        rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+        _RUNS[name] = (result, [r for r in rows if r["split"] == "train"], out / "ppo")
+    return _RUNS[name]
+
+
+@pytest.fixture(scope="session")
+def ppo_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ppo_runs")
+
+
+def check_outputs(base_run: Path, ppo_dir: Path, rows: list[dict], steps: int) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.models import RewardModel
+
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for row in rows:
+        for key in STEP_KEYS:
+            assert math.isfinite(row[key]), (key, row)
+        assert row["tflops"] > 0 and row["answer_length"] >= 1
+    actor = load_file(ppo_dir / "final" / "actor" / "model.safetensors")
+    start = load_file(base_run / "sft" / "final" / "model.safetensors")
+    assert not [k for k in actor if "lora" in k or "base_layer" in k]  # adapters merged on save
+    assert set(actor) == set(start)
+    assert max(float((actor[k] - start[k]).abs().max()) for k in actor) > 0  # it trained
+    AutoModelForCausalLM.from_pretrained(ppo_dir / "final" / "actor")
+    RewardModel.from_pretrained(ppo_dir / "final" / "critic")
+
+
+# ---------------------------------------------------------------------- ZeRO stages, LoRA, mixed features
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_ppo_zero_stage(base_run, ppo_root, stage):
+    _, rows, ppo_dir = run_ppo(base_run, ppo_root, f"zero{stage}", **zero(stage))
+    check_outputs(base_run, ppo_dir, rows, 2)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_ppo_lora(base_run, ppo_root, stage):
+    lora = {"dim": 4, "target_modules": ["q_proj", "v_proj", "fc1"], "learning_rate": 1e-3, "only_optimize_lora": True}
+    _, rows, ppo_dir = run_ppo(base_run, ppo_root, f"lora{stage}", **zero(stage), actor_lora=lora, critic_lora=lora,
+                               actor_optim={"learning_rate": 1e-3, "num_warmup_steps": 0})
+    check_outputs(base_run, ppo_dir, rows, 2)
+
+
+def test_zero2_equals_zero3(base_run, ppo_root):
+    """Same seed, same data: ZeRO-2 and ZeRO-3 give the same losses (rtol 1e-4, CPU fp32)."""
+    _, rows2, _ = run_ppo(base_run, ppo_root, "zero2", **zero(2))
+    _, rows3, _ = run_ppo(base_run, ppo_root, "zero3", **zero(3))
+    for r2, r3 in zip(rows2, rows3, strict=True):
+        for key in ("actor_loss", "critic_loss", "reward", "kl", "value_error", "answer_length"):
+            assert r2[key] == pytest.approx(r3[key], rel=LOSS_RTOL, abs=LOSS_ATOL), (key, r2[key], r3[key])
+
+
+@pytest.mark.skipif(not PTX_TEXT.is_file(), reason=f"{PTX_TEXT} is not here")
+def test_ppo_ema_ptx_adaptive_kl(base_run, ppo_root, capsys):
+    """EMA + PTX (tinyshakespeare) + adaptive KL + reward normalisation + advantage whitening, ZeRO-2."""
+    _, rows, ppo_dir = run_ppo(base_run, ppo_root, "mixed", **zero(2), ema_beta=0.992, unsup_coef=1.0,
+                               kl_target=0.01, kl_horizon=100, normalize_reward=True, whiten_advantages=True, max_steps=3)
+    check_outputs(base_run, ppo_dir, rows, 3)
+    assert all(math.isfinite(r["ptx_loss"]) and r["ptx_loss"] > 0 for r in rows)
+    assert rows[-1]["kl_coef"] != pytest.approx(0.1, abs=1e-9)  # the adaptive controller moved it from kl_ctl
+    from safetensors.torch import load_file
+
+    ema = load_file(ppo_dir / "final" / "actor_ema" / "model.safetensors")
+    actor = load_file(ppo_dir / "final" / "actor" / "model.safetensors")
+    start = load_file(ppo_dir.parent / "sft" / "final" / "model.safetensors")
+    # beta 0.992 over 3 updates: the EMA moved from the start, far less than the actor did
+    moved = max(float((ema[k] - start[k]).abs().max()) for k in ema)
+    assert 0 < moved < max(float((actor[k] - start[k]).abs().max()) for k in actor)
+    out = capsys.readouterr().out
+    assert "End-to-End" in out and "Experience forwards" in out and "TFLOPs" in out
+
+
+# ---------------------------------------------------------------------- API level: rollout engine, EMA
+
+
+def make_engine(base_run: Path, tmp_path: Path, **ppo):
+    from pipeline.engine import init_distributed
+    from pipeline.models import load_tokenizer
+    from pipeline.rlhf import PPOTrainer, RLHFEngine
+
+    cfg = load_config(config(tmp_path / "api", ["ppo"], **ppo))
+    init_distributed(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer_source, base_run)
+    torch.manual_seed(0)
+    engine = RLHFEngine(actor_model_name_or_path=base_run / "sft" / "final", critic_model_name_or_path=base_run / "rm" / "final",
+                        tokenizer=tokenizer, num_total_iters=10, args=cfg)
+    return cfg, engine, PPOTrainer(engine=engine, args=cfg)
+
+
+def prompts(base_run: Path, cfg, tokenizer, n: int = 4) -> dict:
+    from pipeline.data import load_stage_data
+    from pipeline.data.collate import collate_prompts
+
+    cfg = copy.deepcopy(cfg)
+    cfg.run.output_dir = str(base_run)  # its data cache
+    data = load_stage_data(cfg, "ppo", tokenizer)
+    return collate_prompts([data.train[i] for i in range(n)], tokenizer.pad_token_id)
+
+
+def gathered_copy(engine_module, base_run: Path, tokenizer):
+    """A plain (unsharded) model holding the ZeRO-3 actor's current weights."""
+    from pipeline.engine import gathered_params
+    from pipeline.models import load_causal_lm
+
+    plain = load_causal_lm(str(base_run / "sft" / "final"), tokenizer).eval()
+    with torch.no_grad(), gathered_params(engine_module):
+        for dst, src in zip(plain.parameters(), engine_module.parameters(), strict=True):
+            dst.copy_(src.detach())
+    return plain
+
+
+def snapshot(module) -> list[torch.Tensor]:
+    from pipeline.engine import gathered_params
+
+    with gathered_params(module):
+        return [p.detach().clone() for p in module.parameters()]
+
+
+def test_zero3_rollout_and_ema(base_run, tmp_path, monkeypatch):
+    """Under ZeRO-3: greedy rollout tokens equal the gathered plain model's; ZeRO-3 hooks are
+    off while generating (no per-module fetch, so nothing per token);
+    after two PPO updates the EMA equals beta^2 a0 + beta (1 - beta) a1 + (1 - beta) a2."""
+    from pipeline.engine import unwrap
+
+    beta = 0.9
+    cfg, engine, trainer = make_engine(base_run, tmp_path, **zero(3), ema_beta=beta)
+    actor = unwrap(engine.actor)
+    batch = prompts(base_run, cfg, engine.tokenizer)
+    history = [snapshot(actor)]
+    for _ in range(2):
+        exp = trainer.generate_experience(batch)
+        trainer.train_rlhf(exp)
+        trainer.update_ema()
+        history.append(snapshot(actor))
+    a0, a1, a2 = history
+    for ema_param, p0, p1, p2 in zip(engine.ema.parameters(), a0, a1, a2, strict=True):
+        expected = beta**2 * p0 + beta * (1 - beta) * p1 + (1 - beta) * p2
+        torch.testing.assert_close(ema_param, expected, atol=EMA_ATOL, rtol=0)
+    assert any(not torch.equal(p0, p2) for p0, p2 in zip(a0, a2))
+
+    plain = gathered_copy(actor, base_run, engine.tokenizer)
+    kwargs = trainer.rollout.sampling_kwargs(do_sample=False)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    expected = plain.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    got = trainer.rollout.generate(ids, mask, do_sample=False)
+    assert torch.equal(got, expected)
+    assert actor.training  # back in the training layout
+
+    # ZeRO-3's per-module fetch hook would run for every module at every token (28 per token here);
+    # the rollout engine gathers once and takes the hooks off, so it must not run at all.
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    fetches = []
+    real = PartitionedParameterCoordinator.fetch_sub_module
+
+    def counting(self, *args, **kw):
+        fetches.append(1)
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(PartitionedParameterCoordinator, "fetch_sub_module", counting)
+    for tokens in (2, 8):
+        trainer.rollout.gen.max_new_tokens = tokens
+        trainer.rollout.generate(ids, mask, do_sample=False)
+    assert not fetches, f"{len(fetches)} per-module ZeRO-3 fetches during generation"
+
+    exp = trainer.generate_experience(batch)  # hooks restored: training still works
+    a_loss, c_loss = trainer.train_rlhf(exp)
+    assert torch.isfinite(a_loss) and torch.isfinite(c_loss)
+
+
+def test_zero3_lora_merge_for_generation(base_run, tmp_path):
+    """LoRA merged for generation gives the same greedy tokens as unmerged, and the weights are
+    restored exactly afterwards."""
+    from pipeline.engine import unwrap
+    from pipeline.rollout import RolloutEngine
+
+    lora = {"dim": 4, "target_modules": ["q_proj", "v_proj"], "learning_rate": 1e-2}
+    cfg, engine, trainer = make_engine(base_run, tmp_path, **zero(3), actor_lora=lora)
+    batch = prompts(base_run, cfg, engine.tokenizer)
+    trainer.train_rlhf(trainer.generate_experience(batch))  # LoRA B is no longer zero
+    actor = unwrap(engine.actor)
+    before = snapshot(actor)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    unmerged = RolloutEngine(engine.actor, engine.tokenizer, cfg.stage.ppo.generation, merge_lora=False)
+    merged = RolloutEngine(engine.actor, engine.tokenizer, cfg.stage.ppo.generation, merge_lora=True)
+    assert torch.equal(unmerged.generate(ids, mask, do_sample=False), merged.generate(ids, mask, do_sample=False))
+    for b, a in zip(before, snapshot(actor), strict=True):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------- clear errors
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
+def test_deepspeed_backend_needs_cuda():
+    from pipeline.config import ConfigError
+    from pipeline.rollout import BackendUnavailable, check_backend
+
+    with pytest.raises(BackendUnavailable, match=r"stage\.ppo\.generation\.backend=deepspeed needs CUDA"):
+        check_backend(GenerationSection(backend="deepspeed"))
+    with pytest.raises(ConfigError, match=r"stage\.ppo\.generation\.backend=deepspeed"):
+        load_config(config(Path("/tmp/unused"), ["ppo"], generation={"backend": "deepspeed"}))
+
+
+def test_offload_needs_zero():
+    from pipeline.config import LoRASection, OptimSection, StrategySection
+    from pipeline.engine import OffloadUnavailable, make_optimizer
+
+    cfg = load_config(config(Path("/tmp/unused"), ["ppo"]))
+    with pytest.raises(OffloadUnavailable, match=r"stage\.ppo\.actor_strategy\.offload=true needs stage\.ppo\.actor_strategy\.zero_stage"):
+        make_optimizer(cfg, torch.nn.Linear(2, 2), OptimSection(), LoRASection(), StrategySection(zero_stage=0, offload=True),
+                       key="stage.ppo.actor_strategy")
+
+
+@pytest.mark.slow
+def test_ppo_cpu_offload(base_run, ppo_root):
+    """ZeRO-2 and ZeRO-3 with CPU offload (DeepSpeedCPUAdam; its op is JIT-built once, minutes)."""
+    for stage in (2, 3):
+        _, rows, ppo_dir = run_ppo(base_run, ppo_root, f"offload{stage}", **zero(stage, offload=True), ema_beta=0.99)
+        check_outputs(base_run, ppo_dir, rows, 2)
