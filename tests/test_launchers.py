@@ -279,3 +279,61 @@ def test_checkpoints_written_and_final_models_reload(two_rank_run):
     for path in (out / "sft" / "final", out / "ppo" / "final" / "actor"):
         model = AutoModelForCausalLM.from_pretrained(path)
         assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- multirun and stop signals
+
+
+def clean_env() -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", RELAUNCHED_ENV):
+        env.pop(var, None)
+    return env
+
+
+def test_local_multirun_gives_each_job_its_own_run_folder(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "-m", f"hydra.sweep.dir={sweep}", *SMALL,
+                           "stage.sft.max_steps=2", "stage.rm.max_steps=2", "stage.ppo.max_steps=1",
+                           "stage.ppo.actor_optim.learning_rate=1e-4,2e-4"],
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for num, lr in ((0, 1e-4), (1, 2e-4)):
+        run = sweep / str(num)
+        assert f"== run {run} ==" in proc.stdout
+        assert OmegaConf.load(run / "config.yaml").stage.ppo.actor_optim.learning_rate == pytest.approx(lr)
+        assert (run / "ppo" / "manifest.json").exists() and (run / "ppo" / "final" / "actor" / "config.json").exists()
+
+
+def test_sigusr1_to_a_relaunched_run_checkpoints_every_rank_and_the_same_command_resumes(tmp_path: Path):
+    import signal
+    import time
+
+    from pipeline.models import load_tokenizer, materialize
+
+    out = tmp_path / "run"
+    materialize("tiny-opt", out, len(load_tokenizer("builtin", out)), 1234)  # see two_rank_run
+    cmd = [sys.executable, "-m", "pipeline", *SMALL, "+deployment=single_node", "deployment.procs_per_node=2",
+           f"run.output_dir={out}", "stage.sft.max_steps=100", "stage.sft.num_train_epochs=100",
+           "stage.sft.checkpoint.every_steps=0", "stage.rm.max_steps=1", "stage.ppo.max_steps=1"]
+    parent = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        metrics = out / "sft" / "metrics.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
+            assert parent.poll() is None, parent.stdout.read()[-3000:]
+            time.sleep(0.25)
+        parent.send_signal(signal.SIGUSR1)  # what SLURM sends before the time limit
+        log, _ = parent.communicate(timeout=300)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == 75, log[-3000:]
+    assert "asking the ranks to checkpoint and stop" in log and log.count("checkpoint saved; exiting") == 2
+    (checkpoint,) = (out / "sft" / "checkpoints").glob("step_*")
+    stopped_at = int(checkpoint.name.split("_")[1])
+    assert 1 <= stopped_at < 100
+    again = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"[sft] resumed from {checkpoint} at step {stopped_at}" in again.stdout
+    assert json.loads((out / "results.json").read_text())["sft"]["steps"] == 100
