@@ -122,6 +122,7 @@ def test_requeue_only_from_the_first_task_of_a_slurm_job():
 
 
 def test_hydra_slurm_launcher_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[slurm]'")
     from hydra import compose, initialize_config_dir
 
     from pipeline.config import register_resolvers as register_pipeline_resolvers

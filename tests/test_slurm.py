@@ -19,6 +19,7 @@ import pytest
 from omegaconf import OmegaConf
 
 pytestmark = pytest.mark.slurm
+pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[slurm]' (hydra-submitit-launcher)")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "slurm_cluster.sh"
