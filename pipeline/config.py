@@ -157,6 +157,8 @@ class GenerationSection:
     top_k: int = 0
     # hf (any model, CPU and GPU) or deepspeed (DeepSpeed's hybrid engine, CUDA only).
     backend: str = "hf"
+    # Fold LoRA adapters into the actor's weights while generating (exact originals restored after).
+    merge_lora: bool = False
 
 
 @dataclass
@@ -275,12 +277,18 @@ class RunConfig:
     def tokenizer_source(self) -> str:
         return self.model.tokenizer or self.model.actor_source
 
-    def section_hash(self, *keys: str) -> str:
-        """Stable hash of the named dotted sections (what shapes a stage's result)."""
+    def section_hash(self, *keys: str, exclude: tuple[str, ...] = ()) -> str:
+        """Stable hash of the named dotted sections (what shapes a stage's result), less `exclude`."""
         plain = OmegaConf.to_container(OmegaConf.structured(self), resolve=True)
+        for key in exclude:
+            *parents, leaf = key.split(".")
+            node: Any = plain
+            for part in parents:
+                node = node[part]
+            node.pop(leaf, None)
         picked = {}
         for key in keys:
-            node: Any = plain
+            node = plain
             for part in key.split("."):
                 node = node[part]
             picked[key] = node
@@ -384,6 +392,7 @@ def validate(cfg: RunConfig) -> None:
     _check(p.clip_reward_value > 0, "stage.ppo.clip_reward_value", p.clip_reward_value, "must be > 0")
     _check(p.kl_ctl >= 0, "stage.ppo.kl_ctl", p.kl_ctl, "must be >= 0")
     _check(p.kl_target is None or p.kl_target > 0, "stage.ppo.kl_target", p.kl_target, "must be > 0 or null")
+    _check(p.unsup_coef >= 0, "stage.ppo.unsup_coef", p.unsup_coef, "must be >= 0 (0 = no PTX loss)")
     _check(p.ema_beta is None or 0.0 < p.ema_beta < 1.0, "stage.ppo.ema_beta", p.ema_beta, "must be in (0, 1) or null")
     g = p.generation
     _check(g.max_new_tokens >= 1, "stage.ppo.generation.max_new_tokens", g.max_new_tokens, "must be >= 1")
@@ -420,6 +429,8 @@ def _check_optim(o: OptimSection, p: str) -> None:
 def _check_strategy(s: StrategySection, p: str) -> None:
     _check(s.zero_stage is None or s.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", s.zero_stage, "must be 0, 1, 2 or 3")
     _check(s.tp_degree is None or s.tp_degree >= 1, f"{p}.tp_degree", s.tp_degree, "must be >= 1")
+    _check(not s.offload or s.zero_stage is None or s.zero_stage >= 1, f"{p}.offload", s.offload,
+           f"needs {p}.zero_stage >= 1 (ZeRO offloads what it partitions)")
 
 
 def _check_lora(lora: LoRASection, p: str) -> None:

@@ -17,6 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.catalog import CATALOG, ModelSpec, resolve_model
+from pipeline.checkpoint import barrier
+from pipeline.engine import rank
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 REWARD_CONFIG_FILE = "reward_model.json"
@@ -65,8 +67,9 @@ def load_tokenizer(source: str, work_dir: Path, trust_remote_code: bool = False)
         from pipeline.data.builtin import save_tokenizer
 
         path = work_dir / "builtin_tokenizer"
-        if not (path / "tokenizer_config.json").exists():
+        if rank() == 0 and not (path / "tokenizer_config.json").exists():
             _atomic_dir(path, save_tokenizer)
+        barrier()
         source = str(path)
     ensure_available(source, "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -96,8 +99,9 @@ def materialize(name: str, work_dir: Path, vocab_size: int, seed: int) -> str:
         return spec.source
     vocab = max(spec.vocab_size, 8 * math.ceil(vocab_size / 8))
     path = work_dir / "base_models" / f"{spec.name}-v{vocab}-s{seed}"
-    if not (path / "config.json").exists():
+    if rank() == 0 and not (path / "config.json").exists():  # rank 0 writes, the others wait
         _atomic_dir(path, lambda tmp: _random_init(spec, vocab, seed).save_pretrained(tmp))
+    barrier()
     return str(path)
 
 

@@ -29,10 +29,12 @@ STAGE_KEYS = {
     "ppo": ["model", "data_blend", "stage.ppo", "run.seed", "run.dtype"],
 }
 UPSTREAM = {"sft": [], "rm": [], "ppo": ["sft", "rm"]}
+# Settings only PPO reads (mixed training) must not re-run SFT and RM.
+PPO_ONLY = ("data_blend.ptx_path", "data_blend.ptx_field", "data_blend.ptx_max_blocks")
 
 
 def stage_hash(cfg: RunConfig, stage: str) -> str:
-    own = cfg.section_hash(*STAGE_KEYS[stage])
+    own = cfg.section_hash(*STAGE_KEYS[stage], exclude=() if stage == "ppo" else PPO_ONLY)
     return "-".join([own] + [stage_hash(cfg, up)[:8] for up in UPSTREAM[stage]])
 
 

@@ -106,8 +106,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
             if micro % s.gradient_accumulation_steps:
                 continue
             step += 1
-            logger.log(step, "train", loss=float(loss), accuracy=float((chosen > rejected).float().mean()),
-                       chosen_score=float(chosen.mean()), rejected_score=float(rejected.mean()), lr=engine.get_lr()[0])
+            logger.log(step, "train", loss=float(loss.detach()), accuracy=float((chosen > rejected).float().mean()),
+                       chosen_score=float(chosen.detach().mean()), rejected_score=float(rejected.detach().mean()), lr=engine.get_lr()[0])
             if s.eval_interval and step % s.eval_interval == 0:
                 logger.log(step, "eval", **evaluate())
             if checkpointer.due(step) or stop_requested():

@@ -88,7 +88,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
             if micro % s.gradient_accumulation_steps:
                 continue
             step += 1
-            logger.log(step, "train", loss=float(loss), lr=engine.get_lr()[0], epoch=epoch)
+            logger.log(step, "train", loss=float(loss.detach()), lr=engine.get_lr()[0], epoch=epoch)
             if s.eval_interval and step % s.eval_interval == 0:
                 logger.log(step, "eval", loss=(el := evaluate()), perplexity=perplexity(el))
             if checkpointer.due(step) or stop_requested():

@@ -198,11 +198,6 @@ def two_rank_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProc
     shards.mkdir()
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    # TODO(models.py): materialize() lets every rank write base_models/<model> at once (a rank can read
-    # the folder while another replaces it); until it writes on rank 0 behind a barrier, write it first.
-    from pipeline.models import load_tokenizer, materialize
-
-    materialize("tiny-opt", out, len(load_tokenizer("builtin", out)), 1234)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SHARD_LOG_DIR": str(shards),
            "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", RELAUNCHED_ENV):

@@ -1,0 +1,141 @@
+"""Resume equals continuous: SIGKILL in the middle of each stage and once during a checkpoint
+save; running the same command again must give the same per-step metrics after the resume
+point and the same final weights as an uninterrupted run (exactly, on CPU in fp32)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli
+from pipeline.tracking import read_metrics
+
+ARGS = [
+    "+experiment=demo", "run.log_interval=1",
+    "stage.sft.max_steps=30", "stage.sft.checkpoint.every_steps=10",
+    "stage.rm.max_steps=30", "stage.rm.checkpoint.every_steps=10",
+    "stage.ppo.max_steps=12", "stage.ppo.checkpoint.every_steps=4", "stage.ppo.ema_beta=0.9",
+]
+
+
+def start(out: Path, env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    """The pipeline in its own process group; output to a pipe, or to `log` when nobody reads it."""
+    stdout = open(log, "w") if log else subprocess.PIPE
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *ARGS, f"run.output_dir={out}"], cwd=ROOT,
+                            stdout=stdout, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
+
+
+def kill_when(proc: subprocess.Popen, marker: str, timeout: float = 600) -> str:
+    """Read the child's output until `marker` appears, then SIGKILL it; return what it printed."""
+    seen, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return "".join(seen)
+        assert time.time() < deadline, "marker never came"
+    proc.wait()
+    raise AssertionError(f"finished before {marker!r}:\n" + "".join(seen[-30:]))
+
+
+def kill_during_save(proc: subprocess.Popen, tmp_dir: Path, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not (tmp_dir / "state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "never reached the save"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def train_rows(path: Path) -> list[dict]:
+    return [r for r in read_metrics(path) if r["split"] == "train"]
+
+
+def timing_free(rows: list[dict]) -> list[dict]:
+    """Drop wall-clock figures (seconds, rates, TFLOPs): they differ between any two runs."""
+    return [{k: v for k, v in r.items() if not (k.endswith(("_s", "per_s")) or "tflops" in k)} for r in rows]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors.update({f"{f.name}:{k}": v for k, v in load_file(f).items()})
+    assert tensors, f"no weights in {folder}"
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def continuous(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("continuous") / "run"
+    proc = run_cli(*ARGS, f"run.output_dir={out}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_sigkill_in_each_stage_and_during_a_save_resumes_to_the_same_result(continuous: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    # 1. killed in SFT after its step-10 checkpoint
+    kill_when(start(out), "[sft] train step 15")
+    assert (out / "sft" / "checkpoints" / "latest").read_text() == "step_000010"
+    # 2. resumed; killed in RM after its step-20 checkpoint
+    printed = kill_when(start(out), "[rm] train step 23")
+    assert "[sft] resumed from" in printed and "at step 10" in printed
+    # 3. resumed; killed while PPO writes its step-8 checkpoint (after step 4's was complete)
+    log = tmp_path / "third.log"
+    proc = start(out, env={"PIPELINE_CHECKPOINT_PAUSE_S": "30"}, log=log)
+    kill_during_save(proc, out / "ppo" / "checkpoints" / ".tmp_step_000008")
+    assert "[rm] resumed from" in log.read_text() and "at step 20" in log.read_text()
+    assert (out / "ppo" / "checkpoints" / "latest").read_text() == "step_000004"
+    # 4. resumed from the last complete checkpoint (step 4); runs to the end
+    proc = run_cli(*ARGS, f"run.output_dir={out}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[ppo] resumed from" in proc.stdout and "at step 4" in proc.stdout
+    assert "[sft] already done" in proc.stdout and "[rm] already done" in proc.stdout
+
+    for stage in ("sft", "rm", "ppo"):
+        assert timing_free(train_rows(out / stage / "metrics.jsonl")) == \
+            timing_free(train_rows(continuous / stage / "metrics.jsonl")), stage
+    for final in ("sft/final", "rm/final", "ppo/final/actor", "ppo/final/critic", "ppo/final/actor_ema"):
+        a, b = weights(out / final), weights(continuous / final)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{final} {key}"
+    assert json.loads((out / "ppo" / "manifest.json").read_text())["status"] == "done"
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_resumable(tmp_path: Path):
+    out = tmp_path / "run"
+    proc = start(out)
+    for line in proc.stdout:
+        if "[sft] train step 3" in line:
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait() == 75, rest[-2000:]
+    latest = (out / "sft" / "checkpoints" / "latest").read_text()
+    state = json.loads((out / "sft" / "checkpoints" / latest / "state.json").read_text())
+    assert 3 <= state["step"] < 10  # saved at the step after the signal, not at a scheduled one
+    assert not (out / "sft" / "manifest.json").exists()
+
+
+def test_resume_never_starts_over(continuous: Path, tmp_path: Path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(continuous, out)
+    (out / "sft" / "manifest.json").unlink()
+    proc = run_cli(*ARGS, f"run.output_dir={out}", "run.resume=never", "run.stages=[sft]")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed" not in proc.stdout
+    assert timing_free(train_rows(out / "sft" / "metrics.jsonl")) == timing_free(train_rows(continuous / "sft" / "metrics.jsonl"))
