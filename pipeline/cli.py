@@ -33,7 +33,7 @@ def resolve_hardware(composed: DictConfig) -> DictConfig:
         from pipeline.hardware import detect_hardware
 
         with open_dict(composed):
-            composed.hardware = OmegaConf.create(detect_hardware())
+            composed.hardware = OmegaConf.merge(composed.hardware, detect_hardware())
     return composed
 
 
