@@ -133,8 +133,8 @@ class RolloutEngine:
             if checkpointing:
                 module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             module.train(was_training)
-            gc.collect()
-            if torch.cuda.is_available():
+            if torch.cuda.is_available():  # hand the KV cache back (a full gc costs ~0.1 s per call)
+                gc.collect()
                 torch.cuda.empty_cache()
 
     def sampling_kwargs(self, do_sample: bool) -> dict:

@@ -148,7 +148,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
                        generation_s=counters.get("generation_s", 0.0), experience_s=counters.get("experience_s", 0.0),
                        training_s=t_total - t_experience, step_s=t_total, samples_per_s=samples / t_total,
                        tflops=flops * world_size() / 1e12 / t_total)
-            if ctx.is_main:
+            if ctx.is_main and step % cfg.run.log_interval == 0:
                 print(throughput_line(step, n_steps, counters, t_total, t_total - t_experience, samples,
                                       experiences[0]["seq"].shape[1]), flush=True)
             if checkpointer.due(step) or stop_requested():
