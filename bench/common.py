@@ -34,6 +34,10 @@ OPT_TOKENIZER = SHARED / "tokenizers" / "opt"
 SHAPE = dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, ffn_dim=1024, vocab_size=50272,
              max_position_embeddings=2048, word_embed_proj_dim=256)
 SEED = 1234
+# Threads per run. One: the 2-core machine is shared (other jobs run tests), and OpenMP's
+# spin-waiting collapses when two 2-thread processes share 2 cores; one thread per side keeps the
+# A/B comparison about the code, not about scheduling. Override with BENCH_THREADS.
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 
 
 # --------------------------------------------------------------------------- preparation
@@ -158,7 +162,8 @@ def run_child(script: str, side: str, args: argparse.Namespace, timeout: int = 9
     cmd = [sys.executable, script, "--child", side, "--work", args.work, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--batch", str(args.batch)] + list(getattr(args, "extra", []))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "DS_ACCELERATOR": "cpu"}
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "DS_ACCELERATOR": "cpu",
+           "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(ROOT))
     for line in proc.stdout.splitlines():
@@ -226,7 +231,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{os.cpu_count()} cores ({cpu}), python {platform.python_version()}, torch {torch.__version__}, "
+    return (f"{os.cpu_count()} cores ({cpu}), {THREADS} thread per run, python {platform.python_version()}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}{trl_v}")
 
 

@@ -1,0 +1,172 @@
+"""One online-RL step, ours (PPO) vs TRL's RLOOTrainer (TRL 1.x has no PPO trainer), A B A B.
+
+    python bench/rl_step.py                  # 2 pairs, 1 warm-up + 4 timed steps, 8 sequences x 64 new tokens
+
+Ours: the DeepSpeed-Chat API, `RLHFEngine` (actor, frozen reference, critic, frozen reward; ZeRO 0,
+fp32, no LoRA) and `PPOTrainer`: per step `generate_experience` on 8 prompts then `train_rlhf`
+(one actor and one critic update), as stages/ppo.py does with generation_batches 1, ppo_epochs 1.
+The split generation / experience forwards / training and the TFLOPs estimate come from
+PPOTrainer's own counters. Theirs: `trl.RLOOTrainer` with 4 prompts x num_generations 2 = the same 8
+sampled sequences per step, the same max new tokens, sampling settings and model shape, a reference
+model (beta 0.05), `OPTForSequenceClassification` as the reward model; one generation and one
+update per step (num_iterations 1). What differs in the work per step (same-size models here):
+  ours: generate 8 x 64; forwards of actor, reference, critic, reward over prompt+answer;
+        actor forward+backward; critic forward+backward               ~ 10 forward-equivalents
+  TRL:  generate 8 x 64; forwards of actor (old log-probs, answer logits only), reference,
+        reward (answers decoded to text and re-tokenized); actor forward+backward   ~ 6
+samples/s = sequences per second over the steps after warm-up.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402
+
+MAX_PROMPT, NEW_TOKENS = 128, 64
+ACTOR_LR, CRITIC_LR = 1e-5, 5e-6
+
+
+def config(args, out: Path) -> dict:
+    stage = {"ppo": {"per_device_generation_batch_size": args.batch, "per_device_training_batch_size": args.batch,
+                     "generation": {"max_new_tokens": NEW_TOKENS, "temperature": 1.0, "top_p": 1.0, "top_k": 0},
+                     "actor_lora": C.NO_LORA, "critic_lora": C.NO_LORA, "actor_strategy": C.STRATEGY,
+                     "critic_strategy": C.STRATEGY, "unsup_coef": 0.0,
+                     "actor_optim": {"learning_rate": ACTOR_LR, "num_warmup_steps": 0},
+                     "critic_optim": {"learning_rate": CRITIC_LR, "num_warmup_steps": 0}}}
+    return C.our_config(Path(args.work), out, ["ppo"], stage, MAX_PROMPT, 128)
+
+
+def prompts(args) -> list[list[int]]:
+    train = C.stage_data(config(args, Path(args.work) / "prep"), "ppo")
+    return [train[i]["prompt_input_ids"] for i in C.epoch_order(len(train))]
+
+
+def child_ours(args) -> dict:
+    import torch
+    from pipeline.config import load_config
+    from pipeline.data.collate import collate_prompts
+    from pipeline.engine import init_distributed
+    from pipeline.rlhf import PPOTrainer, RLHFEngine
+
+    work = Path(args.work)
+    cfg = load_config(config(args, work / "runs" / "rl"))
+    init_distributed(cfg)
+    tokenizer = C.load_tokenizer()
+    all_prompts = prompts(args)
+    n = args.warmup + args.steps
+    torch.manual_seed(C.SEED)
+    engine = RLHFEngine(actor_model_name_or_path=work / "model", critic_model_name_or_path=work / "reward",
+                        tokenizer=tokenizer, num_total_iters=n, args=cfg)
+    trainer = PPOTrainer(engine=engine, args=cfg)
+    totals = {"step_s": 0.0, "generation_s": 0.0, "experience_s": 0.0, "training_s": 0.0, "flops": 0.0, "answer_tokens": 0.0}
+    for s in range(n):
+        batch = collate_prompts([{"prompt_input_ids": p} for p in all_prompts[s * args.batch:(s + 1) * args.batch]],
+                                tokenizer.pad_token_id)
+        t0 = time.perf_counter()
+        exp = trainer.generate_experience(batch)
+        t1 = time.perf_counter()
+        trainer.train_rlhf(exp)
+        t2 = time.perf_counter()
+        c = trainer.pop_counters()
+        if s >= args.warmup:
+            totals["step_s"] += t2 - t0
+            totals["generation_s"] += c["generation_s"]
+            totals["experience_s"] += c["experience_s"]
+            totals["training_s"] += t2 - t1
+            totals["flops"] += c["generation_flops"] + c["experience_flops"] + c["training_flops"]
+            totals["answer_tokens"] += c["answer_tokens"]
+    secs = totals["step_s"]
+    return {"samples_per_s": args.steps * args.batch / secs, "step_s": secs / args.steps,
+            "generation_frac": totals["generation_s"] / secs, "experience_frac": totals["experience_s"] / secs,
+            "training_frac": totals["training_s"] / secs, "tflops": totals["flops"] / secs / 1e12,
+            "answer_len": totals["answer_tokens"] / (args.steps * args.batch), "steps": args.steps}
+
+
+def child_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    work = Path(args.work)
+    tokenizer = C.load_tokenizer()
+    k = 2
+    n = args.warmup + args.steps
+    per_step = args.batch // k
+    texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts(args)[: n * per_step]]
+    model = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32)
+    reward = AutoModelForSequenceClassification.from_pretrained(str(work / "model"), num_labels=1, dtype=torch.float32)
+    reward.config.pad_token_id = tokenizer.pad_token_id
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **kw):
+            if not times:
+                times.append(time.perf_counter())
+
+        def on_step_end(self, *a, **kw):
+            times.append(time.perf_counter())
+
+    cfg = RLOOConfig(
+        output_dir=str(work / "runs" / f"trl_rloo_{time.time_ns()}"), per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1, num_generations=k, max_completion_length=NEW_TOKENS, temperature=1.0, top_p=1.0,
+        top_k=0, beta=0.05, num_iterations=1, max_steps=n, learning_rate=ACTOR_LR, lr_scheduler_type="cosine",
+        warmup_steps=0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch", bf16=False, fp16=False,
+        gradient_checkpointing=False, use_cpu=True, logging_strategy="no", save_strategy="no", eval_strategy="no",
+        report_to=[], disable_tqdm=True, dataloader_num_workers=0, seed=C.SEED, shuffle_dataset=False)
+    trainer = RLOOTrainer(model=model, reward_funcs=[reward], args=cfg, train_dataset=Dataset.from_list([{"prompt": t} for t in texts]),
+                          processing_class=tokenizer, reward_processing_classes=[tokenizer], callbacks=[Timer()])
+    trainer.train()
+    times = times[1:]  # end of each step
+    secs, steps = C.rate(times, args.warmup)
+    return {"samples_per_s": steps * args.batch / secs, "step_s": secs / steps, "steps": steps}
+
+
+def main() -> None:
+    ap = C.parser("One RL step: our PPO (RLHFEngine/PPOTrainer) vs TRL RLOOTrainer", steps=4, warmup=1)
+    args = ap.parse_args()
+    if args.child:
+        C.emit(child_ours(args) if args.child == "ours" else child_trl(args))
+        return
+    work = Path(args.work)
+    C.write_opt(work / "model")
+    C.write_reward(work / "reward", work / "model")
+    prompts(args)
+    print(f"RL step: OPT {C.SHAPE['num_hidden_layers']} layers, hidden {C.SHAPE['hidden_size']} for every model; {args.batch} "
+          f"sampled sequences per step (TRL: {args.batch // 2} prompts x 2), hh-rlhf prompts <= {MAX_PROMPT} tokens, "
+          f"{NEW_TOKENS} new tokens; {args.warmup} warm-up + {args.steps} timed steps; fp32 CPU; {args.repeats} x A B", flush=True)
+    runs = C.ab(__file__, args)
+    rows = []
+    for side, rs in runs.items():
+        split = (f"{100 * C.median(rs, 'generation_frac'):.0f}% / {100 * C.median(rs, 'experience_frac'):.0f}% / "
+                 f"{100 * C.median(rs, 'training_frac'):.0f}%" if side == "ours" else "-")
+        tf = f"{C.median(rs, 'tflops'):.4f}" if side == "ours" else "-"
+        rows.append([side, C.spread([r["samples_per_s"] for r in rs]), f"{C.median(rs, 'step_s'):.2f}", split, tf,
+                     f"{C.median(rs, 'peak_rss_mib'):.0f}"])
+    print(C.table(["side", "samples/s", "s/step", "gen / exp fwd / train", "TFLOPs", "peak RSS MiB"], rows))
+    r = C.ratios(runs, "samples_per_s")
+    if r:
+        print(f"ours/TRL samples/s: {C.spread(r)}  (target >= 1.5: {'met' if min(r) >= 1.5 else 'NOT met' if max(r) < 1.5 else 'mixed'})")
+    if r and not args.no_record:
+        o, t = runs["ours"], runs["trl"]
+        C.append_result(
+            "RL step: PPO vs TRL RLOOTrainer (CPU)",
+            "`python bench/rl_step.py`: four OPT models of the bench shape (actor, reference, critic, reward), "
+            "8 sampled sequences x 64 new tokens per step (TRL: 4 prompts x 2 generations), fp32. Ours does "
+            "more work per step (critic forward + update, full-sequence logits): ~10 vs ~6 forward-equivalents. "
+            "Split = generation / experience forwards / training share of our step. Median (min-max) over the pairs.",
+            ["machine", "steps (warm-up)", "ours samples/s", "TRL samples/s", "ratio ours/TRL", "ours gen / exp / train",
+             "ours TFLOPs", "peak RSS MiB ours / TRL"],
+            [C.machine(), f"{args.steps} ({args.warmup}) x {args.repeats}", C.spread([x["samples_per_s"] for x in o]),
+             C.spread([x["samples_per_s"] for x in t]), C.spread(r),
+             f"{100 * C.median(o, 'generation_frac'):.0f}% / {100 * C.median(o, 'experience_frac'):.0f}% / "
+             f"{100 * C.median(o, 'training_frac'):.0f}%", f"{C.median(o, 'tflops'):.4f}",
+             f"{C.median(o, 'peak_rss_mib'):.0f} / {C.median(t, 'peak_rss_mib'):.0f}"])
+
+
+if __name__ == "__main__":
+    main()

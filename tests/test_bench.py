@@ -1,0 +1,49 @@
+"""Fast smoke of the benchmark plumbing (bench/common.py): results table, ratios, timing span."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common as C  # noqa: E402
+
+
+def test_append_result_creates_then_extends_a_section(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\n## Memory model\n\n| a |\n|---|\n| 1 |\n")
+    C.append_result("SFT vs TRL", "intro text", ["x", "y"], ["1", "2"], path)
+    C.append_result("SFT vs TRL", "intro text", ["x", "y"], ["3", "4"], path)
+    C.append_result("RM vs TRL", "other", ["z"], ["5"], path)
+    text = path.read_text()
+    assert text.count("## SFT vs TRL") == 1 and text.count("intro text") == 1
+    lines = text.splitlines()
+    sft = lines.index("## SFT vs TRL")
+    rows = [line for line in lines[sft:lines.index("## RM vs TRL")] if line.startswith("| ")]
+    assert rows[0].startswith("| date | x | y |") and rows[1].endswith("| 1 | 2 |") and rows[2].endswith("| 3 | 4 |")
+    assert "| 1 |" in lines[:8]  # the memory section is untouched
+    assert lines[-1] == "" or lines[-1].startswith("|")
+
+
+def test_ratios_spread_and_rate():
+    runs = {"ours": [{"r": 2.0}, {"r": 3.0}], "trl": [{"r": 1.0}, {"r": 2.0}]}
+    assert C.ratios(runs, "r") == [2.0, 1.5]
+    assert C.spread([2.0, 1.5]) == "1.75 (1.5-2)"
+    assert C.ratios({"ours": runs["ours"]}, "r") == []
+    secs, n = C.rate([1.0, 2.0, 4.0, 7.0], warmup=2)
+    assert (secs, n) == (5.0, 2)
+
+
+def test_gpu_script_report_formats():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_step3
+
+    r = {"device": "cpu", "dtype": "fp32", "batch": 4, "prompt_len": 16, "max_new_tokens": 16, "steps": 1, "warmup": 1,
+         "step_s": 1.0, "generation_frac": 0.5, "experience_frac": 0.2, "training_frac": 0.3,
+         "generation_tokens_per_s": 64.0, "ms_per_decode_step": 62.5, "actor_weight_bytes": 2**20,
+         "kv_bytes_per_decode_step": 2**20, "bandwidth_nominal_gbps": 10.0, "bandwidth_measured_gbps": 10.0,
+         "roofline_tokens_per_s": 100.0, "roofline_frac": 0.64, "roofline_frac_measured_bw": 0.64,
+         "training_tflops": 0.01, "matmul_peak_tflops": 0.1, "training_mfu": 0.1, "peak_mem_gib": None}
+    assert "64.0%" in gpu_step3.report(r)
