@@ -113,8 +113,11 @@ class StrategySection:
 
 @dataclass
 class CheckpointSection:
-    every_steps: int = 0  # 0 = off
-    every_minutes: float = 0.0  # 0 = off
+    # Save a full resumable checkpoint every N optimizer steps (0 = off) ...
+    every_steps: int = 0
+    # ... and/or every M minutes of training (0 = off): a long run loses at most this much.
+    every_minutes: float = 30.0
+    # Complete checkpoints kept; older ones are pruned.
     keep: int = 2
 
 

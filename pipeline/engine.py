@@ -24,16 +24,22 @@ def free_port() -> int:
 
 def init_distributed(cfg: RunConfig) -> None:
     """Join (or, alone, create) the process group: gloo on CPU, nccl on CUDA."""
+    if device_type(cfg) == "cpu":  # spares DeepSpeed's accelerator probe and its warning
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(cfg.deployment.master_port or free_port()))
-    deepspeed.init_distributed(dist_backend="nccl" if device_type(cfg) == "cuda" else "gloo", verbose=False)
+    backend = "nccl" if device_type(cfg) == "cuda" else "gloo"
+    if "RANK" not in os.environ:
+        # Alone: a private one-process group. Nothing goes into os.environ, so processes this one
+        # starts (tests, sweeps, launchers) do not inherit a port it holds.
+        port = cfg.deployment.master_port or free_port()
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine insists on it; harmless to inherit
+        torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts an existing group
     if device_type(cfg) == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def device_type(cfg: RunConfig) -> str:

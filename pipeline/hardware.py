@@ -68,6 +68,7 @@ def _cpu_profile() -> dict[str, Any]:
         "peak_tflops": round(0.05 * cores, 3),
         "bandwidth_gbps": 20.0,
         "devices_per_node": 1,
+        "host_memory_gib": round(_ram_gib(), 1),
     }
 
 
@@ -97,6 +98,7 @@ def gpu_profile(name: str, total_bytes: int, major: int, minor: int, sm_count: i
         "bf16": major >= 8,
         "fp16": True,
         "devices_per_node": max(1, count),
+        "host_memory_gib": round(_ram_gib(), 1),
     })
     return facts
 

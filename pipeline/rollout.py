@@ -89,6 +89,16 @@ def zero3_hooks_off(engine):
         offload._register_deepspeed_module(offload.module)
 
 
+def _is_checkpointing(module) -> bool:
+    """transformers 5 calls it is_activation_checkpointing (the old name warns); 4.x the old name."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        try:
+            return bool(getattr(module, name))
+        except AttributeError:
+            continue
+    return False
+
+
 def _lora_layers(module) -> list:
     return [m for m in module.modules() if hasattr(m, "merge") and hasattr(m, "base_layer")]
 
@@ -110,7 +120,7 @@ class RolloutEngine:
         """Yield the module to call `generate` on, in generation layout; training layout after."""
         module = unwrap(self.actor)
         was_training = module.training
-        checkpointing = bool(getattr(module, "is_gradient_checkpointing", False))
+        checkpointing = _is_checkpointing(module)
         lora_layers = _lora_layers(module) if self.merge_lora else []
         module.eval()
         if checkpointing:

@@ -56,9 +56,22 @@ def _prepare_stage_dir(cfg: RunConfig, stage: str, config_hash: str) -> None:
     marker.write_text(config_hash)
 
 
+def quiet_libraries() -> None:
+    """Our own lines say what happens; the libraries' per-file progress bars and notices do not."""
+    import logging
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("DeepSpeed", "compilers.C.base", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def run_pipeline(cfg: RunConfig) -> dict[str, dict]:
     """Run cfg.run.stages; return {stage: result numbers}."""
     install_signal_handlers()
+    quiet_libraries()
     out = cfg.output_dir
     init_distributed(cfg)
     is_main = rank() == 0

@@ -42,8 +42,8 @@ class NonFiniteGuard:
         self.in_a_row += 1
         self.skipped += 1
         if self.in_a_row >= self.limit:
-            raise NonFiniteLossError(f"{where}: loss was not finite {self.in_a_row} steps in a row; "
-                                     f"lower the learning rate or use fp32/bf16")
+            raise NonFiniteLossError(f"{where}: loss was not finite {self.in_a_row} steps in a row; stopping "
+                                     f"(the last checkpoint is kept); lower the learning rate or check the data")
         return False
 
 

@@ -139,3 +139,24 @@ def test_resume_never_starts_over(continuous: Path, tmp_path: Path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed" not in proc.stdout
     assert timing_free(train_rows(out / "sft" / "metrics.jsonl")) == timing_free(train_rows(continuous / "sft" / "metrics.jsonl"))
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_stage(tmp_path: Path):
+    from pipeline.training import NonFiniteGuard, NonFiniteLossError
+
+    guard = NonFiniteGuard(limit=3)
+    assert guard.ok(torch.tensor(1.0), "x") and not guard.ok(torch.tensor(float("nan")), "x")
+    assert guard.ok(torch.tensor(2.0), "x") and guard.skipped == 1 and guard.in_a_row == 0
+    assert not guard.ok(torch.tensor(float("inf")), "x") and not guard.ok(torch.tensor(float("nan")), "x")
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
+        guard.ok(torch.tensor(float("nan")), "x")
+
+    # A learning rate that blows the weights up after one step: skipped steps, then a clear stop.
+    out = tmp_path / "run"
+    proc = run_cli("+experiment=demo", f"run.output_dir={out}", "run.stages=[sft]", "stage.sft.optim.learning_rate=1e12",
+                   "stage.sft.optim.gradient_clipping=0", "stage.sft.optim.num_warmup_steps=0",
+                   "stage.sft.checkpoint.every_steps=1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: sft step 1: loss was not finite 5 steps in a row")
+    assert (out / "sft" / "checkpoints" / "latest").read_text() == "step_000001"
+    assert not (out / "sft" / "manifest.json").exists()
