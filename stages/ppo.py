@@ -104,6 +104,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
         trainer.reward_moments.load_state_dict(state["reward_moments"])
         logger.truncate_after(step)
         print(f"[ppo] resumed from {resume_from} at step {step}", flush=True)
+    else:
+        logger.truncate_after(-1)  # a fresh start drops the rows of an earlier attempt
 
     # ---- train
     logger.begin(n_steps, step)

@@ -82,6 +82,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
         step = state["step"]
         logger.truncate_after(step)
         print(f"[rm] resumed from {resume_from} at step {step}", flush=True)
+    else:
+        logger.truncate_after(-1)  # a fresh start drops the rows of an earlier attempt
     before = state.get("eval_before")
     if before is None:
         before = evaluate()

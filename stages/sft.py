@@ -64,6 +64,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
         step = state["step"]
         logger.truncate_after(step)
         print(f"[sft] resumed from {resume_from} at step {step}", flush=True)
+    else:
+        logger.truncate_after(-1)  # a fresh start drops the rows of an earlier attempt
     eval_before = state.get("eval_loss_before")
     if eval_before is None:
         eval_before = evaluate()
