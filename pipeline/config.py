@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from pipeline.catalog import UnknownModelError, model_source, resolve_model
-from pipeline.data_schema import DataBlendSection, DatasetSpec, validate_data_blend
+from pipeline.data_schema import DataBlendSection, validate_data_blend
 
 STAGES = ("sft", "rm", "ppo")
 DTYPES = ("fp32", "bf16", "fp16")

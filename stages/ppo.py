@@ -23,7 +23,7 @@ from pipeline.config import RunConfig
 from pipeline.data import load_ptx_data, load_stage_data
 from pipeline.data.collate import collate_prompts, collate_text
 from pipeline.engine import save_hf, world_size
-from pipeline.resume import resume_point, stop_requested
+from pipeline.resume import resume_stage, stop_requested
 from pipeline.rlhf import PPOTrainer, RLHFEngine
 from pipeline.tracking import MetricsLogger
 from pipeline.training import NonFiniteGuard, StageContext, epoch_batches, total_steps
@@ -95,17 +95,11 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     checkpointer = Checkpointer(out, p.checkpoint.every_steps, p.checkpoint.every_minutes, p.checkpoint.keep)
     engines = {"actor": engine.actor, "critic": engine.critic}
     modules = {"actor_ema": engine.ema} if engine.ema is not None else {}
-    step = 0
-    resume_from = resume_point(cfg, checkpointer)
-    if resume_from is not None:
-        state = checkpointer.load(resume_from, engines, modules)
-        step = state["step"]
+    state = resume_stage(cfg, checkpointer, "ppo", logger, engines, modules)
+    step = state["step"]
+    if step:
         trainer.kl_ctl.load_state_dict(state["kl_ctl"])
         trainer.reward_moments.load_state_dict(state["reward_moments"])
-        logger.truncate_after(step)
-        print(f"[ppo] resumed from {resume_from} at step {step}", flush=True)
-    else:
-        logger.truncate_after(-1)  # a fresh start drops the rows of an earlier attempt
 
     # ---- train
     logger.begin(n_steps, step)

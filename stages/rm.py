@@ -18,7 +18,7 @@ from pipeline.data import load_stage_data
 from pipeline.data.collate import collate_pairs
 from pipeline.engine import initialize, save_hf
 from pipeline.models import RewardModel, materialize
-from pipeline.resume import resume_point, stop_requested
+from pipeline.resume import resume_stage, stop_requested
 from pipeline.rl_math import pairwise_ranking_loss
 from pipeline.tracking import MetricsLogger
 from pipeline.training import (NonFiniteGuard, StageContext, all_reduce_mean, epoch_batches, eval_batches,
@@ -75,15 +75,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
 
     # ---- resume
     checkpointer = Checkpointer(out, s.checkpoint.every_steps, s.checkpoint.every_minutes, s.checkpoint.keep)
-    step, state = 0, {}
-    resume_from = resume_point(cfg, checkpointer)
-    if resume_from is not None:
-        state = checkpointer.load(resume_from, {"reward": engine})
-        step = state["step"]
-        logger.truncate_after(step)
-        print(f"[rm] resumed from {resume_from} at step {step}", flush=True)
-    else:
-        logger.truncate_after(-1)  # a fresh start drops the rows of an earlier attempt
+    state = resume_stage(cfg, checkpointer, "rm", logger, {"reward": engine})
+    step = state["step"]
     before = state.get("eval_before")
     if before is None:
         before = evaluate()

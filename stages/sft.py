@@ -16,7 +16,7 @@ from pipeline.data import load_stage_data
 from pipeline.data.collate import collate_sft
 from pipeline.engine import initialize, save_hf
 from pipeline.models import load_causal_lm, materialize
-from pipeline.resume import resume_point, stop_requested
+from pipeline.resume import resume_stage, stop_requested
 from pipeline.tracking import MetricsLogger
 from pipeline.training import (NonFiniteGuard, StageContext, all_reduce_mean, epoch_batches, eval_batches,
                                perplexity, steps_per_epoch, total_steps)
@@ -57,15 +57,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
 
     # ---- resume
     checkpointer = Checkpointer(out, s.checkpoint.every_steps, s.checkpoint.every_minutes, s.checkpoint.keep)
-    step, state = 0, {}
-    resume_from = resume_point(cfg, checkpointer)
-    if resume_from is not None:
-        state = checkpointer.load(resume_from, {"actor": engine})
-        step = state["step"]
-        logger.truncate_after(step)
-        print(f"[sft] resumed from {resume_from} at step {step}", flush=True)
-    else:
-        logger.truncate_after(-1)  # a fresh start drops the rows of an earlier attempt
+    state = resume_stage(cfg, checkpointer, "sft", logger, {"actor": engine})
+    step = state["step"]
     eval_before = state.get("eval_loss_before")
     if eval_before is None:
         eval_before = evaluate()
