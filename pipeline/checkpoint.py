@@ -5,7 +5,7 @@ the `latest` pointer moves only after the folder is complete.
 Layout of a stage folder:
     manifest.json              written last: {"status": "done", "config_hash": ..., "result": {...}}
     metrics.jsonl
-    checkpoints/step_000040/   engines' DeepSpeed checkpoints + state.json + rng.pt
+    checkpoints/step_000040/   engines' DeepSpeed checkpoints + state.json + rng.safetensors/json (+ EMA)
     checkpoints/latest         name of the newest complete step folder
     final/                     Hugging Face format
 """
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from pipeline.engine import rank
 
@@ -49,19 +49,30 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def save_rng_state(folder: Path) -> None:
+    """Every RNG this process draws from, without pickle: tensors to rng.safetensors, the rest to rng.json."""
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss = random.getstate()
+    save_file(tensors, str(folder / "rng.safetensors"))
+    (folder / "rng.json").write_text(json.dumps({
+        "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss]}))
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def load_rng_state(folder: Path) -> None:
+    tensors = load_file(str(folder / "rng.safetensors"))
+    plain = json.loads((folder / "rng.json").read_text())
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available() and "cuda0" in tensors:
+        torch.cuda.set_rng_state_all([tensors[f"cuda{i}"] for i in range(torch.cuda.device_count())])
+    kind, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 class Checkpointer:
@@ -96,7 +107,7 @@ class Checkpointer:
         for key, engine in engines.items():
             engine.save_checkpoint(str(tmp / key), tag="state", save_latest=False)
         if rank() == 0:
-            torch.save(rng_state(), tmp / "rng.pt")
+            save_rng_state(tmp)
             for key, module in (modules or {}).items():
                 save_model(module, str(tmp / f"{key}.safetensors"))  # handles tied embeddings
             (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
@@ -116,8 +127,7 @@ class Checkpointer:
             engine.load_checkpoint(str(path / key), tag="state", load_module_strict=False)
         for key, module in (modules or {}).items():
             load_model(module, str(path / f"{key}.safetensors"))
-        # Written by this pipeline into this run's folder (RNG states hold numpy/python objects).
-        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        load_rng_state(path)
         return json.loads((path / "state.json").read_text())
 
     def _prune(self) -> None:

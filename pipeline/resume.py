@@ -48,6 +48,10 @@ def resume_point(cfg: RunConfig, checkpointer: Checkpointer) -> Path | None:
     path = Path(mode).expanduser()
     if not (path / "state.json").exists():
         raise ConfigError(f"run.resume={mode}: not a checkpoint folder (no state.json)")
+    if not path.resolve().is_relative_to(cfg.output_dir.resolve()):
+        # DeepSpeed unpickles its optimizer states: only what this run wrote is trusted.
+        raise ConfigError(f"run.resume={mode}: checkpoints are only resumed from inside this run's folder "
+                          f"({cfg.output_dir}); copy the run there or set run.output_dir to its run")
     # A path names one stage's checkpoint; other stages start as auto would.
     return path if path.parent.resolve() == checkpointer.root.resolve() else checkpointer.latest()
 

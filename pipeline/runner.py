@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from pipeline.checkpoint import barrier, read_manifest, write_json_atomic, write_manifest
 from pipeline.config import ConfigError, RunConfig
 from pipeline.engine import init_distributed, rank
-from pipeline.models import load_tokenizer
+from pipeline.models import ensure_available, load_tokenizer
 from pipeline.planner import plan_run
 from pipeline.resume import install_signal_handlers
 from pipeline.tracking import finish_loggers
@@ -68,10 +68,20 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def check_sources(cfg: RunConfig) -> None:
+    """Before anything is printed or written: every hub model the stages will load is reachable."""
+    ensure_available(cfg.tokenizer_source, "tokenizer")
+    if "sft" in cfg.run.stages:
+        ensure_available(cfg.model.actor_source, "actor model")
+    if "rm" in cfg.run.stages:
+        ensure_available(cfg.model.reward_source, "reward model")
+
+
 def run_pipeline(cfg: RunConfig) -> dict[str, dict]:
     """Run cfg.run.stages; return {stage: result numbers}."""
     install_signal_handlers()
     quiet_libraries()
+    check_sources(cfg)
     out = cfg.output_dir
     init_distributed(cfg)
     is_main = rank() == 0

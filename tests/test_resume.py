@@ -160,3 +160,26 @@ def test_non_finite_losses_are_skipped_then_stop_the_stage(tmp_path: Path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: sft step 1: loss was not finite 5 steps in a row")
     assert (out / "sft" / "checkpoints" / "latest").read_text() == "step_000001"
     assert not (out / "sft" / "manifest.json").exists()
+
+
+def test_rng_state_round_trips_without_pickle(tmp_path: Path):
+    import random
+
+    import numpy as np
+
+    from pipeline.checkpoint import load_rng_state, save_rng_state
+
+    torch.manual_seed(3), np.random.seed(4), random.seed(5), np.random.normal()
+    save_rng_state(tmp_path)
+    first = (torch.rand(3), np.random.rand(3), random.random(), np.random.normal())
+    load_rng_state(tmp_path)
+    again = (torch.rand(3), np.random.rand(3), random.random(), np.random.normal())
+    assert torch.equal(first[0], again[0]) and (first[1] == again[1]).all() and first[2:] == again[2:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rng.json", "rng.safetensors"]
+
+
+def test_resume_path_outside_the_run_is_refused(continuous: Path, tmp_path: Path):
+    elsewhere = continuous / "sft" / "checkpoints" / "step_000030"
+    proc = run_cli(*ARGS, f"run.output_dir={tmp_path}/run", f"run.resume={elsewhere}", "run.stages=[sft]")
+    assert proc.returncode == 2
+    assert "only resumed from inside this run's folder" in proc.stderr.strip().splitlines()[-1]
