@@ -90,6 +90,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def torch_fused_adam_for_deepspeed() -> None:
+    """DeepSpeed's FusedAdam (what pipeline.engine picks on CUDA) JIT-builds a CUDA op with nvcc on
+    first use; a wheel install with no CUDA toolkit cannot. Stand in torch's own fused AdamW (the
+    same single-kernel update) under that name, so the pipeline's code path is otherwise unchanged."""
+    import deepspeed.ops.adam as ds_adam
+    import torch
+
+    class TorchFusedAdamW(torch.optim.AdamW):
+        def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, **_):
+            super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+
+    ds_adam.FusedAdam = TorchFusedAdamW
+
+
 def write_models(work: Path, actor_shape: dict, reward_shape: dict, dtype, device: str) -> tuple[Path, Path]:
     from common import write_opt
     from pipeline.models import RewardModel
@@ -147,6 +161,10 @@ def run(args) -> dict:
     print(f"models written ({time.time() - t_start:.0f} s)", flush=True)
     cfg = load_config(config(work, args))
     p = cfg.stage.ppo
+    optimizer = "deepspeed FusedAdam" if dev == "cuda" else "torch AdamW"
+    if dev == "cuda" and not args.ds_fused_adam:
+        torch_fused_adam_for_deepspeed()
+        optimizer = "torch AdamW(fused=True) in place of deepspeed FusedAdam"
     init_distributed(cfg)
     n_steps = args.warmup + args.steps
     torch.manual_seed(0)
@@ -210,7 +228,7 @@ def run(args) -> dict:
         "training_mfu": t["training_flops"] / t["training_s"] / 1e12 / peak,
         "answer_len": t["answer_tokens"] / (steps * batch),
         "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30) if dev == "cuda" else None,
-        "total_s": time.time() - t_start, "actor_params": n_actor,
+        "total_s": time.time() - t_start, "actor_params": n_actor, "optimizer": optimizer,
     }
     return result
 
@@ -218,7 +236,7 @@ def run(args) -> dict:
 def report(r: dict) -> str:
     return "\n".join([
         f"device {r['device']}, {r['dtype']}, batch {r['batch']}, prompt {r['prompt_len']} + answer {r['max_new_tokens']}, "
-        f"{r['steps']} timed steps after {r['warmup']} warm-up",
+        f"{r['steps']} timed steps after {r['warmup']} warm-up; optimizer {r.get('optimizer', '-')}",
         f"end-to-end        {r['step_s']:.2f} s/step (generation {100 * r['generation_frac']:.0f}%, experience forwards "
         f"{100 * r['experience_frac']:.0f}%, training {100 * r['training_frac']:.0f}%)",
         f"generation        {r['generation_tokens_per_s']:.0f} tokens/s, {r['ms_per_decode_step']:.1f} ms per decode step; "
@@ -227,7 +245,7 @@ def report(r: dict) -> str:
         f"({100 * r['roofline_frac_measured_bw']:.1f}% of the measured {r['bandwidth_measured_gbps']:.0f} GB/s); "
         f"KV cache adds {r['kv_bytes_per_decode_step'] / 2**20:.0f} MiB per step (not in the roofline)",
         f"training          {r['training_tflops']:.1f} TFLOP/s = {100 * r['training_mfu']:.1f}% of the measured matmul peak "
-        f"{r['matmul_peak_tflops']:.0f} TFLOP/s",
+        f"{r['matmul_peak_tflops']:.3g} TFLOP/s",
         f"peak GPU memory   {r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "peak GPU memory   - (cpu)",
         f"targets: generation >= 30% of the roofline: {'met' if r['roofline_frac'] >= 0.3 else 'NOT met'}",
     ])
@@ -258,6 +276,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--work", default="/tmp/gpu_step3")
+    ap.add_argument("--ds-fused-adam", action="store_true",
+                    help="use DeepSpeed's FusedAdam (JIT-built: needs nvcc and ~1 min) instead of torch's fused AdamW")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="write gpu_step3.json and .txt here")
     ap.add_argument("--record", metavar="JSON", help="append a result file to bench/RESULTS.md and exit")
     args = ap.parse_args()
