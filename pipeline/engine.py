@@ -180,6 +180,9 @@ def initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=ds_config(cfg, micro_batch, grad_accum, strategy, optim, hybrid),
     )
+    if world_size() == 1 and not strategy.zero_stage:
+        # One rank, no ZeRO: nothing to reduce, yet DeepSpeed would flatten, all-reduce and copy back every gradient.
+        engine.enable_backward_allreduce = False
     return engine
 
 

@@ -30,23 +30,34 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def forward_flops(n_params: int, n_layers: int, hidden: int, batch: int, seq_len: int) -> float:
-    """FLOPs of one forward pass over (batch, seq_len) tokens: 2 per parameter per token (matmuls,
-    the tied LM head included through the embedding) plus attention scores and mixing,
-    4 * layers * hidden * seq_len^2 per sequence. Backward costs 2x forward; gradient
-    checkpointing adds one more forward. Generation with a KV cache is counted as one forward
-    over the final length (prefill plus one token per step)."""
-    return 2.0 * n_params * batch * seq_len + 4.0 * n_layers * hidden * batch * seq_len**2
+def forward_flops(n_params: int, n_layers: int, hidden: int, head_params: int, batch: int, seq_len: int,
+                  head_len: int = 0) -> float:
+    """FLOPs of one forward pass over (batch, seq_len) tokens: 2 per parameter per token except the
+    (vocab x embedding) matrix, which costs 2 per entry only at the `head_len` positions the LM
+    head projects (0 for value models, whose embedding is a lookup), plus attention scores and
+    mixing, 4 * layers * hidden * seq_len^2 per sequence. Backward costs 2x forward; gradient
+    checkpointing adds one more forward."""
+    body = 2.0 * (n_params - head_params) * batch * seq_len
+    head = 2.0 * head_params * batch * head_len
+    return body + head + 4.0 * n_layers * hidden * batch * seq_len**2
 
 
-def model_size(model: torch.nn.Module) -> tuple[int, int, int]:
-    """(parameters, layers, hidden size) of a model, ZeRO-3 partitioned or not, LoRA included."""
+def model_size(model: torch.nn.Module) -> tuple[int, int, int, int]:
+    """(parameters, layers, hidden size, vocab x embedding size) of a model, ZeRO-3 partitioned or not,
+    LoRA included."""
     module = unwrap(model)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
     config = getattr(module, "config", None)
     layers = getattr(config, "num_hidden_layers", 0) or 0
     hidden = getattr(config, "hidden_size", 0) or 0
-    return int(n_params), int(layers), int(hidden)
+    embed = getattr(config, "word_embed_proj_dim", 0) or hidden  # OPT-350m embeds at 512
+    return int(n_params), int(layers), int(hidden), int((getattr(config, "vocab_size", 0) or 0) * embed)
+
+
+def answer_logits(model, answer_len: int, **inputs) -> torch.Tensor:
+    """Logits predicting the last `answer_len` tokens, (B, answer_len, V): the LM head projects only
+    those positions (transformers' logits_to_keep), not the whole prompt (29% of a PPO step)."""
+    return model(**inputs, use_cache=False, logits_to_keep=answer_len + 1).logits[:, :-1]
 
 
 class RLHFEngine:
@@ -147,8 +158,8 @@ class PPOTrainer:
         out, self.counters = self.counters, {}
         return out
 
-    def _flops(self, role: str, batch: int, seq_len: int) -> float:
-        return forward_flops(*self.engine.sizes[role], batch, seq_len)
+    def _flops(self, role: str, batch: int, seq_len: int, head_len: int = 0) -> float:
+        return forward_flops(*self.engine.sizes[role], batch, seq_len, head_len)
 
     def _train_factor(self, role: str) -> float:
         """fwd + bwd = 3 forwards; with gradient checkpointing 4 (DeepSpeed-Chat's convention)."""
@@ -178,9 +189,10 @@ class PPOTrainer:
         actor = unwrap(e.actor)
         was_training = actor.training
         actor.eval()
-        logits = e.actor(input_ids=seq, attention_mask=attention, position_ids=positions, use_cache=False).logits
+        inputs = {"input_ids": seq, "attention_mask": attention, "position_ids": positions}
+        logits = answer_logits(e.actor, answer.shape[1], **inputs)
         actor.train(was_training)
-        ref_logits = e.ref(input_ids=seq, attention_mask=attention, position_ids=positions, use_cache=False).logits
+        ref_logits = answer_logits(e.ref, answer.shape[1], **inputs)
         critic = unwrap(e.critic)
         was_training = critic.training
         critic.eval()
@@ -194,12 +206,13 @@ class PPOTrainer:
         batch, length = seq.shape
         self._count(generation_s=t1 - t0, experience_s=t2 - t1, sequences=batch, answer_tokens=float(mask.sum()),
                     generated_positions=batch * answer.shape[1],
-                    generation_flops=self._flops("actor", batch, length),
-                    experience_flops=sum(self._flops(r, batch, length) for r in ("actor", "ref", "critic", "reward")))
+                    generation_flops=self._flops("actor", batch, length, answer.shape[1]),
+                    experience_flops=sum(self._flops(r, batch, length, answer.shape[1] + 1) for r in ("actor", "ref"))
+                    + sum(self._flops(r, batch, length) for r in ("critic", "reward")))
         return {
             "seq": seq, "attention_mask": attention, "position_ids": positions, "answer_mask": mask,
-            "logprobs": logprobs_of_labels(logits[:, prompt_len - 1: -1], answer),
-            "ref_logprobs": logprobs_of_labels(ref_logits[:, prompt_len - 1: -1], answer),
+            "logprobs": logprobs_of_labels(logits, answer),
+            "ref_logprobs": logprobs_of_labels(ref_logits, answer),
             "values": values.float(), "scores": scores, "prompt_len": prompt_len,
         }
 
@@ -224,7 +237,7 @@ class PPOTrainer:
                 advantages = masked_whiten(advantages, mask) * mask
 
         inputs = {"input_ids": exp["seq"], "attention_mask": exp["attention_mask"], "position_ids": exp["position_ids"]}
-        logits = e.actor(**inputs, use_cache=False).logits[:, start - 1: -1]
+        logits = answer_logits(e.actor, answer.shape[1], **inputs)
         logprobs = logprobs_of_labels(logits, answer)
         a_loss, a_stats = actor_loss(logprobs, exp["logprobs"], advantages, mask, p.cliprange)
         e.actor.backward(a_loss)
@@ -236,7 +249,7 @@ class PPOTrainer:
         e.critic.step()
 
         batch, length = exp["seq"].shape
-        self._count(training_flops=self._train_factor("actor") * self._flops("actor", batch, length)
+        self._count(training_flops=self._train_factor("actor") * self._flops("actor", batch, length, answer.shape[1] + 1)
                     + self._train_factor("critic") * self._flops("critic", batch, length))
         with torch.no_grad():
             self.last_stats = {
@@ -263,7 +276,8 @@ class PPOTrainer:
         loss = e.actor(**batch, use_cache=False).loss
         e.actor.backward(coef * loss)
         e.actor.step()
-        self._count(training_flops=self._train_factor("actor") * self._flops("actor", *batch["input_ids"].shape))
+        batch_size, length = batch["input_ids"].shape
+        self._count(training_flops=self._train_factor("actor") * self._flops("actor", batch_size, length, length))
         return loss.detach()
 
     @torch.no_grad()
