@@ -111,8 +111,10 @@ class Checkpointer:
             for key, module in (modules or {}).items():
                 save_model(module, str(tmp / f"{key}.safetensors"))  # handles tied embeddings
             (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
-            # Lets the crash-during-save test kill the process between writing and renaming.
-            time.sleep(float(os.environ.get("PIPELINE_CHECKPOINT_PAUSE_S", "0")))
+            # Lets the crash-during-save test kill the process between writing and renaming
+            # (PIPELINE_CHECKPOINT_PAUSE_AT=ppo/step_000008 holds that one save for a minute).
+            if os.environ.get("PIPELINE_CHECKPOINT_PAUSE_AT") == f"{self.root.parent.name}/{name}":
+                time.sleep(60)
             final = self.root / name
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)

@@ -93,7 +93,7 @@ def test_sigkill_in_each_stage_and_during_a_save_resumes_to_the_same_result(cont
     assert "[sft] resumed from" in printed and "at step 10" in printed
     # 3. resumed; killed while PPO writes its step-8 checkpoint (after step 4's was complete)
     log = tmp_path / "third.log"
-    proc = start(out, env={"PIPELINE_CHECKPOINT_PAUSE_S": "30"}, log=log)
+    proc = start(out, env={"PIPELINE_CHECKPOINT_PAUSE_AT": "ppo/step_000008"}, log=log)
     kill_during_save(proc, out / "ppo" / "checkpoints" / ".tmp_step_000008")
     assert "[rm] resumed from" in log.read_text() and "at step 20" in log.read_text()
     assert (out / "ppo" / "checkpoints" / "latest").read_text() == "step_000004"
