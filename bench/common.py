@@ -121,6 +121,28 @@ def epoch_order(n: int, seed: int = SEED, epoch: int = 0) -> list[int]:
 # --------------------------------------------------------------------------- child side
 
 
+def time_engine_steps(stage_module) -> list[float]:
+    """Wrap `stage_module.initialize` so that every engine.step() of that stage appends a
+    perf_counter timestamp to the returned list (our side of the SFT and RM benches)."""
+    times: list[float] = []
+    original = stage_module.initialize
+
+    def timed_initialize(*a, **k):
+        engine = original(*a, **k)
+        step = engine.step
+
+        def timed_step(*sa, **sk):
+            out = step(*sa, **sk)
+            times.append(time.perf_counter())
+            return out
+
+        engine.step = timed_step
+        return engine
+
+    stage_module.initialize = timed_initialize
+    return times
+
+
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -49,22 +49,7 @@ def child_ours(args) -> list[float]:
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
 
-    times: list[float] = []
-    original = stages.rm.initialize
-
-    def timed_initialize(*a, **k):
-        engine = original(*a, **k)
-        step = engine.step
-
-        def timed_step(*sa, **sk):
-            out = step(*sa, **sk)
-            times.append(time.perf_counter())
-            return out
-
-        engine.step = timed_step
-        return engine
-
-    stages.rm.initialize = timed_initialize
+    times = C.time_engine_steps(stages.rm)
     run_pipeline(load_config(config(args, Path(args.work) / "runs" / f"ours_rm_{time.time_ns()}")))
     return times
 

@@ -56,22 +56,7 @@ def child_ours(args) -> list[float]:
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
 
-    times: list[float] = []
-    original = stages.sft.initialize
-
-    def timed_initialize(*a, **k):
-        engine = original(*a, **k)
-        step = engine.step
-
-        def timed_step(*sa, **sk):
-            out = step(*sa, **sk)
-            times.append(time.perf_counter())
-            return out
-
-        engine.step = timed_step
-        return engine
-
-    stages.sft.initialize = timed_initialize
+    times = C.time_engine_steps(stages.sft)
     out = Path(args.work) / "runs" / f"ours_sft_{time.time_ns()}"
     run_pipeline(load_config(config(args, out)))
     return times
