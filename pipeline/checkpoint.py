@@ -5,7 +5,7 @@ the `latest` pointer moves only after the folder is complete.
 Layout of a stage folder:
     manifest.json              written last: {"status": "done", "config_hash": ..., "result": {...}}
     metrics.jsonl
-    checkpoints/step_000040/   engines' DeepSpeed checkpoints + state.json + rng.safetensors/json (+ EMA)
+    checkpoints/step_000040/   engines' DeepSpeed checkpoints + state.json + rng_rank<r>.safetensors/json (+ EMA)
     checkpoints/latest         name of the newest complete step folder
     final/                     Hugging Face format
 """
@@ -49,23 +49,27 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def save_rng_state(folder: Path) -> None:
-    """Every RNG this process draws from, without pickle: tensors to rng.safetensors, the rest to rng.json."""
+def save_rng_state(folder: Path, rank_id: int = 0) -> None:
+    """Every RNG this process draws from, without pickle: tensors to rng_rank<r>.safetensors, the
+    rest to rng_rank<r>.json."""
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     tensors["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
     version, internal, gauss = random.getstate()
-    save_file(tensors, str(folder / "rng.safetensors"))
-    (folder / "rng.json").write_text(json.dumps({
+    save_file(tensors, str(folder / f"rng_rank{rank_id}.safetensors"))
+    (folder / f"rng_rank{rank_id}.json").write_text(json.dumps({
         "numpy": [kind, int(pos), int(has_gauss), float(cached)],
         "python": [version, list(internal), gauss]}))
 
 
-def load_rng_state(folder: Path) -> None:
-    tensors = load_file(str(folder / "rng.safetensors"))
-    plain = json.loads((folder / "rng.json").read_text())
+def load_rng_state(folder: Path, rank_id: int = 0) -> None:
+    """This rank's RNG states (rank 0's when the run had fewer ranks)."""
+    if not (folder / f"rng_rank{rank_id}.json").exists():
+        rank_id = 0
+    tensors = load_file(str(folder / f"rng_rank{rank_id}.safetensors"))
+    plain = json.loads((folder / f"rng_rank{rank_id}.json").read_text())
     torch.set_rng_state(tensors["torch"])
     if torch.cuda.is_available() and "cuda0" in tensors:
         torch.cuda.set_rng_state_all([tensors[f"cuda{i}"] for i in range(torch.cuda.device_count())])
@@ -73,6 +77,14 @@ def load_rng_state(folder: Path) -> None:
     np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = plain["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any (a decision all ranks must share)."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 class Checkpointer:
@@ -84,16 +96,20 @@ class Checkpointer:
         self.last_save = time.time()
 
     def due(self, step: int) -> bool:
-        if self.every_steps and step % self.every_steps == 0:
-            return True
-        return bool(self.every_minutes) and time.time() - self.last_save >= 60 * self.every_minutes
+        """Collective: every rank gets the same answer (clocks differ, and a save is collective)."""
+        due = bool(self.every_steps and step % self.every_steps == 0) or (
+            bool(self.every_minutes) and time.time() - self.last_save >= 60 * self.every_minutes)
+        return any_rank(due)
 
     def latest(self) -> Path | None:
+        """The checkpoint `latest` names; if it is gone or incomplete, the newest complete one."""
         pointer = self.root / "latest"
-        if not pointer.exists():
-            return None
-        path = self.root / pointer.read_text().strip()
-        return path if (path / "state.json").exists() else None
+        if pointer.exists():
+            path = self.root / pointer.read_text().strip()
+            if (path / "state.json").exists():
+                return path
+        complete = sorted(p for p in self.root.glob("step_*") if (p / "state.json").exists())
+        return complete[-1] if complete else None
 
     def save(self, step: int, engines: dict[str, Any], state: dict[str, Any], modules: dict[str, Any] | None = None) -> Path:
         """Collective: every rank calls it. `engines` are DeepSpeed engines by name; `modules` are
@@ -106,8 +122,9 @@ class Checkpointer:
         barrier()
         for key, engine in engines.items():
             engine.save_checkpoint(str(tmp / key), tag="state", save_latest=False)
+        save_rng_state(tmp, rank())  # every rank draws its own numbers
+        barrier()
         if rank() == 0:
-            save_rng_state(tmp)
             for key, module in (modules or {}).items():
                 save_model(module, str(tmp / f"{key}.safetensors"))  # handles tied embeddings
             (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
@@ -129,7 +146,7 @@ class Checkpointer:
             engine.load_checkpoint(str(path / key), tag="state", load_module_strict=False)
         for key, module in (modules or {}).items():
             load_model(module, str(path / f"{key}.safetensors"))
-        load_rng_state(path)
+        load_rng_state(path, rank())
         return json.loads((path / "state.json").read_text())
 
     def _prune(self) -> None:

@@ -381,11 +381,12 @@ def validate(cfg: RunConfig) -> None:
         _check_lora(s.lora, f"{p}.lora")
 
     p = cfg.stage.ppo
-    gen_total = p.per_device_generation_batch_size * p.generation_batches
     _check(p.per_device_generation_batch_size >= 1, "stage.ppo.per_device_generation_batch_size", p.per_device_generation_batch_size, "must be >= 1")
-    _check(p.per_device_training_batch_size >= 1 and gen_total % p.per_device_training_batch_size == 0,
+    # Each generation batch is cut into equal PPO minibatches.
+    _check(p.per_device_training_batch_size >= 1
+           and p.per_device_generation_batch_size % p.per_device_training_batch_size == 0,
            "stage.ppo.per_device_training_batch_size", p.per_device_training_batch_size,
-           f"must divide per_device_generation_batch_size x generation_batches = {gen_total}")
+           f"must divide stage.ppo.per_device_generation_batch_size={p.per_device_generation_batch_size}")
     _check(p.ppo_epochs >= 1, "stage.ppo.ppo_epochs", p.ppo_epochs, "must be >= 1")
     _check(p.max_steps is None or p.max_steps >= 1, "stage.ppo.max_steps", p.max_steps, "must be >= 1 or null")
     _check(0.0 <= p.gamma <= 1.0, "stage.ppo.gamma", p.gamma, "must be in [0, 1]")

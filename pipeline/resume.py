@@ -7,9 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
-
-from pipeline.checkpoint import Checkpointer
+from pipeline.checkpoint import Checkpointer, any_rank
 from pipeline.config import ConfigError, RunConfig
 
 RESUMABLE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"
@@ -28,10 +26,7 @@ def install_signal_handlers() -> None:
 
 def stop_requested(exit_if_set: bool = False) -> bool:
     """True on every rank when any rank got a stop signal; with exit_if_set, exit resumable."""
-    flag = torch.tensor([1.0 if _stop["requested"] else 0.0])
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    requested = bool(flag.item())
+    requested = any_rank(_stop["requested"])
     if requested and exit_if_set:
         print("checkpoint saved; exiting so the job can be resumed", file=sys.stderr, flush=True)
         sys.exit(RESUMABLE_EXIT_CODE)

@@ -23,6 +23,7 @@ from pipeline.rl_math import (AdaptiveKLController, FixedKLController, actor_los
                               entropy_from_logits, gae_advantages, kl_penalized_rewards, last_index,
                               logprobs_of_labels, masked_mean, masked_whiten)
 from pipeline.rollout import RolloutEngine, check_backend
+from pipeline.training import NonFiniteGuard
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -58,6 +59,20 @@ def answer_logits(model, answer_len: int, **inputs) -> torch.Tensor:
     """Logits predicting the last `answer_len` tokens, (B, answer_len, V): the LM head projects only
     those positions (transformers' logits_to_keep), not the whole prompt (29% of a PPO step)."""
     return model(**inputs, use_cache=False, logits_to_keep=answer_len + 1).logits[:, :-1]
+
+
+def ptx_enabled(args: RunConfig) -> bool:
+    """Mixed training is on: a PTX text source and a positive coefficient."""
+    return bool(args.data_blend.ptx_path) and args.stage.ppo.unsup_coef > 0
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's (B,) tensor: (world * B,); the tensor itself on one rank."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return t
+    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 
 class RLHFEngine:
@@ -98,7 +113,8 @@ class RLHFEngine:
         self.critic = initialize(
             args, RewardModel.from_pretrained(critic_model_name_or_path, args.dtype, args.model.dropout, trust),
             micro_batch=p.per_device_training_batch_size, grad_accum=1, optim=p.critic_optim, lora=p.critic_lora,
-            strategy=p.critic_strategy, total_steps=num_total_iters, key="stage.ppo.critic_strategy")
+            strategy=p.critic_strategy, total_steps=num_total_iters // (2 if ptx_enabled(args) else 1),
+            key="stage.ppo.critic_strategy")
         reward_path = reward_model_name_or_path or critic_model_name_or_path
         self.reward = inference_engine(args, RewardModel.from_pretrained(reward_path, args.dtype, None, trust), p.critic_strategy)
         self.sizes = {name: model_size(getattr(self, name)) for name in ("actor", "ref", "critic", "reward")}
@@ -144,7 +160,8 @@ class PPOTrainer:
         self.reward_moments = RunningMoments()
         self.rollout = RolloutEngine(engine.actor, engine.tokenizer, p.generation)
         self.eos_id = engine.tokenizer.eos_token_id
-        self.last_stats: dict[str, float] = {}
+        self.last_stats: dict[str, float] | None = {}  # None after an update skipped for a non-finite loss
+        self.guard = NonFiniteGuard()
         self.counters: dict[str, float] = {}
 
     def _count(self, **amounts: float) -> None:
@@ -213,8 +230,17 @@ class PPOTrainer:
             "seq": seq, "attention_mask": attention, "position_ids": positions, "answer_mask": mask,
             "logprobs": logprobs_of_labels(logits, answer),
             "ref_logprobs": logprobs_of_labels(ref_logits, answer),
-            "values": values.float(), "scores": scores, "prompt_len": prompt_len,
+            "values": values.float(), "scores": scores, "train_scores": self._train_scores(scores),
+            "prompt_len": prompt_len,
         }
+
+    def _train_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """The scores PPO learns from: normalised by running statistics over every rank's batch
+        (updated once per experience batch) when stage.ppo.normalize_reward, else as they are."""
+        if not self.p.normalize_reward:
+            return scores
+        self.reward_moments.update(gather_rows(scores))
+        return self.reward_moments.normalize(scores)
 
     # ------------------------------------------------------------------ training
 
@@ -225,10 +251,7 @@ class PPOTrainer:
         p, e = self.p, self.engine
         mask, start = exp["answer_mask"], exp["prompt_len"]
         answer = exp["seq"][:, start:]
-        scores = exp["scores"]
-        if p.normalize_reward:
-            self.reward_moments.update(scores)
-            scores = self.reward_moments.normalize(scores)
+        scores = exp["train_scores"]
         with torch.no_grad():
             rewards, kl = kl_penalized_rewards(exp["logprobs"], exp["ref_logprobs"], scores, mask,
                                                self.kl_ctl.value, p.clip_reward_value)
@@ -240,11 +263,14 @@ class PPOTrainer:
         logits = answer_logits(e.actor, answer.shape[1], **inputs)
         logprobs = logprobs_of_labels(logits, answer)
         a_loss, a_stats = actor_loss(logprobs, exp["logprobs"], advantages, mask, p.cliprange)
-        e.actor.backward(a_loss)
-        e.actor.step()
-
         values = e.critic(exp["seq"], exp["attention_mask"], exp["position_ids"])[:, start - 1: -1].float()
         c_loss, c_stats = critic_loss(values, exp["values"], returns, mask, p.cliprange_value)
+        # A non-finite loss skips the whole update on every rank (before any backward: no NaN applied).
+        if not self.guard.ok(a_loss + c_loss, "ppo update"):
+            self.last_stats = None
+            return a_loss.detach(), c_loss.detach()
+        e.actor.backward(a_loss)
+        e.actor.step()
         e.critic.backward(c_loss)
         e.critic.step()
 

@@ -125,6 +125,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, dict]:
         barrier()
         if is_main:
             write_manifest(cfg.stage_dir(stage), config_hash, result)
+        barrier()  # the next stage reads this manifest on every rank
         results[stage] = result
     if is_main:
         write_json_atomic(out / "results.json", results)

@@ -273,7 +273,9 @@ class MetricsLogger:
         if not self.is_main or not self.path.exists():
             return
         rows = [r for r in read_metrics(self.path) if r["step"] <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.path)  # a crash here leaves the old file or the new one, never half
 
     def close(self) -> None:
         """Close the bar (the wandb run and tensorboard writers close with finish_loggers / at exit)."""

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from pipeline.checkpoint import any_rank
 from pipeline.engine import rank, world_size
 
 
@@ -36,13 +37,14 @@ class NonFiniteGuard:
         self.limit, self.in_a_row, self.skipped = limit, 0, 0
 
     def ok(self, loss: torch.Tensor, where: str) -> bool:
-        if torch.isfinite(loss).all():
+        """Collective: every rank skips together (a rank that went on alone would hang in backward)."""
+        if not any_rank(not bool(torch.isfinite(loss).all())):
             self.in_a_row = 0
             return True
         self.in_a_row += 1
         self.skipped += 1
         if self.in_a_row >= self.limit:
-            raise NonFiniteLossError(f"{where}: loss was not finite {self.in_a_row} steps in a row; stopping "
+            raise NonFiniteLossError(f"{where}: loss was not finite {self.in_a_row} updates in a row; stopping "
                                      f"(the last checkpoint is kept); lower the learning rate or check the data")
         return False
 

@@ -24,9 +24,9 @@ from pipeline.data import load_ptx_data, load_stage_data
 from pipeline.data.collate import collate_prompts, collate_text
 from pipeline.engine import save_hf, world_size
 from pipeline.resume import resume_stage, stop_requested
-from pipeline.rlhf import PPOTrainer, RLHFEngine
+from pipeline.rlhf import PPOTrainer, RLHFEngine, ptx_enabled
 from pipeline.tracking import MetricsLogger
-from pipeline.training import NonFiniteGuard, StageContext, epoch_batches, total_steps
+from pipeline.training import StageContext, all_reduce_mean, epoch_batches, total_steps
 
 STAT_KEYS = ("reward", "kl", "entropy", "clip_frac", "approx_kl", "value_error", "answer_length")
 
@@ -76,8 +76,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     if ctx.is_main:
         print(data.summary("ppo"), flush=True)
     prompts_of = partial(collate_prompts, pad_id=tokenizer.pad_token_id)
-    use_ptx = bool(cfg.data_blend.ptx_path) and p.unsup_coef > 0
-    ptx = load_ptx_data(cfg, tokenizer, cfg.data_blend.max_prompt_len + cfg.data_blend.max_answer_len) if use_ptx else None
+    ptx = load_ptx_data(cfg, tokenizer, cfg.data_blend.max_prompt_len + cfg.data_blend.max_answer_len) \
+        if ptx_enabled(cfg) else None
     collate_ptx = partial(collate_text, pad_id=tokenizer.pad_token_id)
 
     # ---- the four models
@@ -103,7 +103,6 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
 
     # ---- train
     logger.begin(n_steps, step)
-    guard = NonFiniteGuard()
     ptx_batches = endless_batches(ptx, p.per_device_training_batch_size, collate_ptx, cfg.run.seed + 1,
                                   start=step * minibatches_per_step) if ptx is not None else None
     epoch = step // per_epoch
@@ -122,7 +121,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
                     for mb in minibatches(exp, p.per_device_training_batch_size):
                         a_loss, c_loss = trainer.train_rlhf(mb)
                         ptx_batch = next(ptx_batches) if ptx_batches is not None else None  # drawn even when skipped
-                        if not (guard.ok(a_loss, f"ppo step {step} actor") and guard.ok(c_loss, f"ppo step {step} critic")):
+                        if trainer.last_stats is None:  # skipped: a non-finite loss
                             continue
                         stats.append(trainer.last_stats)
                         losses.append((float(a_loss), float(c_loss)))
@@ -132,7 +131,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
             t_total = time.time() - t0
             step += 1
             mean = {k: sum(s[k] for s in stats) / max(len(stats), 1) for k in STAT_KEYS}
-            trainer.update_kl_controller(mean["kl"], prompts_per_step * world_size())
+            trainer.update_kl_controller(all_reduce_mean([mean["kl"]], len(stats))[0], prompts_per_step * world_size())
             counters = trainer.pop_counters()
             samples = prompts_per_step * world_size()
             flops = counters.get("generation_flops", 0) + counters.get("experience_flops", 0) + counters.get("training_flops", 0)
@@ -160,7 +159,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     save_hf(engine.critic, out / "final" / "critic", tokenizer)
     if engine.ema is not None:
         save_hf(engine.ema, out / "final" / "actor_ema", tokenizer)
-    return summarize(logger.path, step, guard.skipped)
+    return summarize(logger.path, step, trainer.guard.skipped)
 
 
 def summarize(metrics_path, steps: int, skipped: int) -> dict:

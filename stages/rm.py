@@ -8,6 +8,7 @@ pipeline.models.RewardModel.from_pretrained), rm/metrics.jsonl, rm/checkpoints/.
 
 from __future__ import annotations
 
+import itertools
 from functools import partial
 
 import torch
@@ -90,7 +91,9 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     while step < n_steps:
         skip = (step - epoch * per_epoch) * s.gradient_accumulation_steps
         micro = 0
-        for batch in epoch_batches(data.train, s.per_device_train_batch_size, collate, cfg.run.seed, epoch, skip):
+        # Exactly per_epoch optimizer steps an epoch: leftover micro-batches would spill into the next.
+        micro_batches = epoch_batches(data.train, s.per_device_train_batch_size, collate, cfg.run.seed, epoch, skip)
+        for batch in itertools.islice(micro_batches, per_epoch * s.gradient_accumulation_steps - skip):
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             loss, chosen, rejected = pair_loss(engine, batch)
             if not guard.ok(loss, f"rm step {step}"):

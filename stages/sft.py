@@ -6,6 +6,7 @@ Writes: sft/final (Hugging Face causal LM + tokenizer), sft/metrics.jsonl, sft/c
 
 from __future__ import annotations
 
+import itertools
 from functools import partial
 
 import torch
@@ -72,7 +73,9 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     while step < n_steps:
         skip = (step - epoch * per_epoch) * s.gradient_accumulation_steps
         micro = 0
-        for batch in epoch_batches(data.train, s.per_device_train_batch_size, collate, cfg.run.seed, epoch, skip):
+        # Exactly per_epoch optimizer steps an epoch: leftover micro-batches would spill into the next.
+        micro_batches = epoch_batches(data.train, s.per_device_train_batch_size, collate, cfg.run.seed, epoch, skip)
+        for batch in itertools.islice(micro_batches, per_epoch * s.gradient_accumulation_steps - skip):
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             loss = engine(**batch).loss
             if not guard.ok(loss, f"sft step {step}"):

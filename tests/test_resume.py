@@ -148,7 +148,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_stage(tmp_path: Path):
     assert guard.ok(torch.tensor(1.0), "x") and not guard.ok(torch.tensor(float("nan")), "x")
     assert guard.ok(torch.tensor(2.0), "x") and guard.skipped == 1 and guard.in_a_row == 0
     assert not guard.ok(torch.tensor(float("inf")), "x") and not guard.ok(torch.tensor(float("nan")), "x")
-    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
+    with pytest.raises(NonFiniteLossError, match="3 updates in a row"):
         guard.ok(torch.tensor(float("nan")), "x")
 
     # A learning rate that blows the weights up after one step: skipped steps, then a clear stop.
@@ -157,7 +157,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_stage(tmp_path: Path):
                    "stage.sft.optim.gradient_clipping=0", "stage.sft.optim.num_warmup_steps=0",
                    "stage.sft.checkpoint.every_steps=1")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: sft step 1: loss was not finite 5 steps in a row")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: sft step 1: loss was not finite 5 updates in a row")
     assert (out / "sft" / "checkpoints" / "latest").read_text() == "step_000001"
     assert not (out / "sft" / "manifest.json").exists()
 
@@ -175,7 +175,7 @@ def test_rng_state_round_trips_without_pickle(tmp_path: Path):
     load_rng_state(tmp_path)
     again = (torch.rand(3), np.random.rand(3), random.random(), np.random.normal())
     assert torch.equal(first[0], again[0]) and (first[1] == again[1]).all() and first[2:] == again[2:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rng.json", "rng.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rng_rank0.json", "rng_rank0.safetensors"]
 
 
 def test_resume_path_outside_the_run_is_refused(continuous: Path, tmp_path: Path):
@@ -183,3 +183,47 @@ def test_resume_path_outside_the_run_is_refused(continuous: Path, tmp_path: Path
     proc = run_cli(*ARGS, f"run.output_dir={tmp_path}/run", f"run.resume={elsewhere}", "run.stages=[sft]")
     assert proc.returncode == 2
     assert "only resumed from inside this run's folder" in proc.stderr.strip().splitlines()[-1]
+
+
+def _kill_and_resume_equals_continuous(base: Path | None, tmp_path: Path, extra: list[str], marker: str,
+                                       stage: str, finals: list[str]) -> None:
+    """Run `extra` on top of ARGS twice: uninterrupted, and SIGKILLed at `marker` then resumed."""
+    import shutil
+
+    runs = {}
+    for name in ("continuous", "killed"):
+        out = tmp_path / name
+        if base is not None:
+            shutil.copytree(base, out)
+        if name == "killed":
+            proc = subprocess.Popen([sys.executable, "-m", "pipeline", *ARGS, *extra, f"run.output_dir={out}"], cwd=ROOT,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+            kill_when(proc, marker)
+        proc = run_cli(*ARGS, *extra, f"run.output_dir={out}")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        if name == "killed":
+            assert f"[{stage}] resumed from" in proc.stdout
+        runs[name] = out
+    assert timing_free(train_rows(runs["killed"] / stage / "metrics.jsonl")) == \
+        timing_free(train_rows(runs["continuous"] / stage / "metrics.jsonl"))
+    for final in finals:
+        a, b = weights(runs["killed"] / final), weights(runs["continuous"] / final)
+        assert all(torch.equal(a[k], b[k]) for k in a), final
+
+
+def test_resume_with_gradient_accumulation_across_an_epoch(tmp_path: Path):
+    # 720 examples / 13 = 55 micro-batches: 18 steps of 3 an epoch and one left over, which must not
+    # spill into the next epoch's steps (the run crosses the epoch at step 18; resumed from step 20).
+    extra = ["run.stages=[sft]", "stage.sft.per_device_train_batch_size=13", "stage.sft.gradient_accumulation_steps=3",
+             "stage.sft.max_steps=24"]
+    _kill_and_resume_equals_continuous(None, tmp_path, extra, "[sft] train step 22", "sft", ["sft/final"])
+
+
+def test_ppo_resume_with_generation_batches_epochs_ptx_and_normalisation(continuous: Path, shared_data: Path, tmp_path: Path):
+    extra = ["run.stages=[ppo]", "stage.ppo.generation_batches=2", "stage.ppo.ppo_epochs=2",
+             "stage.ppo.per_device_training_batch_size=8", "stage.ppo.normalize_reward=true",
+             "stage.ppo.kl_target=0.05", "stage.ppo.unsup_coef=0.5",
+             f"data_blend.ptx_path={shared_data / 'tinyshakespeare' / 'input.txt'}", "stage.ppo.max_steps=8"]
+    _kill_and_resume_equals_continuous(continuous, tmp_path, extra, "[ppo] train step 6", "ppo",
+                                       ["ppo/final/actor", "ppo/final/critic", "ppo/final/actor_ema"])
