@@ -1,0 +1,26 @@
+"""GPU checks (marker `gpu`, deselected by default; run with `pytest -m gpu` on a CUDA machine)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+TINY_CUDA = ["+experiment=demo", "hardware=h200-141g", "run.device=cuda", "run.dtype=bf16",
+             "stage.sft.max_steps=5", "stage.rm.max_steps=5", "stage.ppo.max_steps=3"]
+
+
+@pytest.mark.parametrize("backend", ["hf", "deepspeed"])
+def test_ppo_generation_backends_on_cuda(tmp_path: Path, backend: str):
+    out = tmp_path / backend
+    proc = run_cli(*TINY_CUDA, f"stage.ppo.generation.backend={backend}", f"run.output_dir={out}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["ppo"]["steps"] == 3
+    assert (out / "ppo" / "final" / "actor" / "config.json").exists()
