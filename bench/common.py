@@ -218,6 +218,12 @@ def spread(values: list[float]) -> str:
     return f"{med:.3g} ({min(values):.3g}-{max(values):.3g})"
 
 
+def verdict(ratios_: list[float], target: float) -> str:
+    """'target >= T: met' when every pair meets it, 'NOT met' when none does, else 'mixed'."""
+    state = "met" if min(ratios_) >= target else "NOT met" if max(ratios_) < target else "mixed"
+    return f"target >= {target}: {state}"
+
+
 def ratios(runs: dict[str, list[dict]], key: str) -> list[float]:
     """ours_i / theirs_i over the paired runs (higher = we are faster for a rate)."""
     if "trl" not in runs or "ours" not in runs:

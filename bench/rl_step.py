@@ -150,7 +150,7 @@ def main() -> None:
     print(C.table(["side", "samples/s", "s/step", "gen / exp fwd / train", "TFLOPs", "peak RSS MiB"], rows))
     r = C.ratios(runs, "samples_per_s")
     if r:
-        print(f"ours/TRL samples/s: {C.spread(r)}  (target >= 1.5: {'met' if min(r) >= 1.5 else 'NOT met' if max(r) < 1.5 else 'mixed'})")
+        print(f"ours/TRL samples/s: {C.spread(r)}  ({C.verdict(r, 1.5)})")
     if r and not args.no_record:
         o, t = runs["ours"], runs["trl"]
         C.append_result(

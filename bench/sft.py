@@ -120,7 +120,7 @@ def main() -> None:
     print(C.table(["side", "samples/s", "tokens/s", "s/step", "peak RSS MiB"], rows))
     r = C.ratios(runs, "samples_per_s")
     if r:
-        print(f"ours/TRL samples/s: {C.spread(r)}  (target >= 1.0: {'met' if min(r) >= 1.0 else 'NOT met' if max(r) < 1.0 else 'mixed'})")
+        print(f"ours/TRL samples/s: {C.spread(r)}  ({C.verdict(r, 1.0)})")
     if r and not args.no_record:
         o, t = runs["ours"], runs["trl"]
         C.append_result(

@@ -39,10 +39,6 @@ class ModelSpec:
     def is_builtin(self) -> bool:
         return self.source.startswith("builtin:")
 
-    @property
-    def is_local(self) -> bool:
-        return not self.is_builtin and Path(self.source).is_dir()
-
     def num_params(self) -> int:
         """Parameter count from the architecture numbers (exact for OPT and LLaMA)."""
         h, f, v, n = self.hidden_size, self.ffn_dim, self.vocab_size, self.num_layers

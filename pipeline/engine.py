@@ -202,10 +202,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def is_zero3(model: nn.Module) -> bool:
-    return any(hasattr(p, "ds_id") for p in unwrap(model).parameters())
-
-
 @contextmanager
 def gathered_params(model: nn.Module, params: list | None = None, modifier_rank: int | None = None):
     """Full parameters of a ZeRO-3 model (or just `params`) for the duration: one gather, not one

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.catalog import CATALOG, ModelSpec, resolve_model
+from pipeline.catalog import ModelSpec, resolve_model
 from pipeline.checkpoint import barrier
 from pipeline.engine import rank
 
@@ -213,7 +213,3 @@ class RewardModel(nn.Module):
         save_file({"weight": self.v_head.weight.detach().cpu().contiguous()}, path / VALUE_HEAD_FILE)
         (path / REWARD_CONFIG_FILE).write_text(json.dumps(
             {"score": "value_head(last_hidden_state) at the last real token", "value_head": VALUE_HEAD_FILE}, indent=2))
-
-
-def is_builtin(name: str) -> bool:
-    return name in CATALOG and CATALOG[name].is_builtin

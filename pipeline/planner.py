@@ -703,7 +703,7 @@ def _key_prefix(stage: str, role: str) -> tuple[str, str]:
 def _explicit_warnings(inp: _Inputs) -> list[str]:
     out = []
     for (stage, role), c in inp.constraints:
-        sk, lk = _key_prefix(stage, role)
+        sk, _ = _key_prefix(stage, role)
         if c.offload and c.zero_stage == 0:
             out.append(f"{sk}.offload=true has no effect with {sk}.zero_stage=0 (offload needs ZeRO >= 1)")
         if c.offload and inp.device == "cpu":

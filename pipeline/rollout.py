@@ -113,7 +113,6 @@ class RolloutEngine:
                                      "DeepSpeed's hybrid_engine (pass hybrid=... to pipeline.engine.initialize)")
         self.actor, self.tokenizer, self.gen = actor, tokenizer, gen
         self.merge_lora = bool(getattr(gen, "merge_lora", False) if merge_lora is None else merge_lora)
-        self.calls = 0
 
     @contextmanager
     def generation_layout(self):
@@ -160,7 +159,6 @@ class RolloutEngine:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, do_sample: bool = True) -> torch.Tensor:
         """Prompts (B, Lp), left-padded -> prompt + answer (B, Lp + T); rows that ended early are padded."""
-        self.calls += 1
         kwargs = self.sampling_kwargs(do_sample)
         if self.gen.backend == "deepspeed":
             engine = self.actor  # DeepSpeedHybridEngine: switches layouts (and fuses LoRA) itself
