@@ -59,7 +59,7 @@ def child(args, side: str) -> dict:
         engine = initialize(cfg, load_causal_lm(model_dir, tokenizer, cfg.dtype, 0.0), micro_batch=args.batch, grad_accum=1,
                             optim=p.actor_optim, lora=p.actor_lora, strategy=p.actor_strategy, total_steps=10)
         engine.train()
-        rollout = RolloutEngine(engine, tokenizer, p.generation)
+        rollout = RolloutEngine(engine, tokenizer, p.generation, show_progress=False)
         generate = lambda b: rollout.generate(b["input_ids"], b["attention_mask"])  # noqa: E731
     else:
         from transformers import AutoModelForCausalLM, GenerationConfig

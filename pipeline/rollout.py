@@ -5,7 +5,8 @@ Generation layout: eval mode (no dropout), KV cache on, gradient checkpointing o
 parameters gathered once for the whole call (and DeepSpeed's per-module fetch/release hooks
 taken off meanwhile, so no token triggers a gather), LoRA adapters merged into the weights when
 `merge_lora` is set (and the exact original weights restored afterwards), caches released at
-the end. Backends (stage.ppo.generation.backend):
+the end. On rank 0 in a terminal a transient bar counts the decode steps of each call. Backends
+(stage.ppo.generation.backend):
   hf        transformers' generate; any model, CPU and GPU (default)
   deepspeed DeepSpeed's hybrid engine (the actor engine is built with `hybrid_engine` on);
             CUDA inference kernels, only the model families DeepSpeed has inference policies for
@@ -20,6 +21,7 @@ import torch
 
 from pipeline.config import GenerationSection
 from pipeline.engine import gathered_params, unwrap
+from pipeline.tracking import progress, progress_enabled
 
 
 class BackendUnavailable(RuntimeError):
@@ -103,16 +105,36 @@ def _lora_layers(module) -> list:
     return [m for m in module.modules() if hasattr(m, "merge") and hasattr(m, "base_layer")]
 
 
+class DecodeProgress:
+    """A `generate` streamer that advances a transient bar once per decode step (the first `put`
+    is the prompt). It copies each step's tokens to the CPU, so it is used only when a bar shows."""
+
+    def __init__(self, max_new_tokens: int):
+        self.bar = progress(total=max_new_tokens, desc="[ppo] generating", unit="tok", leave=False)
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.bar.update(1)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        self.bar.close()
+
+
 class RolloutEngine:
-    def __init__(self, actor, tokenizer, gen: GenerationSection, merge_lora: bool | None = None):
+    def __init__(self, actor, tokenizer, gen: GenerationSection, merge_lora: bool | None = None,
+                 show_progress: bool | None = None):
         """actor: the actor's DeepSpeed engine (or a plain module). merge_lora: fold LoRA adapters
-        into the weights while generating (default: stage.ppo.generation.merge_lora, off)."""
+        into the weights while generating (default: stage.ppo.generation.merge_lora, off).
+        show_progress: a per-call decode-step bar (default: on rank 0 when stderr is a terminal)."""
         check_backend(gen, unwrap(actor))
         if gen.backend == "deepspeed" and not hasattr(actor, "_inference_containers"):
             raise BackendUnavailable("stage.ppo.generation.backend=deepspeed: the actor engine was built without "
                                      "DeepSpeed's hybrid_engine (pass hybrid=... to pipeline.engine.initialize)")
         self.actor, self.tokenizer, self.gen = actor, tokenizer, gen
         self.merge_lora = bool(getattr(gen, "merge_lora", False) if merge_lora is None else merge_lora)
+        self.show_progress = progress_enabled() if show_progress is None else show_progress
 
     @contextmanager
     def generation_layout(self):
@@ -160,6 +182,8 @@ class RolloutEngine:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, do_sample: bool = True) -> torch.Tensor:
         """Prompts (B, Lp), left-padded -> prompt + answer (B, Lp + T); rows that ended early are padded."""
         kwargs = self.sampling_kwargs(do_sample)
+        if self.show_progress:
+            kwargs["streamer"] = DecodeProgress(self.gen.max_new_tokens)
         if self.gen.backend == "deepspeed":
             engine = self.actor  # DeepSpeedHybridEngine: switches layouts (and fuses LoRA) itself
             engine.eval()

@@ -274,6 +274,27 @@ def test_zero3_lora_merge_for_generation(base_run, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_rollout_progress_bar_counts_decode_steps(base_run, tmp_path, monkeypatch):
+    """With the bar on, generation gives the same tokens and the bar counts one tick per decode step."""
+    from pipeline import rollout as rollout_module
+
+    monkeypatch.setenv("PIPELINE_PROGRESS", "1")
+    cfg, engine, trainer = make_engine(base_run, tmp_path)
+    batch = prompts(base_run, cfg, engine.tokenizer)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ticks = []
+    real_end = rollout_module.DecodeProgress.end
+    monkeypatch.setattr(rollout_module.DecodeProgress, "end", lambda self: (ticks.append(self.bar.n), real_end(self)))
+    silent = rollout_module.RolloutEngine(engine.actor, engine.tokenizer, cfg.stage.ppo.generation, show_progress=False)
+    shown = rollout_module.RolloutEngine(engine.actor, engine.tokenizer, cfg.stage.ppo.generation, show_progress=True)
+    silent.gen.max_new_tokens = 6
+    expected = silent.generate(ids, mask, do_sample=False)
+    assert not ticks
+    got = shown.generate(ids, mask, do_sample=False)
+    assert torch.equal(got, expected)
+    assert ticks == [got.shape[1] - ids.shape[1]] and 1 <= ticks[0] <= 6
+
+
 # ---------------------------------------------------------------------- clear errors
 
 
