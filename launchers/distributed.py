@@ -4,6 +4,12 @@ DeepSpeed launcher when `deployment.launcher` asks for one and this process is n
 The parent stays alive while the ranks run: it forwards SIGUSR1 / SIGTERM to the ranks (so that
 they save a checkpoint at their next step, see pipeline/resume.py) and returns the launcher's
 exit code, or RESUMABLE_EXIT_CODE when a stop signal ended the run early.
+
+On several nodes (DeepSpeed launcher + hostfile) the ranks start through pdsh/ssh in a bare login
+shell, which carries none of this shell's variables but DeepSpeed's own few (PYTHON*, NCCL_*, ...).
+So the parent writes <run>/.launch/node_env.sh (mode 600: it may hold tokens) that puts this
+Python's bin folder first on PATH and exports FORWARDED_ENV_PREFIXES, and every node sources it
+(DeepSpeed's --venv_script).
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ from pipeline.config import ConfigError, RunConfig
 # Set by the parent for its ranks: they must neither relaunch nor requeue.
 RELAUNCHED_ENV = "PIPELINE_RELAUNCHED"
 MULTI_PROCESS_LAUNCHERS = ("torchrun", "deepspeed")
+# Variables every node must see as the launching shell does: caches and offline switches, tokens,
+# logging, thread counts, this project's switches (PIPELINE_PROGRESS, ...).
+FORWARDED_ENV_PREFIXES = ("PIPELINE_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "WANDB_", "TORCH_", "PYTORCH_",
+                          "GLOO_", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "VIRTUAL_ENV")
 
 
 def inside_launcher(env: os._Environ | dict = os.environ) -> bool:
@@ -42,6 +52,7 @@ def procs_per_node(cfg: RunConfig) -> int:
 class Relaunch:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # path -> text, written (mode 600) before launching
 
     def __str__(self) -> str:
         return shlex.join(self.argv)
@@ -57,6 +68,17 @@ def child_overrides(task_overrides: list[str], output_dir: str, hydra_dir: str |
         out.append(f"hydra.run.dir={hydra_dir}")
     out.append("hydra.output_subdir=null")
     return out
+
+
+def node_env_script(env: os._Environ | dict) -> str:
+    """The shell lines that give a rank on another node this process's Python and variables."""
+    lines = ["# Sourced on every node before its ranks start (written by launchers/distributed.py).",
+             f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:\"$PATH\"",
+             f"export {RELAUNCHED_ENV}=1"]
+    for name in sorted(env):
+        if name.startswith(FORWARDED_ENV_PREFIXES) and name != RELAUNCHED_ENV and name.isidentifier():
+            lines.append(f"export {name}={shlex.quote(env[name])}")
+    return "\n".join(lines) + "\n"
 
 
 def relaunch_command(cfg: RunConfig, overrides: list[str], env: os._Environ | dict = os.environ,
@@ -84,6 +106,7 @@ def relaunch_command(cfg: RunConfig, overrides: list[str], env: os._Environ | di
         return Relaunch(argv, child_env)
     if dep.launcher == "deepspeed":
         argv = [sys.executable, "-m", "deepspeed.launcher.runner"]
+        files: dict[str, str] = {}
         if dep.hostfile:
             from launchers.hostfile import HostfileError, read_hostfile
 
@@ -98,7 +121,10 @@ def relaunch_command(cfg: RunConfig, overrides: list[str], env: os._Environ | di
             if too_few:
                 raise ConfigError(f"deployment.procs_per_node={nprocs}: hostfile {dep.hostfile} gives fewer slots on {too_few}")
             master = dep.master_addr if dep.master_addr not in ("127.0.0.1", "localhost") else next(iter(hosts))
-            argv += ["--hostfile", dep.hostfile, f"--num_nodes={dep.nodes}", f"--master_addr={master}"]
+            script = str(cfg.output_dir.expanduser().resolve() / ".launch" / "node_env.sh")
+            files[script] = node_env_script(env)
+            argv += ["--hostfile", dep.hostfile, f"--num_nodes={dep.nodes}", f"--master_addr={master}",
+                     "--venv_script", shlex.quote(script)]
         elif dep.nodes > 1:
             raise ConfigError(f"deployment.nodes={dep.nodes} with deployment.launcher=deepspeed needs "
                               "deployment.hostfile=<file with one 'host slots=N' line per node>")
@@ -106,7 +132,7 @@ def relaunch_command(cfg: RunConfig, overrides: list[str], env: os._Environ | di
             # No hostfile: DeepSpeed's runner uses this machine only.
             argv += [f"--master_addr={dep.master_addr}"]
         argv += [f"--num_gpus={nprocs}", f"--master_port={port}", "--no_local_rank", "--module", "pipeline", *overrides]
-        return Relaunch(argv, child_env)
+        return Relaunch(argv, child_env, files)
     raise ConfigError(f"deployment.launcher={dep.launcher}: not a multi-process launcher "
                       f"({', '.join(MULTI_PROCESS_LAUNCHERS)})")
 
@@ -140,6 +166,12 @@ def run_relaunch(relaunch: Relaunch) -> int:
     """Run the launcher, forward stop signals to the ranks, return the exit code to use."""
     from pipeline.resume import RESUMABLE_EXIT_CODE
 
+    for path, text in relaunch.files.items():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(path, 0o600)  # also when the file was there before
     print(f"launching {relaunch.argv[relaunch.argv.index('-m') + 1]}: {relaunch}", flush=True)
     proc = subprocess.Popen(relaunch.argv, env={**os.environ, **relaunch.env}, preexec_fn=_ignore_usr1)
     stopped: list[int] = []

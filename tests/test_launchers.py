@@ -70,6 +70,30 @@ def test_multi_node_uses_the_deepspeed_launcher_with_the_hostfile(tmp_path: Path
     assert cmd.argv[-3:] == ["--module", "pipeline", "model.actor=opt-66b"]
 
 
+def test_other_nodes_get_this_python_and_the_forwarded_variables(tmp_path: Path):
+    """The script every node sources (DeepSpeed's --venv_script) reproduces the forwarded variables
+    exactly, quotes and spaces included, and nothing else of the launching shell."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("worker-1 slots=1\nworker-2 slots=1\n")
+    cfg = make_cfg(name="multi_node", launcher="deepspeed", nodes=2, procs_per_node=1, hostfile=str(hostfile))
+    cfg.run.output_dir = str(tmp_path / "run")
+    env = {"HF_HOME": "/scratch/my hf", "WANDB_API_KEY": "k'ey\"$x", "PIPELINE_PROGRESS": "0",
+           "UNRELATED_SECRET": "nope", "PATH": "/only/here"}
+    cmd = relaunch_command(cfg, [], env=env, port=29512)
+    script = cmd.argv[cmd.argv.index("--venv_script") + 1]
+    assert script == str(tmp_path / "run" / ".launch" / "node_env.sh") and set(cmd.files) == {script}
+    Path(script).parent.mkdir(parents=True)
+    Path(script).write_text(cmd.files[script])
+    shown = subprocess.run(["bash", "-c", f"source {script}; env -0"], env={"PATH": "/usr/bin:/bin"},
+                           capture_output=True, text=True, check=True).stdout
+    seen = dict(item.split("=", 1) for item in shown.split("\0") if "=" in item)
+    assert {k: seen.get(k) for k in ("HF_HOME", "WANDB_API_KEY", "PIPELINE_PROGRESS", RELAUNCHED_ENV)} == \
+        {"HF_HOME": "/scratch/my hf", "WANDB_API_KEY": "k'ey\"$x", "PIPELINE_PROGRESS": "0", RELAUNCHED_ENV: "1"}
+    assert "UNRELATED_SECRET" not in seen
+    assert seen["PATH"].split(":")[0] == os.path.dirname(sys.executable) and "/only/here" not in seen["PATH"]
+    assert relaunch_command(make_cfg(launcher="deepspeed", procs_per_node=2), [], env=env).files == {}
+
+
 def test_bad_multi_node_settings_name_the_key(tmp_path: Path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("worker-1 slots=8\n")
@@ -149,7 +173,7 @@ def test_hydra_slurm_launcher_config_composes():
 SITECUSTOMIZE = textwrap.dedent('''
     import importlib.abc, importlib.util, json, os, sys
 
-    LOG = os.environ.get("SHARD_LOG_DIR")
+    LOG = os.environ.get("PIPELINE_SHARD_LOG_DIR")
 
     def _patch(mod):
         original = mod.epoch_batches
@@ -191,22 +215,43 @@ SITECUSTOMIZE = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
-    tmp = tmp_path_factory.mktemp("two_rank")
+def run_recording_shards(tmp: Path, *args: str, path_prefix: str = "") -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """Run the pipeline with SMALL + args; each rank logs the examples it trains on to <tmp>/shards."""
     out, shards, hook = tmp / "run", tmp / "shards", tmp / "hook"
     shards.mkdir()
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SHARD_LOG_DIR": str(shards),
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_SHARD_LOG_DIR": str(shards),
            "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    if path_prefix:
+        env["PATH"] = path_prefix + os.pathsep + env["PATH"]
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", RELAUNCHED_ENV):
         env.pop(var, None)
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *SMALL, "+deployment=single_node",
-                           "deployment.procs_per_node=2", f"run.output_dir={out}"],
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *SMALL, *args, f"run.output_dir={out}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out, shards, proc
+
+
+def assert_disjoint_shards(shards: Path) -> None:
+    seen = {rank: [json.loads(line) for line in (shards / f"rank{rank}.jsonl").read_text().splitlines()]
+            for rank in (0, 1)}
+    assert not (shards / "rank2.jsonl").exists()
+    assert all(row["world"] == 2 for rows in seen.values() for row in rows)
+    stages = {row["stage"] for row in seen[0]}
+    assert {"collate_sft", "collate_pairs"} <= stages and len(stages) >= 3, stages  # sft, rm, ppo prompts
+    assert stages == {row["stage"] for row in seen[1]}
+    for stage in stages:
+        mine = {rank: {(r["epoch"], r["index"]) for r in rows if r["stage"] == stage} for rank, rows in seen.items()}
+        assert mine[0] and mine[1], stage
+        assert not mine[0] & mine[1], f"{stage}: ranks 0 and 1 trained on the same examples {sorted(mine[0] & mine[1])[:5]}"
+        assert len(mine[0]) == len(mine[1]), stage  # equal shards: the same number of steps on both ranks
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    return run_recording_shards(tmp_path_factory.mktemp("two_rank"), "+deployment=single_node",
+                                "deployment.procs_per_node=2")
 
 
 def test_two_rank_run_finishes_every_stage_under_torchrun(two_rank_run):
@@ -223,19 +268,28 @@ def test_two_rank_run_finishes_every_stage_under_torchrun(two_rank_run):
 
 
 def test_each_rank_trained_on_its_own_shard(two_rank_run):
-    _, shards, _ = two_rank_run
-    seen = {rank: [json.loads(line) for line in (shards / f"rank{rank}.jsonl").read_text().splitlines()]
-            for rank in (0, 1)}
-    assert not (shards / "rank2.jsonl").exists()
-    assert all(row["world"] == 2 for rows in seen.values() for row in rows)
-    stages = {row["stage"] for row in seen[0]}
-    assert {"collate_sft", "collate_pairs"} <= stages and len(stages) >= 3, stages  # sft, rm, ppo prompts
-    assert stages == {row["stage"] for row in seen[1]}
-    for stage in stages:
-        mine = {rank: {(r["epoch"], r["index"]) for r in rows if r["stage"] == stage} for rank, rows in seen.items()}
-        assert mine[0] and mine[1], stage
-        assert not mine[0] & mine[1], f"{stage}: ranks 0 and 1 trained on the same examples {sorted(mine[0] & mine[1])[:5]}"
-        assert len(mine[0]) == len(mine[1]), stage  # equal shards: the same number of steps on both ranks
+    assert_disjoint_shards(two_rank_run[1])
+
+
+def test_two_node_run_through_the_deepspeed_launcher_and_pdsh(tmp_path: Path):
+    """+deployment=multi_node with a 2-host hostfile, for real up to the network: DeepSpeed's runner
+    calls pdsh, which (tests/fake_cluster/pdsh, both hosts being this machine) starts each node's
+    launcher in a bare login shell as ssh would. The ranks see the forwarded variables only
+    through <run>/.launch/node_env.sh, form one world of 2 and train on disjoint shards."""
+    from pipeline.engine import free_port
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    out, shards, proc = run_recording_shards(
+        tmp_path, "+deployment=multi_node", f"deployment.hostfile={hostfile}", "deployment.nodes=2",
+        "deployment.procs_per_node=1", f"deployment.master_port={free_port()}", "stage.sft.checkpoint.every_steps=0",
+        path_prefix=str(ROOT / "tests" / "fake_cluster"))
+    assert "launching deepspeed.launcher.runner" in proc.stdout and "--venv_script" in proc.stdout
+    assert "localhost: " in proc.stdout and "127.0.0.1: " in proc.stdout  # both nodes' output, through pdsh
+    script = out / ".launch" / "node_env.sh"
+    assert script.stat().st_mode & 0o777 == 0o600 and "PIPELINE_SHARD_LOG_DIR" in script.read_text()
+    assert set(json.loads((out / "results.json").read_text())) == {"sft", "rm", "ppo"}
+    assert_disjoint_shards(shards)
 
 
 def test_eval_metric_is_reduced_over_both_ranks(two_rank_run):
