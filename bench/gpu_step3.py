@@ -90,20 +90,6 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def torch_fused_adam_for_deepspeed() -> None:
-    """DeepSpeed's FusedAdam (what pipeline.engine picks on CUDA) JIT-builds a CUDA op with nvcc on
-    first use; a wheel install with no CUDA toolkit cannot. Stand in torch's own fused AdamW (the
-    same single-kernel update) under that name, so the pipeline's code path is otherwise unchanged."""
-    import deepspeed.ops.adam as ds_adam
-    import torch
-
-    class TorchFusedAdamW(torch.optim.AdamW):
-        def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, **_):
-            super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
-
-    ds_adam.FusedAdam = TorchFusedAdamW
-
-
 def write_models(work: Path, actor_shape: dict, reward_shape: dict, dtype, device: str) -> tuple[Path, Path]:
     from common import write_opt
     from pipeline.models import RewardModel
@@ -161,10 +147,7 @@ def run(args) -> dict:
     print(f"models written ({time.time() - t_start:.0f} s)", flush=True)
     cfg = load_config(config(work, args))
     p = cfg.stage.ppo
-    optimizer = "deepspeed FusedAdam" if dev == "cuda" else "torch AdamW"
-    if dev == "cuda" and not args.ds_fused_adam:
-        torch_fused_adam_for_deepspeed()
-        optimizer = "torch AdamW(fused=True) in place of deepspeed FusedAdam"
+    optimizer = "torch AdamW(fused=True)" if dev == "cuda" else "torch AdamW"
     init_distributed(cfg)
     n_steps = args.warmup + args.steps
     torch.manual_seed(0)
@@ -203,7 +186,7 @@ def run(args) -> dict:
             t["training_flops"] += c["training_flops"]
             t["answer_tokens"] += c["answer_tokens"]
     steps = args.steps
-    n_actor, layers, hidden = engine.sizes["actor"]
+    n_actor, layers, hidden, _ = engine.sizes["actor"]
     # Merged LoRA: the generation layout holds base-shaped weights; count the base parameters only.
     base_params = sum(q.numel() for n, q in engine.actor.module.named_parameters() if "lora_" not in n)
     weight_bytes = base_params * (2 if args.dtype == "bf16" else 4)
@@ -276,8 +259,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--work", default="/tmp/gpu_step3")
-    ap.add_argument("--ds-fused-adam", action="store_true",
-                    help="use DeepSpeed's FusedAdam (JIT-built: needs nvcc and ~1 min) instead of torch's fused AdamW")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="write gpu_step3.json and .txt here")
     ap.add_argument("--record", metavar="JSON", help="append a result file to bench/RESULTS.md and exit")
     args = ap.parse_args()

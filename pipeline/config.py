@@ -27,6 +27,23 @@ class ConfigError(ValueError):
     """A config value is wrong; the message names the key to fix."""
 
 
+def deepspeed_backend_refusal() -> str:
+    """Why stage.ppo.generation.backend=deepspeed (DeepSpeed-Chat's enable_hybrid_engine) cannot run."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "(not installed)"
+
+    return (f"stage.ppo.generation.backend=deepspeed cannot run with transformers {installed('transformers')}: "
+            f"DeepSpeed {installed('deepspeed')}'s hybrid engine swaps decoder layers for inference kernels that "
+            "keep the old tuple KV cache, while transformers >= 4.50 hands every layer a Cache object; DeepSpeed "
+            "skips OPT for this reason (no speed-up) and the other families fail inside generate. "
+            "Use stage.ppo.generation.backend=hf (ZeRO-3 weights are gathered once per generate call, not per token)")
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -107,8 +124,6 @@ class StrategySection:
     # Offload optimizer states (ZeRO >= 1) and, with ZeRO-3, parameters to CPU memory.
     offload: Optional[bool] = None
     gradient_checkpointing: Optional[bool] = None
-    # Tensor-parallel degree for generation (PPO actor, deepspeed backend); 1 = none.
-    tp_degree: Optional[int] = None
 
 
 @dataclass
@@ -158,7 +173,8 @@ class GenerationSection:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    # hf (any model, CPU and GPU) or deepspeed (DeepSpeed's hybrid engine, CUDA only).
+    # hf: transformers' generate on the rollout engine (any model, CPU and GPU). deepspeed (DeepSpeed's
+    # hybrid engine) is refused with the reason: see deepspeed_backend_refusal().
     backend: str = "hf"
     # Fold LoRA adapters into the actor's weights while generating (exact originals restored after).
     merge_lora: bool = False
@@ -403,10 +419,9 @@ def validate(cfg: RunConfig) -> None:
     _check(g.temperature > 0, "stage.ppo.generation.temperature", g.temperature, "must be > 0")
     _check(0 < g.top_p <= 1, "stage.ppo.generation.top_p", g.top_p, "must be in (0, 1]")
     _check(g.top_k >= 0, "stage.ppo.generation.top_k", g.top_k, "must be >= 0")
-    _check(g.backend in ("hf", "deepspeed"), "stage.ppo.generation.backend", g.backend, "must be hf or deepspeed")
-    if g.backend == "deepspeed" and cfg.hardware.device != "cuda":
-        raise ConfigError("stage.ppo.generation.backend=deepspeed needs CUDA (DeepSpeed's hybrid engine "
-                          "uses CUDA inference kernels); use backend=hf on this hardware")
+    if g.backend == "deepspeed":
+        raise ConfigError(deepspeed_backend_refusal())
+    _check(g.backend == "hf", "stage.ppo.generation.backend", g.backend, "must be hf")
     for role in ("actor", "critic"):
         _check_optim(getattr(p, f"{role}_optim"), f"stage.ppo.{role}_optim")
         _check_strategy(getattr(p, f"{role}_strategy"), f"stage.ppo.{role}_strategy")
@@ -432,7 +447,6 @@ def _check_optim(o: OptimSection, p: str) -> None:
 
 def _check_strategy(s: StrategySection, p: str) -> None:
     _check(s.zero_stage is None or s.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", s.zero_stage, "must be 0, 1, 2 or 3")
-    _check(s.tp_degree is None or s.tp_degree >= 1, f"{p}.tp_degree", s.tp_degree, "must be >= 1")
     _check(not s.offload or s.zero_stage is None or s.zero_stage >= 1, f"{p}.offload", s.offload,
            f"needs {p}.zero_stage >= 1 (ZeRO offloads what it partitions)")
 

@@ -86,10 +86,9 @@ def param_groups(model: nn.Module, optim: OptimSection, lora: LoRASection) -> li
     return out
 
 
-def ds_config(cfg: RunConfig, micro_batch: int, grad_accum: int, strategy: StrategySection, optim: OptimSection | None,
-              hybrid: dict | None = None) -> dict:
-    """DeepSpeed's config for one engine. `hybrid`: DeepSpeed hybrid_engine settings (the actor, when
-    stage.ppo.generation.backend=deepspeed), e.g. {"max_out_tokens": 512}."""
+def ds_config(cfg: RunConfig, micro_batch: int, grad_accum: int, strategy: StrategySection,
+              optim: OptimSection | None) -> dict:
+    """DeepSpeed's config for one engine."""
     dtype = cfg.dtype
     zero: dict = {"stage": strategy.zero_stage or 0}
     if strategy.offload and zero["stage"] >= 1:
@@ -112,9 +111,6 @@ def ds_config(cfg: RunConfig, micro_batch: int, grad_accum: int, strategy: Strat
     }
     if optim is not None and optim.gradient_clipping > 0:
         config["gradient_clipping"] = optim.gradient_clipping
-    if hybrid is not None:
-        config["hybrid_engine"] = {"enabled": True, "release_inference_cache": True, "pin_parameters": True,
-                                   "inference_tp_size": strategy.tp_degree or 1, **hybrid}
     return config
 
 
@@ -124,8 +120,9 @@ class OffloadUnavailable(RuntimeError):
 
 def make_optimizer(cfg: RunConfig, model: nn.Module, optim: OptimSection, lora: LoRASection, strategy: StrategySection,
                    key: str = "strategy"):
-    """AdamW; FusedAdam on CUDA; DeepSpeedCPUAdam with offload (a C++ op JIT-built on first use,
-    cached under ~/.cache/torch_extensions; needs a C++ compiler and the Python headers)."""
+    """AdamW: torch's fused single-kernel update on CUDA (DeepSpeed's FusedAdam does the same but
+    JIT-builds a CUDA op with nvcc on first use); DeepSpeedCPUAdam with offload (a C++ op JIT-built
+    on first use, cached under ~/.cache/torch_extensions; needs a C++ compiler and the Python headers)."""
     groups = param_groups(model, optim, lora)
     betas = tuple(optim.betas)
     if strategy.offload:
@@ -141,11 +138,7 @@ def make_optimizer(cfg: RunConfig, model: nn.Module, optim: OptimSection, lora: 
                 f"{key}.offload=true: DeepSpeed's CPU Adam op could not be built or loaded here "
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); it needs a C++ compiler and "
                 f"Python headers (check `ds_report`), or set {key}.offload=false") from err
-    if device_type(cfg) == "cuda":
-        from deepspeed.ops.adam import FusedAdam
-
-        return FusedAdam(groups, lr=optim.learning_rate, betas=betas)
-    return torch.optim.AdamW(groups, lr=optim.learning_rate, betas=betas)
+    return torch.optim.AdamW(groups, lr=optim.learning_rate, betas=betas, fused=device_type(cfg) == "cuda")
 
 
 def initialize(
@@ -159,12 +152,10 @@ def initialize(
     strategy: StrategySection,
     total_steps: int,
     key: str = "strategy",
-    hybrid: dict | None = None,
 ):
     """A DeepSpeed engine training `model` (LoRA and gradient checkpointing applied here).
 
-    key: the config prefix of `strategy` for error messages (e.g. "stage.ppo.actor_strategy");
-    hybrid: build DeepSpeed's hybrid engine (generation backend deepspeed) with these settings."""
+    key: the config prefix of `strategy` for error messages (e.g. "stage.ppo.actor_strategy")."""
     import deepspeed
     from transformers import get_scheduler
 
@@ -178,7 +169,7 @@ def initialize(
                               num_training_steps=max(total_steps, 1))
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=ds_config(cfg, micro_batch, grad_accum, strategy, optim, hybrid),
+        config=ds_config(cfg, micro_batch, grad_accum, strategy, optim),
     )
     if world_size() == 1 and not strategy.zero_stage:
         # One rank, no ZeRO: nothing to reduce, yet DeepSpeed would flatten, all-reduce and copy back every gradient.

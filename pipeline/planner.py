@@ -35,10 +35,9 @@ Activations per transformer layer (Korthikanti et al. 2022, "Reducing Activation
     activations during its recompute.
     Language-model head: logits s*b*V in d plus fp32 copies for the loss (upcast, log-softmax and
     its gradient): (d + 8) bytes per logit. Value heads: negligible.
-Generation (PPO actor): KV cache 2 * layers * b * s * kv_heads*head_dim * d, split over the TP
-    degree; with ZeRO-3 the rollout engine gathers the whole actor once per generation call
-    (d*P/tp on each device) when that fits, else streams it layer by layer (slow; never from
-    host RAM, so not with parameter offload).
+Generation (PPO actor): KV cache 2 * layers * b * s * kv_heads*head_dim * d; with ZeRO-3 the
+    rollout engine gathers the whole actor once per generation call (d*P on each device) when that
+    fits, else streams it layer by layer (slow; never from host RAM, so not with parameter offload).
 PPO peak = every model's resident state + max(generation, experience forward, training), since
     the phases run one after another (actor and critic backward are also sequential).
 Fit: peak <= (1 - HEADROOM) * device memory - fixed overhead (CUDA context, cuBLAS/NCCL
@@ -59,8 +58,7 @@ Order of preference (fastest first; the first that fits wins)
 Within an offload level: full fine-tuning before LoRA, then no checkpointing before checkpointing,
 then the lower ZeRO stage first. For PPO the actor (the larger model, which
 also generates) gets the fastest layout first; the critic takes the fastest that fits next to it.
-Generation prefers TP 1 (no TP traffic), then larger TP degrees (deepspeed backend, within a
-node), then ZeRO-3 layer-by-layer gathering. Explicit user settings always win: they filter the
+Generation prefers gathering the whole ZeRO-3 actor once per call, then layer-by-layer gathering. Explicit user settings always win: they filter the
 candidates, and when none of the remaining ones fits the planner warns and suggests what would.
 """
 
@@ -203,12 +201,12 @@ def training_activation_bytes(spec: ModelSpec, batch: int, seq: int, dtype: str,
     return float(body + 2 * d * sbh + head)
 
 
-def kv_cache_bytes(spec: ModelSpec, batch: int, seq: int, dtype: str, tp: int = 1) -> float:
-    """KV cache: 2 (K and V) * layers * b * s * kv_heads * head_dim * d, split over TP ranks."""
+def kv_cache_bytes(spec: ModelSpec, batch: int, seq: int, dtype: str) -> float:
+    """KV cache: 2 (K and V) * layers * b * s * kv_heads * head_dim * d."""
     d = DTYPE_BYTES[dtype]
     head_dim = spec.hidden_size // spec.num_heads
     kv = (spec.num_kv_heads or spec.num_heads) * head_dim
-    return float(2 * spec.num_layers * batch * seq * kv * d) / max(1, tp)
+    return float(2 * spec.num_layers * batch * seq * kv * d)
 
 
 def forward_transient_bytes(spec: ModelSpec, batch: int, seq: int, dtype: str, *, lm_head: bool) -> float:
@@ -229,12 +227,10 @@ class Strategy:
     offload: bool = False
     gradient_checkpointing: bool = False
     lora_dim: int = 0
-    tp_degree: int = 1
 
     def label(self) -> str:
         return (f"ZeRO-{self.zero_stage}{' +offload' if self.offload else ''}"
-                f"{' +ckpt' if self.gradient_checkpointing else ''}{f' +LoRA{self.lora_dim}' if self.lora_dim else ''}"
-                f"{f' TP{self.tp_degree}' if self.tp_degree > 1 else ''}")
+                f"{' +ckpt' if self.gradient_checkpointing else ''}{f' +LoRA{self.lora_dim}' if self.lora_dim else ''}")
 
 
 @dataclass
@@ -296,7 +292,7 @@ class Plan:
             chosen = self.stages[stage].role(role).strategy
             section = getattr(cfg.stage, sec)
             strat, lora = getattr(section, strat_name), getattr(section, lora_name)
-            for key in ("zero_stage", "offload", "gradient_checkpointing", "tp_degree"):
+            for key in ("zero_stage", "offload", "gradient_checkpointing"):
                 if getattr(strat, key) is None:
                     setattr(strat, key, getattr(chosen, key))
             if lora.dim is None:
@@ -337,7 +333,7 @@ class Plan:
         (out / "plan.txt").write_text("\n".join(notes) + "\n")
 
     def table(self) -> str:
-        head = ["stage", "role", "model", "params", "ZeRO", "offload", "LoRA", "grad ckpt", "TP",
+        head = ["stage", "role", "model", "params", "ZeRO", "offload", "LoRA", "grad ckpt",
                 "GiB/device", "device GiB", "fits?"]
         rows = []
         for name, sp in self.stages.items():
@@ -345,9 +341,9 @@ class Plan:
                 s = r.strategy
                 rows.append([name if sp.active else f"({name})", r.role, r.model, _fmt_params(r.params),
                              str(s.zero_stage), "yes" if s.offload else "no", str(s.lora_dim) if s.lora_dim else "-",
-                             "yes" if s.gradient_checkpointing else "no", str(s.tp_degree),
+                             "yes" if s.gradient_checkpointing else "no",
                              f"{r.device_gib:.1f}", "", ""])
-            rows.append([name if sp.active else f"({name})", "= peak", "", "", "", "", "", "", "",
+            rows.append([name if sp.active else f"({name})", "= peak", "", "", "", "", "", "",
                          f"{sp.peak_gib:.1f}", f"{sp.device_gib:.1f} ({sp.usable_gib:.1f} usable)",
                          "yes" if sp.fits else "NO"])
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
@@ -370,7 +366,6 @@ class _Constraint:
     zero_stage: Optional[int] = None
     offload: Optional[bool] = None
     gradient_checkpointing: Optional[bool] = None
-    tp_degree: Optional[int] = None
     lora_dim: Optional[int] = None
 
     def given(self) -> dict[str, Any]:
@@ -385,7 +380,6 @@ class _Inputs:
     world: int
     dtype: str
     host_gib: float  # host RAM per node
-    backend: str
     dropout: bool
     actor: Optional[ModelSpec]
     reward: Optional[ModelSpec]
@@ -436,11 +430,11 @@ def _inputs(cfg: Any) -> _Inputs:
     for (stage, role), (sec, strat_name, lora_name) in _FIELDS.items():
         section = getattr(cfg.stage, sec)
         s, lora = getattr(section, strat_name), getattr(section, lora_name)
-        cons.append(((stage, role), _Constraint(s.zero_stage, s.offload, s.gradient_checkpointing, s.tp_degree, lora.dim)))
+        cons.append(((stage, role), _Constraint(s.zero_stage, s.offload, s.gradient_checkpointing, lora.dim)))
     dropout = cfg.model.dropout
     return _Inputs(
         device=hw.device, memory_gib=float(hw.memory_gib), ranks_per_node=per_node, world=world,
-        dtype=cfg.dtype, host_gib=float(host), backend=cfg.stage.ppo.generation.backend,
+        dtype=cfg.dtype, host_gib=float(host),
         dropout=bool(dropout is None or dropout > 0),
         actor=_spec(cfg.model.actor), reward=_spec(cfg.model.reward),
         actor_name=cfg.model.actor, reward_name=cfg.model.reward,
@@ -476,7 +470,7 @@ def _candidates(inp: _Inputs, c: _Constraint) -> list[Strategy]:
                 continue  # offload needs ZeRO >= 1
             for gc in gcs:
                 for lora in loras:
-                    out.append(Strategy(z, off, gc, lora, 1))
+                    out.append(Strategy(z, off, gc, lora))
     out.sort(key=lambda s: (_offload_level(s), s.lora_dim > 0, s.gradient_checkpointing, s.zero_stage))
     return out
 
@@ -520,7 +514,6 @@ def _fallback_strategy(inp: _Inputs, c: _Constraint) -> Strategy:
         bool(c.offload) if c.offload is not None else False,
         c.gradient_checkpointing if c.gradient_checkpointing is not None else True,
         c.lora_dim if c.lora_dim is not None else 0,
-        c.tp_degree if c.tp_degree is not None else 1,
     )
 
 
@@ -553,8 +546,6 @@ def _single_stage(inp: _Inputs, stage: str, role: str, spec: Optional[ModelSpec]
 
         best = min(cands, key=total)
         chosen, mem = best, _trained_mem(inp, spec, best, lm=lm, batch=batch, seq=seq)
-    tp = c.tp_degree if c.tp_degree is not None else 1
-    chosen = dataclasses.replace(chosen, tp_degree=tp)
     n = (spec.num_params() if lm else reward_params(spec))
     peak = (mem.state + mem.act) / GIB
     rp = RolePlan(role, name, n, True, chosen, peak, mem.host / GIB, mem.breakdown, c.given())
@@ -562,18 +553,11 @@ def _single_stage(inp: _Inputs, stage: str, role: str, spec: Optional[ModelSpec]
                      {"train": peak})
 
 
-def _gen_options(inp: _Inputs, a: Strategy, c: _Constraint) -> list[tuple[int, bool]]:
-    """(tp degree, gather whole actor) for generation, preferred first."""
-    if c.tp_degree is not None:
-        tps = [c.tp_degree]
-    elif inp.backend == "deepspeed" and inp.device == "cuda":
-        tps = [t for t in (1, 2, 4, 8) if t <= inp.ranks_per_node and inp.ranks_per_node % t == 0]
-    else:
-        tps = [1]
-    opts = [(t, True) for t in tps]
+def _gather_options(a: Strategy) -> list[bool]:
+    """Whether generation gathers the whole actor at once, preferred first."""
     if a.zero_stage >= 3 and not a.offload:
-        opts.append((tps[0], False))  # ZeRO-3 layer-by-layer gathering during generation
-    return opts
+        return [True, False]  # else ZeRO-3 layer-by-layer gathering during generation
+    return [True]
 
 
 def _ppo_stage(inp: _Inputs, active: bool) -> StagePlan:
@@ -605,34 +589,29 @@ def _ppo_stage(inp: _Inputs, active: bool) -> StagePlan:
     experience = max(forward_transient_bytes(A, inp.ppo_gen_batch, seq, inp.dtype, lm_head=True),
                      forward_transient_bytes(R, inp.ppo_gen_batch, seq, inp.dtype, lm_head=False))
 
-    def gen_bytes(a: Strategy, am: _RoleMem, tp: int, gather: bool) -> float:
+    def gen_bytes(a: Strategy, gather: bool) -> float:
         lora_extra = lora_params(A, a.lora_dim) * d
-        if a.zero_stage >= 3 and gather:
-            weights = (n_actor * d + lora_extra) / tp  # gathered copy (the shard stays)
-        elif tp > 1:
-            weights = (n_actor * d + lora_extra) / tp  # TP-sliced inference containers
-        else:
-            weights = 0.0
-        return weights + kv_full / tp + prefill
+        weights = n_actor * d + lora_extra if a.zero_stage >= 3 and gather else 0.0  # gathered copy (the shard stays)
+        return weights + kv_full + prefill
 
     a_cands, c_cands = _candidates(inp, ca), _candidates(inp, cc)
     a_mems = [(s, *actor_side(s)) for s in a_cands]
     c_mems = [(s, *critic_side(s)) for s in c_cands]
 
-    def evaluate(a, am, ref, ema, c, cm, rew, tp, gather):
+    def evaluate(a, am, ref, ema, c, cm, rew, gather):
         persistent = am.state + ref.state + (ema.state if ema else 0) + cm.state + rew.state
         host = am.host + ref.host + (ema.host if ema else 0) + cm.host + rew.host
-        phases = {"generation": gen_bytes(a, am, tp, gather), "experience": experience,
+        phases = {"generation": gen_bytes(a, gather), "experience": experience,
                   "train": max(am.act, cm.act)}
         return persistent + max(phases.values()), host, persistent, phases
 
     chosen = None
     for a, am, ref, ema in a_mems:
         for c, cm, rew in c_mems:
-            for tp, gather in _gen_options(inp, a, ca):
-                peak, host, persistent, phases = evaluate(a, am, ref, ema, c, cm, rew, tp, gather)
+            for gather in _gather_options(a):
+                peak, host, persistent, phases = evaluate(a, am, ref, ema, c, cm, rew, gather)
                 if peak <= usable and host <= host_cap:
-                    chosen = (a, am, ref, ema, c, cm, rew, tp, gather)
+                    chosen = (a, am, ref, ema, c, cm, rew, gather)
                     break
             if chosen:
                 break
@@ -643,15 +622,14 @@ def _ppo_stage(inp: _Inputs, active: bool) -> StagePlan:
         best = None
         for a, am, ref, ema in a_mems:
             for c, cm, rew in c_mems:
-                for tp, gather in _gen_options(inp, a, ca):
-                    peak = evaluate(a, am, ref, ema, c, cm, rew, tp, gather)[0]
+                for gather in _gather_options(a):
+                    peak = evaluate(a, am, ref, ema, c, cm, rew, gather)[0]
                     if best is None or peak < best[0]:
-                        best = (peak, (a, am, ref, ema, c, cm, rew, tp, gather))
+                        best = (peak, (a, am, ref, ema, c, cm, rew, gather))
         chosen = best[1]
-    a, am, ref, ema, c, cm, rew, tp, gather = chosen
-    peak, host, persistent, phases = evaluate(a, am, ref, ema, c, cm, rew, tp, gather)
-    a = dataclasses.replace(a, tp_degree=tp)
-    gen_a = gen_bytes(a, am, tp, gather)
+    a, am, ref, ema, c, cm, rew, gather = chosen
+    peak, host, persistent, phases = evaluate(a, am, ref, ema, c, cm, rew, gather)
+    gen_a = gen_bytes(a, gather)
     roles = [
         RolePlan("actor", inp.actor_name, n_actor, True, a,
                  (am.state + max(am.act, gen_a, experience)) / GIB, am.host / GIB,
@@ -708,14 +686,6 @@ def _explicit_warnings(inp: _Inputs) -> list[str]:
             out.append(f"{sk}.offload=true has no effect with {sk}.zero_stage=0 (offload needs ZeRO >= 1)")
         if c.offload and inp.device == "cpu":
             out.append(f"{sk}.offload=true on a CPU device only moves memory within the same RAM")
-        if c.tp_degree and c.tp_degree > 1:
-            if not (stage == "ppo" and role == "actor"):
-                out.append(f"{sk}.tp_degree={c.tp_degree} is used only for PPO generation; ignored here")
-            elif inp.backend != "deepspeed":
-                out.append(f"{sk}.tp_degree={c.tp_degree} needs stage.ppo.generation.backend=deepspeed; "
-                           f"the hf backend generates without tensor parallelism")
-            elif inp.ranks_per_node % c.tp_degree:
-                out.append(f"{sk}.tp_degree={c.tp_degree} does not divide the {inp.ranks_per_node} processes per node")
     return out
 
 
@@ -741,12 +711,6 @@ def _suggest(inp: _Inputs, stage: str, active: set[str]) -> list[str]:
                              for k, c in given for f in c.given())
             layout = "; ".join(f"{r.role}: {r.strategy.label()}" for r in sp.roles if r.trained)
             out.append(f"leave {keys} to the planner: it would choose {layout} ({sp.peak_gib:.1f} GiB)")
-    if inp.device == "cuda" and stage == "ppo" and inp.backend != "deepspeed":
-        i = dataclasses.replace(free, backend="deepspeed", ranks_per_node=max(inp.ranks_per_node, 1))
-        sp = fits(i)
-        if sp and sp.role("actor").strategy.tp_degree > 1:
-            out.append(f"stage.ppo.generation.backend=deepspeed stage.ppo.actor_strategy.tp_degree="
-                       f"{sp.role('actor').strategy.tp_degree} (tensor-parallel generation)")
     for w in _world_options(free):
         per = free.ranks_per_node if free.world > 1 or inp.device == "cpu" else min(w, 8)
         i = dataclasses.replace(free, world=w, ranks_per_node=per)

@@ -93,14 +93,10 @@ class RLHFEngine:
         def actor_model():
             return load_causal_lm(str(actor_model_name_or_path), tokenizer, args.dtype, args.model.dropout, trust)
 
-        model = actor_model()
-        check_backend(p.generation, model)  # before any engine is built: a clear error, early
-        hybrid = None
-        if p.generation.backend == "deepspeed":
-            hybrid = {"max_out_tokens": args.data_blend.max_prompt_len + p.generation.max_new_tokens}
-        self.actor = initialize(args, model, micro_batch=p.per_device_training_batch_size, grad_accum=1,
+        check_backend(p.generation)  # before any model is loaded: a clear error, early
+        self.actor = initialize(args, actor_model(), micro_batch=p.per_device_training_batch_size, grad_accum=1,
                                 optim=p.actor_optim, lora=p.actor_lora, strategy=p.actor_strategy,
-                                total_steps=num_total_iters, key="stage.ppo.actor_strategy", hybrid=hybrid)
+                                total_steps=num_total_iters, key="stage.ppo.actor_strategy")
         self.ref = inference_engine(args, actor_model(), p.actor_strategy)
         self.ema = None
         if p.ema_beta is not None:

@@ -5,11 +5,11 @@ Generation layout: eval mode (no dropout), KV cache on, gradient checkpointing o
 parameters gathered once for the whole call (and DeepSpeed's per-module fetch/release hooks
 taken off meanwhile, so no token triggers a gather), LoRA adapters merged into the weights when
 `merge_lora` is set (and the exact original weights restored afterwards), caches released at
-the end. On rank 0 in a terminal a transient bar counts the decode steps of each call. Backends
-(stage.ppo.generation.backend):
-  hf        transformers' generate; any model, CPU and GPU (default)
-  deepspeed DeepSpeed's hybrid engine (the actor engine is built with `hybrid_engine` on);
-            CUDA inference kernels, only the model families DeepSpeed has inference policies for
+the end. On rank 0 in a terminal a transient bar counts the decode steps of each call.
+
+Backend (stage.ppo.generation.backend): hf, transformers' generate, any model, CPU and GPU.
+DeepSpeed's hybrid engine (DeepSpeed-Chat's enable_hybrid_engine) is refused with the reason
+(pipeline.config.deepspeed_backend_refusal): its inference kernels predate transformers' Cache.
 """
 
 from __future__ import annotations
@@ -19,48 +19,22 @@ from contextlib import contextmanager
 
 import torch
 
-from pipeline.config import GenerationSection
+from pipeline.config import GenerationSection, deepspeed_backend_refusal
 from pipeline.engine import gathered_params, unwrap
 from pipeline.tracking import progress, progress_enabled
 
 
 class BackendUnavailable(RuntimeError):
-    """The configured generation backend cannot run here; the message names the key to change."""
+    """The configured generation backend cannot run; the message names the key to change."""
 
 
-def hybrid_engine_families() -> list[str]:
-    """Model layer classes DeepSpeed's hybrid engine has inference policies for (what it can run)."""
-    from deepspeed.module_inject.replace_policy import replace_policies
-
-    names = []
-    for policy in replace_policies:
-        try:
-            policy()  # sets _orig_layer_class when transformers has the family
-        except Exception:
-            continue
-        orig = getattr(policy, "_orig_layer_class", None)
-        for cls in orig if isinstance(orig, list) else [orig]:
-            if cls is not None:
-                names.append(cls.__name__)
-    return sorted(set(names))
-
-
-def check_backend(gen: GenerationSection, model: torch.nn.Module | None = None) -> None:
-    """Raise BackendUnavailable (naming stage.ppo.generation.backend) when `gen.backend` cannot run."""
-    if gen.backend == "hf":
-        return
-    if gen.backend != "deepspeed":
-        raise BackendUnavailable(f"stage.ppo.generation.backend={gen.backend}: choose hf or deepspeed")
-    if not torch.cuda.is_available():
-        raise BackendUnavailable("stage.ppo.generation.backend=deepspeed needs CUDA (DeepSpeed's hybrid engine runs "
-                                 "CUDA inference kernels); no CUDA device here: use stage.ppo.generation.backend=hf")
-    if model is not None:
-        supported = set(hybrid_engine_families())
-        layers = {type(m).__name__ for m in model.modules()}
-        if not layers & supported:
-            raise BackendUnavailable(
-                f"stage.ppo.generation.backend=deepspeed: DeepSpeed's hybrid engine has no inference policy for "
-                f"{type(unwrap(model)).__name__} (supported layers: {', '.join(sorted(supported))}); use backend=hf")
+def check_backend(gen: GenerationSection) -> None:
+    """Raise BackendUnavailable (naming stage.ppo.generation.backend) unless the backend can run
+    (also for API users who build a RunConfig without load_config)."""
+    if gen.backend == "deepspeed":
+        raise BackendUnavailable(deepspeed_backend_refusal())
+    if gen.backend != "hf":
+        raise BackendUnavailable(f"stage.ppo.generation.backend={gen.backend}: must be hf")
 
 
 def _zero3_offload(engine):
@@ -128,10 +102,7 @@ class RolloutEngine:
         """actor: the actor's DeepSpeed engine (or a plain module). merge_lora: fold LoRA adapters
         into the weights while generating (default: stage.ppo.generation.merge_lora, off).
         show_progress: a per-call decode-step bar (default: on rank 0 when stderr is a terminal)."""
-        check_backend(gen, unwrap(actor))
-        if gen.backend == "deepspeed" and not hasattr(actor, "_inference_containers"):
-            raise BackendUnavailable("stage.ppo.generation.backend=deepspeed: the actor engine was built without "
-                                     "DeepSpeed's hybrid_engine (pass hybrid=... to pipeline.engine.initialize)")
+        check_backend(gen)
         self.actor, self.tokenizer, self.gen = actor, tokenizer, gen
         self.merge_lora = bool(getattr(gen, "merge_lora", False) if merge_lora is None else merge_lora)
         self.show_progress = progress_enabled() if show_progress is None else show_progress
@@ -184,13 +155,6 @@ class RolloutEngine:
         kwargs = self.sampling_kwargs(do_sample)
         if self.show_progress:
             kwargs["streamer"] = DecodeProgress(self.gen.max_new_tokens)
-        if self.gen.backend == "deepspeed":
-            engine = self.actor  # DeepSpeedHybridEngine: switches layouts (and fuses LoRA) itself
-            engine.eval()
-            try:
-                return engine.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            finally:
-                engine.train()
         with self.generation_layout() as module:
             return module.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 

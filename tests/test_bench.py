@@ -47,3 +47,23 @@ def test_gpu_script_report_formats():
          "roofline_tokens_per_s": 100.0, "roofline_frac": 0.64, "roofline_frac_measured_bw": 0.64,
          "training_tflops": 0.01, "matmul_peak_tflops": 0.1, "training_mfu": 0.1, "peak_mem_gib": None}
     assert "64.0%" in gpu_step3.report(r)
+
+
+def test_gpu_script_runs_end_to_end_in_its_cpu_smoke_mode(tmp_path):
+    """The GPU benchmark's whole path (model writing, RLHFEngine/PPOTrainer, timing, roofline
+    arithmetic, report files) on CPU with tiny shapes, so a lent GPU's minutes are not spent on a bug."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_step3.py"), "--device", "cpu", "--tiny",
+                           "--steps", "1", "--warmup", "0", "--work", str(tmp_path / "work"), "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    r = json.loads((tmp_path / "gpu_step3.json").read_text())
+    assert r["steps"] == 1 and r["batch"] == 4 and r["actor_params"] > 0
+    assert r["step_s"] > 0 and r["generation_tokens_per_s"] > 0 and r["training_tflops"] > 0
+    assert 0 < r["roofline_frac"] <= 1 and 0 < r["training_mfu"] <= 1
+    assert 0.8 <= r["generation_frac"] + r["experience_frac"] + r["training_frac"] <= 1.01
+    assert "end-to-end" in (tmp_path / "gpu_step3.txt").read_text()

@@ -140,7 +140,7 @@ def test_kv_cache_and_gqa():
     assert P.kv_cache_bytes(llama70, 1, 4096, "fp16") == 2 * 80 * 4096 * 1024 * 2  # 1.25 GiB
     assert P.kv_cache_bytes(llama70, 1, 4096, "fp16") / 2**30 == 1.25
     opt = resolve_model("opt-13b")
-    assert P.kv_cache_bytes(opt, 16, 512, "bf16", tp=4) == 2 * 40 * 16 * 512 * 5120 * 2 / 4
+    assert P.kv_cache_bytes(opt, 16, 512, "bf16") == 2 * 40 * 16 * 512 * 5120 * 2
 
 
 def test_reward_params_drop_untied_head():
@@ -164,7 +164,7 @@ def test_cpu_natural_choice_and_apply_fills_everything(tmp_path):
     assert plan.fits and not plan.warnings and not plan.suggestions
     plan.apply(cfg)
     for s in _strategy_fields(cfg):
-        assert (s.zero_stage, s.offload, s.gradient_checkpointing, s.tp_degree) == (0, False, False, 1)
+        assert (s.zero_stage, s.offload, s.gradient_checkpointing) == (0, False, False)
     for lora in (cfg.stage.sft.lora, cfg.stage.rm.lora, cfg.stage.ppo.actor_lora, cfg.stage.ppo.critic_lora):
         assert lora.dim == 0
     assert json.loads(json.dumps(plan.to_dict()))["fits"] is True
@@ -172,7 +172,7 @@ def test_cpu_natural_choice_and_apply_fills_everything(tmp_path):
     assert json.loads((tmp_path / "plan.json").read_text())["stages"]["ppo"]["fits"] is True
     assert "ZeRO" in (tmp_path / "plan.txt").read_text()
     table = plan.table()
-    for col in ("stage", "role", "ZeRO", "offload", "LoRA", "grad ckpt", "TP", "GiB/device", "fits?"):
+    for col in ("stage", "role", "ZeRO", "offload", "LoRA", "grad ckpt", "GiB/device", "fits?"):
         assert col in table
     assert {"actor", "critic", "ref", "reward"} <= {r.role for r in plan.stages["ppo"].roles}
 
@@ -188,13 +188,13 @@ def test_ema_adds_a_frozen_copy():
 def test_preference_order_prefers_less_sharding_first():
     # opt-1.3b full fine-tune fits plain on an 80G GPU: ZeRO-0, no ckpt, no LoRA, no offload.
     s = P.plan_run(make("opt-1.3b", "a100-80g")).stages["sft"].role("actor").strategy
-    assert s == P.Strategy(0, False, False, 0, 1)
+    assert s == P.Strategy(0, False, False, 0)
     # opt-13b over 8 x A100-40G: not at ZeRO 0-2; sharding comes before LoRA and offload.
     s = P.plan_run(make("opt-13b", "a100-40g", procs=8)).stages["sft"].role("actor").strategy
     assert s.zero_stage == 3 and s.lora_dim == 0 and not s.offload
     order = P._candidates(P._inputs(make("opt-1.3b", "a100-80g")), P._Constraint())
     ranks = [(P._offload_level(c), c.lora_dim > 0, c.gradient_checkpointing) for c in order]
-    assert ranks == sorted(ranks) and order[0] == P.Strategy(0, False, False, 0, 1)
+    assert ranks == sorted(ranks) and order[0] == P.Strategy(0, False, False, 0)
 
 
 def test_explicit_settings_win_and_warn_when_they_do_not_fit():
@@ -217,10 +217,9 @@ def test_explicit_settings_win_and_warn_when_they_do_not_fit():
 
 
 def test_inconsistent_explicit_settings_warn():
-    cfg = make("opt-1.3b", "a100-80g", stage__ppo__actor_strategy__tp_degree=2,
-               stage__sft__strategy__zero_stage=0, stage__sft__strategy__offload=True)
+    cfg = make("opt-1.3b", "a100-80g", stage__sft__strategy__zero_stage=0, stage__sft__strategy__offload=True)
     w = " ".join(P.plan_run(cfg).warnings)
-    assert "backend=deepspeed" in w and "offload needs ZeRO" in w
+    assert "offload needs ZeRO" in w
 
 
 def _largest_actor(profile: str, dtype: str | None = None) -> str:
@@ -282,7 +281,7 @@ def test_dry_run_every_catalog_model_on_every_profile(profile):
             assert plan.suggestions
         plan.apply(cfg)
         for s in _strategy_fields(cfg):
-            assert None not in (s.zero_stage, s.offload, s.gradient_checkpointing, s.tp_degree)
+            assert None not in (s.zero_stage, s.offload, s.gradient_checkpointing)
 
 
 def test_unsized_hub_model_gets_a_conservative_plan(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -298,15 +299,25 @@ def test_rollout_progress_bar_counts_decode_steps(base_run, tmp_path, monkeypatc
 # ---------------------------------------------------------------------- clear errors
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
-def test_deepspeed_backend_needs_cuda():
+def test_deepspeed_backend_is_refused_with_the_reason(tmp_path):
+    """DeepSpeed's hybrid engine cannot run on transformers >= 4.50 (its kernels keep the tuple KV
+    cache): refused at config time and through the Python API, before any model is loaded."""
+    import transformers
+
     from pipeline.config import ConfigError
+    from pipeline.rlhf import RLHFEngine
     from pipeline.rollout import BackendUnavailable, check_backend
 
-    with pytest.raises(BackendUnavailable, match=r"stage\.ppo\.generation\.backend=deepspeed needs CUDA"):
-        check_backend(GenerationSection(backend="deepspeed"))
-    with pytest.raises(ConfigError, match=r"stage\.ppo\.generation\.backend=deepspeed"):
+    why = rf"stage\.ppo\.generation\.backend=deepspeed cannot run with transformers {re.escape(transformers.__version__)}.*backend=hf"
+    with pytest.raises(ConfigError, match=why):
         load_config(config(Path("/tmp/unused"), ["ppo"], generation={"backend": "deepspeed"}))
+    with pytest.raises(BackendUnavailable, match=why):
+        check_backend(GenerationSection(backend="deepspeed"))
+    cfg = load_config(config(tmp_path, ["ppo"]))
+    cfg.stage.ppo.generation.backend = "deepspeed"  # an API user's RunConfig, never validated
+    with pytest.raises(BackendUnavailable, match=why):
+        RLHFEngine(actor_model_name_or_path="/nonexistent/actor", critic_model_name_or_path="/nonexistent/critic",
+                   tokenizer=None, num_total_iters=1, args=cfg)
 
 
 def test_offload_needs_zero():
