@@ -275,6 +275,26 @@ def test_hub_format_adapters_on_local_files(tmp_path):
     # SFT-only (no rejected).
     zh = write_jsonl(tmp_path / "zh.jsonl", [{"INSTRUCTION": "i", "RESPONSE": "r"}])
     assert read_source(DatasetSpec("wangrui6/Zhihu-KOL", path=str(zh)), 0).train[0].rejected is None
+    # DeepSpeed-Chat's other SFT-only sets, in their published columns.
+    mk = write_jsonl(tmp_path / "mkqa.jsonl", [
+        {"query": "who?", "queries": {"ja": "誰？", "zh_cn": "谁？"},
+         "answers": {"ja": [{"type": "entity", "text": "太郎"}], "zh_cn": [{"type": "entity", "text": "太郎"}]}},
+        {"query": "when?", "queries": {"ja": "いつ？", "zh_cn": "何时？"}, "answers": {"ja": [], "zh_cn": []}}])
+    ja = read_source(DatasetSpec("mkqa-Japanese", path=str(mk)), 0)
+    assert ja.train == [Record([{"role": "user", "content": "誰？"}], "太郎")] and ja.dropped == {"no ja query or answer": 1}
+    assert read_source(DatasetSpec("mkqa-Chinese", path=str(mk)), 0).train[0].messages[0]["content"] == "谁？"
+    qg = write_jsonl(tmp_path / "qg.jsonl", [{"question": "q?", "sentence": "s.", "paragraph": "p"}])
+    assert read_source(DatasetSpec("lmqg/qg_jaquad", path=str(qg)), 0).train == [Record([{"role": "user", "content": "q?"}], "s.")]
+    qag = write_jsonl(tmp_path / "qag.jsonl", [{"questions": ["q1?", "q2?"], "paragraph": "p."}, {"questions": [], "paragraph": "x"}])
+    src = read_source(DatasetSpec("lmqg/qag_jaquad", path=str(qag)), 0)
+    assert src.train == [Record([{"role": "user", "content": "q1?"}], "p.")] and src.dropped == {"no question": 1}
+    vic = write_jsonl(tmp_path / "vicuna.jsonl", [
+        {"prompt": "USER: hi ASSISTANT: hello USER: and? ASSISTANT:", "label": " more"},
+        {"prompt": "USER: hi ASSISTANT: hello", "label": "x"}])
+    src = read_source(DatasetSpec("pvduy/sharegpt_alpaca_oa_vicuna_format", path=str(vic)), 0)
+    assert src.train == [Record([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                                 {"role": "user", "content": "and?"}], "more")]
+    assert src.dropped == {"prompt does not end with a USER turn, or empty label": 1}
 
 
 def test_local_field_mappings(tmp_path, builtin_tok):

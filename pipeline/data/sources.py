@@ -200,6 +200,39 @@ def adapt_miracl(row, where, spec, key):
                   _answer(neg[0]["text"]) if neg else None)
 
 
+def _mkqa(language: str) -> Adapter:
+    def adapt(row, where, spec, key):
+        query = (_get(row, "queries", where, key) or {}).get(language)
+        answers = (_get(row, "answers", where, key) or {}).get(language) or []
+        text = answers[0].get("text") if answers else None
+        if not query or not text:
+            return f"no {language} query or answer"
+        return Record([{"role": "user", "content": str(query).strip()}], _answer(str(text)))
+    adapt.__doc__ = f"mkqa (apple/mkqa): queries[{language!r}] -> answers[{language!r}][0].text (SFT-only)"
+    return adapt
+
+
+def adapt_qag_jaquad(row, where, spec, key):
+    """lmqg/qag_jaquad: questions[0] -> paragraph (SFT-only)."""
+    questions = _get(row, "questions", where, key)
+    if not questions or not str(questions[0]).strip():
+        return "no question"
+    return Record([{"role": "user", "content": str(questions[0]).strip()}], _answer(str(_get(row, "paragraph", where, key))))
+
+
+def adapt_sharegpt_vicuna(row, where, spec, key):
+    """pvduy/sharegpt_alpaca_oa_vicuna_format: "prompt" is a "USER: ... ASSISTANT:" dialogue, "label" the answer."""
+    prompt, label = _get(row, "prompt", where, key), _get(row, "label", where, key)
+    turns = re.split(r"(USER:|ASSISTANT:)", str(prompt))
+    messages = [{"role": "user" if marker == "USER:" else "assistant", "content": text.strip()}
+                for marker, text in zip(turns[1::2], turns[2::2])]
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()  # the open "ASSISTANT:" the answer follows
+    if not messages or messages[-1]["role"] != "user" or not str(label).strip():
+        return "prompt does not end with a USER turn, or empty label"
+    return Record(messages, _answer(str(label)))
+
+
 def adapt_local(row, where, spec, key):
     """Any local file with a field mapping in `fields` (see DatasetSpec.fields); auto-detected when empty."""
     f = {k: v for k, v in (spec.fields or {}).items() if v is not None}
@@ -278,10 +311,15 @@ ADAPTERS: dict[str, Adapter] = {
     "Hello-SimpleAI/HC3-Chinese": _sft_only("question", "human_answers", first=True),
     "Cohere/miracl-zh-queries-22-12": adapt_miracl,
     "Cohere/miracl-ja-queries-22-12": adapt_miracl,
+    "pvduy/sharegpt_alpaca_oa_vicuna_format": adapt_sharegpt_vicuna,
+    "mkqa-Chinese": _mkqa("zh_cn"),
+    "mkqa-Japanese": _mkqa("ja"),
+    "lmqg/qg_jaquad": _sft_only("question", "sentence"),
+    "lmqg/qag_jaquad": adapt_qag_jaquad,
     "local": adapt_local,
 }
-# Hub ids that only have a train split: DeepSpeed-Chat cuts its own eval slice from them.
-HUB_ID = {"hh-rlhf": "Anthropic/hh-rlhf"}
+# Names that are not hub ids (DeepSpeed-Chat's): the hub id to load.
+HUB_ID = {"hh-rlhf": "Anthropic/hh-rlhf", "mkqa-Chinese": "apple/mkqa", "mkqa-Japanese": "apple/mkqa"}
 
 
 # --------------------------------------------------------------------------- rows
