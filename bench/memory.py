@@ -70,6 +70,8 @@ def child(args: dict) -> dict:
     import torch
     from transformers import OPTConfig, OPTForCausalLM
 
+    from pipeline.engine import set_activation_checkpointing
+
     gpu = args["gpu"]
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -91,7 +93,7 @@ def child(args: dict) -> dict:
     if gpu:
         model = model.to(torch.bfloat16)  # bf16 weights/grads; fp32 Adam states kept by hand below
     if args["ckpt"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
     model.config.use_cache = False
     model.train()
     params = [p for p in model.parameters()]

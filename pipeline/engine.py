@@ -86,6 +86,31 @@ def param_groups(model: nn.Module, optim: OptimSection, lora: LoRASection) -> li
     return out
 
 
+def set_activation_checkpointing(model: nn.Module, on: bool) -> None:
+    """Activation (gradient) checkpointing on or off, non-reentrant. transformers >= 5.2x calls it
+    activation_checkpointing_* (the gradient_checkpointing_* names warn); older versions only
+    have the old names."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def activation_checkpointing(model: nn.Module) -> bool:
+    """Whether activation checkpointing is on (either transformers naming)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        try:
+            return bool(getattr(model, name))
+        except AttributeError:
+            continue
+    return False
+
+
 def ds_config(cfg: RunConfig, micro_batch: int, grad_accum: int, strategy: StrategySection,
               optim: OptimSection | None) -> dict:
     """DeepSpeed's config for one engine."""
@@ -161,7 +186,7 @@ def initialize(
 
     model = apply_lora(model, lora)
     if strategy.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
         if lora.dim and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     optimizer = make_optimizer(cfg, model, optim, lora, strategy, key)

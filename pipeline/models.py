@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeline.catalog import ModelSpec, resolve_model
 from pipeline.checkpoint import barrier
-from pipeline.engine import rank
+from pipeline.engine import activation_checkpointing, rank, set_activation_checkpointing
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 REWARD_CONFIG_FILE = "reward_model.json"
@@ -177,8 +177,15 @@ class RewardModel(nn.Module):
         hidden = self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
         return self.v_head(hidden).squeeze(-1)
 
-    def gradient_checkpointing_enable(self, **kwargs) -> None:
-        self.base.gradient_checkpointing_enable(**kwargs)
+    def activation_checkpointing_enable(self, **_) -> None:
+        set_activation_checkpointing(self.base, True)
+
+    def activation_checkpointing_disable(self) -> None:
+        set_activation_checkpointing(self.base, False)
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return activation_checkpointing(self.base)
 
     @classmethod
     def from_base(cls, source: str, tokenizer, dtype: str = "fp32", dropout: float | None = 0.0, trust_remote_code: bool = False) -> "RewardModel":

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 
 from pipeline.config import GenerationSection, deepspeed_backend_refusal
-from pipeline.engine import gathered_params, unwrap
+from pipeline.engine import activation_checkpointing, gathered_params, set_activation_checkpointing, unwrap
 from pipeline.tracking import progress, progress_enabled
 
 
@@ -65,16 +65,6 @@ def zero3_hooks_off(engine):
         offload._register_deepspeed_module(offload.module)
 
 
-def _is_checkpointing(module) -> bool:
-    """transformers 5 calls it is_activation_checkpointing (the old name warns); 4.x the old name."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        try:
-            return bool(getattr(module, name))
-        except AttributeError:
-            continue
-    return False
-
-
 def _lora_layers(module) -> list:
     return [m for m in module.modules() if hasattr(m, "merge") and hasattr(m, "base_layer")]
 
@@ -112,11 +102,11 @@ class RolloutEngine:
         """Yield the module to call `generate` on, in generation layout; training layout after."""
         module = unwrap(self.actor)
         was_training = module.training
-        checkpointing = _is_checkpointing(module)
+        checkpointing = activation_checkpointing(module)
         lora_layers = _lora_layers(module) if self.merge_lora else []
         module.eval()
         if checkpointing:
-            module.gradient_checkpointing_disable()
+            set_activation_checkpointing(module, False)
         try:
             with gathered_params(module), zero3_hooks_off(self.actor):
                 # Merging then unmerging is not exact in floating point: keep the originals.
@@ -133,7 +123,7 @@ class RolloutEngine:
                     del originals
         finally:
             if checkpointing:
-                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                set_activation_checkpointing(module, True)
             module.train(was_training)
             if torch.cuda.is_available():  # hand the KV cache back (a full gc costs ~0.1 s per call)
                 gc.collect()

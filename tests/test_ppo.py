@@ -296,6 +296,31 @@ def test_rollout_progress_bar_counts_decode_steps(base_run, tmp_path, monkeypatc
     assert ticks == [got.shape[1] - ids.shape[1]] and 1 <= ticks[0] <= 6
 
 
+def test_activation_checkpointing_switches_without_deprecation_warnings(base_run):
+    """On and off for the actor (plain and with peft LoRA) and the reward model, through the names
+    transformers 5 keeps (the gradient_checkpointing_* aliases warn and go away in v6)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.engine import activation_checkpointing, set_activation_checkpointing
+    from pipeline.models import RewardModel
+
+    actor = AutoModelForCausalLM.from_pretrained(base_run / "sft" / "final")
+    critic = RewardModel.from_pretrained(base_run / "rm" / "final")
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(base_run / "sft" / "final"),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for model in (actor, critic, lora):
+            assert not activation_checkpointing(model)
+            set_activation_checkpointing(model, True)
+            assert activation_checkpointing(model)
+            set_activation_checkpointing(model, False)
+            assert not activation_checkpointing(model)
+
+
 # ---------------------------------------------------------------------- clear errors
 
 
