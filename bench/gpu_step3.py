@@ -2,6 +2,7 @@
 random-init weights in the real shapes, bf16, no network. See bench/README.md for how to run it.
 
     python bench/gpu_step3.py --out $OUT                 # on the H200 (about 3-5 minutes)
+    python bench/gpu_step3.py --out $OUT --cache static  # static KV cache: transformers compiles the decode step
     python bench/gpu_step3.py --device cpu --tiny        # CPU smoke test of the same code path
     python bench/gpu_step3.py --record FILE.json         # append FILE's figures to bench/RESULTS.md
 
@@ -117,7 +118,7 @@ def config(work: Path, args) -> dict:
             "per_device_generation_batch_size": batch, "per_device_training_batch_size": batch,
             "generation_batches": 1, "ppo_epochs": 1, "unsup_coef": 0.0,
             "generation": {"max_new_tokens": a_len, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "backend": "hf",
-                           "merge_lora": True},
+                           "merge_lora": True, "cache": args.cache},
             "actor_optim": {"learning_rate": 9.65e-6, "num_warmup_steps": 0},
             "critic_optim": {"learning_rate": 5e-6, "num_warmup_steps": 0},
             "actor_lora": lora, "critic_lora": {"dim": 0},
@@ -211,7 +212,7 @@ def run(args) -> dict:
         "training_mfu": t["training_flops"] / t["training_s"] / 1e12 / peak,
         "answer_len": t["answer_tokens"] / (steps * batch),
         "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30) if dev == "cuda" else None,
-        "total_s": time.time() - t_start, "actor_params": n_actor, "optimizer": optimizer,
+        "total_s": time.time() - t_start, "actor_params": n_actor, "optimizer": optimizer, "cache": args.cache,
     }
     return result
 
@@ -219,7 +220,8 @@ def run(args) -> dict:
 def report(r: dict) -> str:
     return "\n".join([
         f"device {r['device']}, {r['dtype']}, batch {r['batch']}, prompt {r['prompt_len']} + answer {r['max_new_tokens']}, "
-        f"{r['steps']} timed steps after {r['warmup']} warm-up; optimizer {r.get('optimizer', '-')}",
+        f"{r['steps']} timed steps after {r['warmup']} warm-up; optimizer {r.get('optimizer', '-')}; "
+        f"{r.get('cache', 'dynamic')} KV cache",
         f"end-to-end        {r['step_s']:.2f} s/step (generation {100 * r['generation_frac']:.0f}%, experience forwards "
         f"{100 * r['experience_frac']:.0f}%, training {100 * r['training_frac']:.0f}%)",
         f"generation        {r['generation_tokens_per_s']:.0f} tokens/s, {r['ms_per_decode_step']:.1f} ms per decode step; "
@@ -242,9 +244,9 @@ def record(r: dict) -> None:
         "`python bench/gpu_step3.py` (bench/README.md): random-init weights in the real shapes, bf16, DeepSpeed-Chat's "
         "single-GPU step-3 settings (batch 16, prompt 256 + answer 256, actor LoRA 128 + gradient checkpointing, "
         "ZeRO 0), HF generate backend. Roofline = batch x HBM bandwidth / actor weight bytes per decode step.",
-        ["device", "s/step", "gen / exp / train", "gen tokens/s", "% of roofline (nominal / measured BW)",
+        ["device", "KV cache", "s/step", "gen / exp / train", "gen tokens/s", "% of roofline (nominal / measured BW)",
          "training TFLOP/s", "% of matmul peak", "peak GiB"],
-        [r["device"], f"{r['step_s']:.2f}", f"{100 * r['generation_frac']:.0f}% / {100 * r['experience_frac']:.0f}% / "
+        [r["device"], r.get("cache", "dynamic"), f"{r['step_s']:.2f}", f"{100 * r['generation_frac']:.0f}% / {100 * r['experience_frac']:.0f}% / "
          f"{100 * r['training_frac']:.0f}%", f"{r['generation_tokens_per_s']:.0f}",
          f"{100 * r['roofline_frac']:.1f}% / {100 * r['roofline_frac_measured_bw']:.1f}%",
          f"{r['training_tflops']:.1f}", f"{100 * r['training_mfu']:.1f}% of {r['matmul_peak_tflops']:.0f}",
@@ -259,7 +261,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--work", default="/tmp/gpu_step3")
-    ap.add_argument("--out", default=os.environ.get("OUT"), help="write gpu_step3.json and .txt here")
+    ap.add_argument("--cache", default="dynamic", choices=["dynamic", "static"], help="stage.ppo.generation.cache")
+    ap.add_argument("--out", default=os.environ.get("OUT"),
+                    help="write gpu_step3.json and .txt here (gpu_step3_static.* with --cache static)")
     ap.add_argument("--record", metavar="JSON", help="append a result file to bench/RESULTS.md and exit")
     args = ap.parse_args()
     if args.record:
@@ -275,8 +279,9 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu_step3.json").write_text(json.dumps(r, indent=1))
-        (out / "gpu_step3.txt").write_text(text + "\n")
+        name = "gpu_step3" if args.cache == "dynamic" else f"gpu_step3_{args.cache}"
+        (out / f"{name}.json").write_text(json.dumps(r, indent=1))
+        (out / f"{name}.txt").write_text(text + "\n")
 
 
 if __name__ == "__main__":

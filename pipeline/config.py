@@ -178,6 +178,9 @@ class GenerationSection:
     backend: str = "hf"
     # Fold LoRA adapters into the actor's weights while generating (exact originals restored after).
     merge_lora: bool = False
+    # KV cache: dynamic (grows per token) or static (preallocated for prompt + max_new_tokens; on
+    # CUDA transformers then compiles the decode step, which removes most per-token Python overhead).
+    cache: str = "dynamic"
 
 
 @dataclass
@@ -419,6 +422,7 @@ def validate(cfg: RunConfig) -> None:
     _check(g.temperature > 0, "stage.ppo.generation.temperature", g.temperature, "must be > 0")
     _check(0 < g.top_p <= 1, "stage.ppo.generation.top_p", g.top_p, "must be in (0, 1]")
     _check(g.top_k >= 0, "stage.ppo.generation.top_k", g.top_k, "must be >= 0")
+    _check(g.cache in ("dynamic", "static"), "stage.ppo.generation.cache", g.cache, "must be dynamic or static")
     if g.backend == "deepspeed":
         raise ConfigError(deepspeed_backend_refusal())
     _check(g.backend == "hf", "stage.ppo.generation.backend", g.backend, "must be hf")

@@ -133,6 +133,8 @@ class RolloutEngine:
         g = self.gen
         kwargs = {"do_sample": do_sample, "max_new_tokens": g.max_new_tokens, "use_cache": True,
                   "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id}
+        if g.cache == "static":
+            kwargs["cache_implementation"] = "static"
         if do_sample:
             kwargs.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)  # top_k 0 = off
         else:

@@ -296,6 +296,27 @@ def test_rollout_progress_bar_counts_decode_steps(base_run, tmp_path, monkeypatc
     assert ticks == [got.shape[1] - ids.shape[1]] and 1 <= ticks[0] <= 6
 
 
+def test_static_kv_cache_generates_the_same_tokens_under_zero3(base_run, tmp_path):
+    """generation.cache=static (preallocated KV cache; compiled decode step on CUDA) gives the
+    dynamic cache's greedy tokens, call after call with different prompt lengths."""
+    from pipeline.rollout import RolloutEngine
+
+    cfg, engine, trainer = make_engine(base_run, tmp_path, **zero(3))
+    batch = prompts(base_run, cfg, engine.tokenizer, n=6)
+    gen = copy.deepcopy(cfg.stage.ppo.generation)
+    gen.cache = "static"
+    static = RolloutEngine(engine.actor, engine.tokenizer, gen, show_progress=False)
+    dynamic = RolloutEngine(engine.actor, engine.tokenizer, cfg.stage.ppo.generation, show_progress=False)
+    assert static.sampling_kwargs(False)["cache_implementation"] == "static"
+    assert "cache_implementation" not in dynamic.sampling_kwargs(False)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.shape[1] > 4
+    for cut in (0, 2, 4):  # a shorter prompt length each call (the left columns dropped)
+        sub_ids, sub_mask = ids[:, cut:], mask[:, cut:]
+        assert torch.equal(static.generate(sub_ids, sub_mask, do_sample=False),
+                           dynamic.generate(sub_ids, sub_mask, do_sample=False))
+
+
 def test_activation_checkpointing_switches_without_deprecation_warnings(base_run):
     """On and off for the actor (plain and with peft LoRA) and the reward model, through the names
     transformers 5 keeps (the gradient_checkpointing_* aliases warn and go away in v6)."""
