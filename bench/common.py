@@ -183,7 +183,7 @@ def parser(description: str, steps: int, warmup: int, repeats: int = 2) -> argpa
 def run_child(script: str, side: str, args: argparse.Namespace, timeout: int = 900) -> dict:
     cmd = [sys.executable, script, "--child", side, "--work", args.work, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--batch", str(args.batch)] + list(getattr(args, "extra", []))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "DS_ACCELERATOR": "cpu",
            "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
     t0 = time.time()

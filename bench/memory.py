@@ -149,7 +149,7 @@ def main() -> None:
         args = dict(layers=L, hidden=h, heads=heads, ffn=f, vocab=V, batch=b, seq=s, ckpt=ck, gpu=a.gpu)
         pred = predict(L, h, heads, f, V, b, s, ck, dtype)
         out = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
         if out.returncode:
             print(name, "failed:", out.stderr[-2000:])
             continue
@@ -164,6 +164,8 @@ def main() -> None:
               flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
+    if len(rows) < len(shapes):
+        sys.exit(f"{len(shapes) - len(rows)} of {len(shapes)} shapes failed (their errors are above)")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def test_gpu_script_runs_end_to_end_in_its_cpu_smoke_mode(tmp_path):
     import os
     import subprocess
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_step3.py"), "--device", "cpu", "--tiny",
                            "--steps", "1", "--warmup", "0", "--work", str(tmp_path / "work"), "--out", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
