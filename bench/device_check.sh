@@ -14,6 +14,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/device_check.log") 2>&1
+tee_pid=$!
 export PYTHONUNBUFFERED=1 PIPELINE_PROGRESS=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
@@ -37,9 +38,12 @@ part() {  # part NAME SECONDS COMMAND...
     echo "=== $name (limit ${limit} s) ==="
     timeout "$limit" "$@" || { echo "=== $name FAILED (exit $?) ==="; failed+=("$name"); }
 }
-part gpu_step3 200 python3 bench/gpu_step3.py --out "$OUT"
-part gpu_step3_static 200 python3 bench/gpu_step3.py --out "$OUT" --cache static --steps 2
+part gpu_step3 190 python3 bench/gpu_step3.py --out "$OUT"
+part gpu_step3_static 190 python3 bench/gpu_step3.py --out "$OUT" --cache static --steps 2
 part pytest_gpu 100 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider
 part memory_gpu 60 python3 bench/memory.py --gpu --json "$OUT/memory_gpu.json"
 echo "failed: ${failed[*]:-none}"
-[ ${#failed[@]} -eq 0 ]
+status=$(( ${#failed[@]} > 0 ))
+exec 1>&- 2>&-
+wait "$tee_pid"  # the log is complete before the call returns
+exit "$status"

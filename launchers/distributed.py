@@ -5,15 +5,14 @@ The parent stays alive while the ranks run: it forwards SIGUSR1 / SIGTERM to the
 they save a checkpoint at their next step, see pipeline/resume.py) and returns the launcher's
 exit code, or RESUMABLE_EXIT_CODE when a stop signal ended the run early.
 
-On several nodes (DeepSpeed launcher + hostfile) the ranks start through pdsh/ssh in a bare login
-shell, which carries none of this shell's variables but DeepSpeed's own few (PYTHON*, NCCL_*, ...).
-So the parent writes <run>/.launch/node_env.sh (mode 600: it may hold tokens) that puts this
-Python's bin folder first on PATH and exports FORWARDED_ENV_PREFIXES, and every node sources it
-(DeepSpeed's --venv_script).
+On several nodes (DeepSpeed launcher + hostfile) the ranks start through pdsh/ssh in bare login
+shells: the overrides and variables travel in a launch file, and stop requests in a stop file
+(launchers/node_launch.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -21,15 +20,12 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+from launchers.node_launch import LAUNCH_ENV, launch_payload, write_private
 from pipeline.config import ConfigError, RunConfig
 
 # Set by the parent for its ranks: they must neither relaunch nor requeue.
 RELAUNCHED_ENV = "PIPELINE_RELAUNCHED"
 MULTI_PROCESS_LAUNCHERS = ("torchrun", "deepspeed")
-# Variables every node must see as the launching shell does: caches and offline switches, tokens,
-# logging, thread counts, this project's switches (PIPELINE_PROGRESS, ...).
-FORWARDED_ENV_PREFIXES = ("PIPELINE_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "WANDB_", "TORCH_", "PYTORCH_",
-                          "GLOO_", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "VIRTUAL_ENV")
 
 
 def inside_launcher(env: os._Environ | dict = os.environ) -> bool:
@@ -52,7 +48,8 @@ def procs_per_node(cfg: RunConfig) -> int:
 class Relaunch:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)  # path -> text, written (mode 600) before launching
+    files: dict[str, str] = field(default_factory=dict)  # path -> text: written (mode 600) for the run, removed after
+    stop_file: str | None = None  # several nodes: stop requests go through this file, not signals
 
     def __str__(self) -> str:
         return shlex.join(self.argv)
@@ -68,17 +65,6 @@ def child_overrides(task_overrides: list[str], output_dir: str, hydra_dir: str |
         out.append(f"hydra.run.dir={hydra_dir}")
     out.append("hydra.output_subdir=null")
     return out
-
-
-def node_env_script(env: os._Environ | dict) -> str:
-    """The shell lines that give a rank on another node this process's Python and variables."""
-    lines = ["# Sourced on every node before its ranks start (written by launchers/distributed.py).",
-             f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:\"$PATH\"",
-             f"export {RELAUNCHED_ENV}=1"]
-    for name in sorted(env):
-        if name.startswith(FORWARDED_ENV_PREFIXES) and name != RELAUNCHED_ENV and name.isidentifier():
-            lines.append(f"export {name}={shlex.quote(env[name])}")
-    return "\n".join(lines) + "\n"
 
 
 def relaunch_command(cfg: RunConfig, overrides: list[str], env: os._Environ | dict = os.environ,
@@ -106,7 +92,6 @@ def relaunch_command(cfg: RunConfig, overrides: list[str], env: os._Environ | di
         return Relaunch(argv, child_env)
     if dep.launcher == "deepspeed":
         argv = [sys.executable, "-m", "deepspeed.launcher.runner"]
-        files: dict[str, str] = {}
         if dep.hostfile:
             from launchers.hostfile import HostfileError, read_hostfile
 
@@ -121,18 +106,21 @@ def relaunch_command(cfg: RunConfig, overrides: list[str], env: os._Environ | di
             if too_few:
                 raise ConfigError(f"deployment.procs_per_node={nprocs}: hostfile {dep.hostfile} gives fewer slots on {too_few}")
             master = dep.master_addr if dep.master_addr not in ("127.0.0.1", "localhost") else next(iter(hosts))
-            script = str(cfg.output_dir.expanduser().resolve() / ".launch" / "node_env.sh")
-            files[script] = node_env_script(env)
-            argv += ["--hostfile", dep.hostfile, f"--num_nodes={dep.nodes}", f"--master_addr={master}",
-                     "--venv_script", shlex.quote(script)]
+            argv += ["--hostfile", dep.hostfile, f"--num_nodes={dep.nodes}", f"--master_addr={master}"]
         elif dep.nodes > 1:
             raise ConfigError(f"deployment.nodes={dep.nodes} with deployment.launcher=deepspeed needs "
                               "deployment.hostfile=<file with one 'host slots=N' line per node>")
         else:
             # No hostfile: DeepSpeed's runner uses this machine only.
             argv += [f"--master_addr={dep.master_addr}"]
-        argv += [f"--num_gpus={nprocs}", f"--master_port={port}", "--no_local_rank", "--module", "pipeline", *overrides]
-        return Relaunch(argv, child_env, files)
+        argv += [f"--num_gpus={nprocs}", f"--master_port={port}", "--no_local_rank", "--module", "pipeline"]
+        if dep.hostfile and dep.nodes > 1:
+            # Through pdsh: no user text on the command line; it all travels in the launch file.
+            folder = cfg.output_dir.expanduser().resolve() / ".launch"
+            launch, stop = str(folder / "node_launch.json"), str(folder / "stop")
+            payload = launch_payload(overrides, {**env, **child_env}, os.path.dirname(sys.executable), stop)
+            return Relaunch(argv, {**child_env, LAUNCH_ENV: launch}, {launch: json.dumps(payload, indent=1)}, stop)
+        return Relaunch(argv + list(overrides), child_env)
     raise ConfigError(f"deployment.launcher={dep.launcher}: not a multi-process launcher "
                       f"({', '.join(MULTI_PROCESS_LAUNCHERS)})")
 
@@ -166,12 +154,10 @@ def run_relaunch(relaunch: Relaunch) -> int:
     """Run the launcher, forward stop signals to the ranks, return the exit code to use."""
     from pipeline.resume import RESUMABLE_EXIT_CODE
 
+    if relaunch.stop_file and os.path.exists(relaunch.stop_file):
+        os.remove(relaunch.stop_file)  # left by a run that was stopped: this one starts afresh
     for path, text in relaunch.files.items():
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(path, 0o600)  # also when the file was there before
+        write_private(path, text)
     print(f"launching {relaunch.argv[relaunch.argv.index('-m') + 1]}: {relaunch}", flush=True)
     proc = subprocess.Popen(relaunch.argv, env={**os.environ, **relaunch.env}, preexec_fn=_ignore_usr1)
     stopped: list[int] = []
@@ -180,6 +166,9 @@ def run_relaunch(relaunch: Relaunch) -> int:
         stopped.append(signum)
         print(f"received {signal.Signals(signum).name}: asking the ranks to checkpoint and stop", file=sys.stderr,
               flush=True)
+        if relaunch.stop_file:
+            write_private(relaunch.stop_file, signal.Signals(signum).name)
+            return
         for rank_proc in _rank_processes(proc.pid):
             try:
                 rank_proc.send_signal(signum)
@@ -192,6 +181,9 @@ def run_relaunch(relaunch: Relaunch) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        for path in [*relaunch.files, relaunch.stop_file]:
+            if path and os.path.exists(path):
+                os.remove(path)  # the launch file may hold tokens
     if code != 0 and stopped:
         # Ranks exit with RESUMABLE_EXIT_CODE after their checkpoint; launchers report a plain failure.
         return RESUMABLE_EXIT_CODE

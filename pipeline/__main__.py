@@ -9,11 +9,17 @@
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
+import sys
 
-from pipeline.config import register_resolvers
-from pipeline.cli import execute
+from launchers.node_launch import adopt
+
+adopt(sys.argv)  # a rank on another node: its overrides and variables, before any library reads them
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from pipeline.config import register_resolvers  # noqa: E402
+from pipeline.cli import execute  # noqa: E402
 
 register_resolvers()
 

@@ -7,13 +7,14 @@ Errors name the override key, e.g.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from pipeline.catalog import UnknownModelError, model_source, resolve_model
@@ -341,6 +342,7 @@ def load_config(cfg: DictConfig | dict) -> RunConfig:
     schema = OmegaConf.structured(RunConfig)
     user = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     user = OmegaConf.masked_copy(user, [k for k in user.keys() if k != "hydra"]) if "hydra" in user else user
+    user = _without_removed_keys(user)
     try:
         merged = OmegaConf.merge(schema, user)
         OmegaConf.resolve(merged)
@@ -353,6 +355,26 @@ def load_config(cfg: DictConfig | dict) -> RunConfig:
         raise ConfigError(f"{_key_of(err)}: {str(err).splitlines()[0]}") from None
     validate(run_cfg)
     return run_cfg
+
+
+STRATEGY_KEYS = ("stage.sft.strategy", "stage.rm.strategy", "stage.ppo.actor_strategy", "stage.ppo.critic_strategy")
+
+
+def _without_removed_keys(user: DictConfig) -> DictConfig:
+    """Run folders and override lines from before tp_degree was removed: a null or 1 is dropped
+    (it meant no tensor parallelism), anything else is refused with the reason."""
+    user = copy.deepcopy(user)
+    for path in STRATEGY_KEYS:
+        node = OmegaConf.select(user, path, default=None)
+        if isinstance(node, DictConfig) and "tp_degree" in node:
+            value = node.get("tp_degree")
+            if value not in (None, 1):
+                raise ConfigError(f"{path}.tp_degree={value}: tensor-parallel generation was removed (it ran only on "
+                                  "DeepSpeed's hybrid engine, which cannot run with transformers >= 4.50; see the "
+                                  "README, PPO section); drop the key: ZeRO-3 shards large actors instead")
+            with open_dict(node):
+                node.pop("tp_degree")
+    return user
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:

@@ -7,6 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
+from launchers.node_launch import stop_file_present
 from pipeline.checkpoint import Checkpointer, any_rank
 from pipeline.config import ConfigError, RunConfig
 
@@ -25,8 +26,9 @@ def install_signal_handlers() -> None:
 
 
 def stop_requested(exit_if_set: bool = False) -> bool:
-    """True on every rank when any rank got a stop signal; with exit_if_set, exit resumable."""
-    requested = any_rank(_stop["requested"])
+    """True on every rank when any rank got a stop signal (or, on several nodes, the launching
+    process left a stop file); with exit_if_set, exit resumable."""
+    requested = any_rank(_stop["requested"] or stop_file_present())
     if requested and exit_if_set:
         print("checkpoint saved; exiting so the job can be resumed", file=sys.stderr, flush=True)
         sys.exit(RESUMABLE_EXIT_CODE)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 
 from pipeline.config import GenerationSection, deepspeed_backend_refusal
-from pipeline.engine import activation_checkpointing, gathered_params, set_activation_checkpointing, unwrap
+from pipeline.engine import gathered_params, unwrap
 from pipeline.tracking import progress, progress_enabled
 
 
@@ -91,22 +91,24 @@ class RolloutEngine:
                  show_progress: bool | None = None):
         """actor: the actor's DeepSpeed engine (or a plain module). merge_lora: fold LoRA adapters
         into the weights while generating (default: stage.ppo.generation.merge_lora, off).
-        show_progress: a per-call decode-step bar (default: on rank 0 when stderr is a terminal)."""
+        show_progress: False turns the per-call decode-step bar off; it shows only where progress bars
+        do (rank 0 and a terminal, or PIPELINE_PROGRESS=1)."""
         check_backend(gen)
         self.actor, self.tokenizer, self.gen = actor, tokenizer, gen
         self.merge_lora = bool(getattr(gen, "merge_lora", False) if merge_lora is None else merge_lora)
-        self.show_progress = progress_enabled() if show_progress is None else show_progress
+        self.show_progress = progress_enabled() and show_progress is not False
 
     @contextmanager
     def generation_layout(self):
         """Yield the module to call `generate` on, in generation layout; training layout after."""
         module = unwrap(self.actor)
         was_training = module.training
-        checkpointing = activation_checkpointing(module)
+        # The layers' own switches: the model-level enable would add an input-grad hook per call.
+        checkpointed = [m for m in module.modules() if getattr(m, "gradient_checkpointing", None) is True]
         lora_layers = _lora_layers(module) if self.merge_lora else []
         module.eval()
-        if checkpointing:
-            set_activation_checkpointing(module, False)
+        for layer in checkpointed:
+            layer.gradient_checkpointing = False
         try:
             with gathered_params(module), zero3_hooks_off(self.actor):
                 # Merging then unmerging is not exact in floating point: keep the originals.
@@ -122,8 +124,8 @@ class RolloutEngine:
                             layer.base_layer.weight.copy_(weight)
                     del originals
         finally:
-            if checkpointing:
-                set_activation_checkpointing(module, True)
+            for layer in checkpointed:
+                layer.gradient_checkpointing = True
             module.train(was_training)
             if torch.cuda.is_available():  # hand the KV cache back (a full gc costs ~0.1 s per call)
                 gc.collect()
@@ -131,7 +133,8 @@ class RolloutEngine:
 
     def sampling_kwargs(self, do_sample: bool) -> dict:
         g = self.gen
-        kwargs = {"do_sample": do_sample, "max_new_tokens": g.max_new_tokens, "use_cache": True,
+        # num_beams 1 whatever the checkpoint's generation_config says: PPO scores sampled answers.
+        kwargs = {"do_sample": do_sample, "num_beams": 1, "max_new_tokens": g.max_new_tokens, "use_cache": True,
                   "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id}
         if g.cache == "static":
             kwargs["cache_implementation"] = "static"
@@ -145,8 +148,11 @@ class RolloutEngine:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, do_sample: bool = True) -> torch.Tensor:
         """Prompts (B, Lp), left-padded -> prompt + answer (B, Lp + T); rows that ended early are padded."""
         kwargs = self.sampling_kwargs(do_sample)
-        if self.show_progress:
-            kwargs["streamer"] = DecodeProgress(self.gen.max_new_tokens)
-        with self.generation_layout() as module:
-            return module.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        streamer = DecodeProgress(self.gen.max_new_tokens) if self.show_progress else None
+        try:
+            with self.generation_layout() as module:
+                return module.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer, **kwargs)
+        finally:
+            if streamer is not None:
+                streamer.bar.close()  # also when generate failed (a second close does nothing)
 

@@ -117,3 +117,18 @@ def test_default_model_missing_offline_fails_fast_with_one_line(tmp_path: Path):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert "facebook/opt-1.3b" in last and "+experiment=demo" in last
+
+
+def test_run_folders_from_before_tp_degree_was_removed_still_load():
+    """config.yaml of older runs holds stage.*.*strategy.tp_degree: null or 1 is dropped, other
+    values are refused with the reason."""
+    from omegaconf import OmegaConf
+
+    old = OmegaConf.to_container(compose_with("hardware=cpu", "+experiment=demo"), resolve=False)
+    old.pop("hydra", None)
+    old["stage"]["ppo"]["actor_strategy"]["tp_degree"] = None
+    old["stage"]["sft"]["strategy"]["tp_degree"] = 1
+    assert load_config(old).stage.ppo.actor_strategy.zero_stage is None
+    old["stage"]["ppo"]["actor_strategy"]["tp_degree"] = 2
+    with pytest.raises(ConfigError, match=r"stage\.ppo\.actor_strategy\.tp_degree=2: tensor-parallel generation was removed"):
+        load_config(old)

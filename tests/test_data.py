@@ -290,10 +290,12 @@ def test_hub_format_adapters_on_local_files(tmp_path):
     assert src.train == [Record([{"role": "user", "content": "q1?"}], "p.")] and src.dropped == {"no question": 1}
     vic = write_jsonl(tmp_path / "vicuna.jsonl", [
         {"prompt": "USER: hi ASSISTANT: hello USER: and? ASSISTANT:", "label": " more"},
-        {"prompt": "USER: hi ASSISTANT: hello", "label": "x"}])
+        {"prompt": "USER: hi ASSISTANT: hello", "label": "x"},
+        {"prompt": "A chat. USER: hi ASSISTANT:", "label": "yes"}])
     src = read_source(DatasetSpec("pvduy/sharegpt_alpaca_oa_vicuna_format", path=str(vic)), 0)
     assert src.train == [Record([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                                 {"role": "user", "content": "and?"}], "more")]
+                                 {"role": "user", "content": "and?"}], "more"),
+                         Record([{"role": "system", "content": "A chat."}, {"role": "user", "content": "hi"}], "yes")]
     assert src.dropped == {"prompt does not end with a USER turn, or empty label": 1}
 
 

@@ -67,31 +67,45 @@ def test_multi_node_uses_the_deepspeed_launcher_with_the_hostfile(tmp_path: Path
     assert cmd.argv[1:3] == ["-m", "deepspeed.launcher.runner"]
     assert cmd.argv[cmd.argv.index("--hostfile") + 1] == str(hostfile)
     assert {"--num_nodes=2", "--num_gpus=8", "--master_addr=worker-1", "--master_port=29500", "--no_local_rank"} <= set(cmd.argv)
-    assert cmd.argv[-3:] == ["--module", "pipeline", "model.actor=opt-66b"]
+    assert cmd.argv[-2:] == ["--module", "pipeline"]  # the overrides travel in the launch file
+    assert json.loads(next(iter(cmd.files.values())))["overrides"] == ["model.actor=opt-66b"]
 
 
-def test_other_nodes_get_this_python_and_the_forwarded_variables(tmp_path: Path):
-    """The script every node sources (DeepSpeed's --venv_script) reproduces the forwarded variables
-    exactly, quotes and spaces included, and nothing else of the launching shell."""
+def test_other_nodes_get_overrides_and_variables_through_the_launch_file(tmp_path: Path):
+    """On several nodes the command line carries no user text (DeepSpeed pastes it unquoted into
+    the remote shell); a rank adopts the launch file: exact overrides, the forwarded variables
+    (quotes, spaces, $ kept), this Python first on PATH, and nothing else of the launching shell."""
+    from launchers.node_launch import LAUNCH_ENV, STOP_FILE_ENV, adopt, stop_file_present, write_private
+
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("worker-1 slots=1\nworker-2 slots=1\n")
     cfg = make_cfg(name="multi_node", launcher="deepspeed", nodes=2, procs_per_node=1, hostfile=str(hostfile))
     cfg.run.output_dir = str(tmp_path / "run")
     env = {"HF_HOME": "/scratch/my hf", "WANDB_API_KEY": "k'ey\"$x", "PIPELINE_PROGRESS": "0",
            "UNRELATED_SECRET": "nope", "PATH": "/only/here"}
-    cmd = relaunch_command(cfg, [], env=env, port=29512)
-    script = cmd.argv[cmd.argv.index("--venv_script") + 1]
-    assert script == str(tmp_path / "run" / ".launch" / "node_env.sh") and set(cmd.files) == {script}
-    Path(script).parent.mkdir(parents=True)
-    Path(script).write_text(cmd.files[script])
-    shown = subprocess.run(["bash", "-c", f"source {script}; env -0"], env={"PATH": "/usr/bin:/bin"},
-                           capture_output=True, text=True, check=True).stdout
-    seen = dict(item.split("=", 1) for item in shown.split("\0") if "=" in item)
-    assert {k: seen.get(k) for k in ("HF_HOME", "WANDB_API_KEY", "PIPELINE_PROGRESS", RELAUNCHED_ENV)} == \
+    overrides = ["+data_blend.datasets=[{name:a,weight:1}]", "run.name='x $HOME;`id`'"]
+    cmd = relaunch_command(cfg, overrides, env=env, port=29512)
+    assert cmd.argv[-2:] == ["--module", "pipeline"] and not set(overrides) & set(cmd.argv)
+    launch = cmd.env[LAUNCH_ENV]
+    assert launch == str(tmp_path / "run" / ".launch" / "node_launch.json") and set(cmd.files) == {launch}
+    assert cmd.stop_file == str(tmp_path / "run" / ".launch" / "stop")
+    write_private(launch, cmd.files[launch])
+    assert os.stat(launch).st_mode & 0o777 == 0o600 and os.stat(Path(launch).parent).st_mode & 0o777 == 0o700
+
+    rank_env = {LAUNCH_ENV: launch, "RANK": "1", "WORLD_SIZE": "2", "PATH": "/usr/bin", "HF_HOME": "/node/own"}
+    argv = ["pipeline/__main__.py"]
+    assert adopt(argv, rank_env)
+    assert argv[1:] == overrides
+    assert {k: rank_env.get(k) for k in ("HF_HOME", "WANDB_API_KEY", "PIPELINE_PROGRESS", RELAUNCHED_ENV)} == \
         {"HF_HOME": "/scratch/my hf", "WANDB_API_KEY": "k'ey\"$x", "PIPELINE_PROGRESS": "0", RELAUNCHED_ENV: "1"}
-    assert "UNRELATED_SECRET" not in seen
-    assert seen["PATH"].split(":")[0] == os.path.dirname(sys.executable) and "/only/here" not in seen["PATH"]
-    assert relaunch_command(make_cfg(launcher="deepspeed", procs_per_node=2), [], env=env).files == {}
+    assert "UNRELATED_SECRET" not in rank_env
+    assert rank_env["PATH"].split(os.pathsep) == [os.path.dirname(sys.executable), "/usr/bin"]
+    assert rank_env[STOP_FILE_ENV] == cmd.stop_file and not stop_file_present(rank_env)
+    Path(cmd.stop_file).write_text("SIGUSR1")
+    assert stop_file_present(rank_env)
+    assert not adopt(["x"], {LAUNCH_ENV: launch})  # not a rank (the parent itself): nothing adopted
+    one_node = relaunch_command(make_cfg(launcher="deepspeed", procs_per_node=2), overrides, env=env)
+    assert one_node.files == {} and one_node.stop_file is None and one_node.argv[-2:] == overrides
 
 
 def test_bad_multi_node_settings_name_the_key(tmp_path: Path):
@@ -169,13 +183,13 @@ def test_hydra_slurm_launcher_config_composes():
 # ---------------------------------------------------------------- a real 2-rank run
 
 # Loaded by every Python process of the run (PYTHONPATH): records which (epoch, example index) each
-# rank's training loop took from epoch_batches, by stage (the collate function's name).
+# rank's training loop took from epoch_batches, by stage (the collate function's name), into
+# PIPELINE_SHARD_LOG_DIR, read when pipeline.training is imported (on other nodes that variable
+# arrives with the launch file, after interpreter start-up).
 SITECUSTOMIZE = textwrap.dedent('''
     import importlib.abc, importlib.util, json, os, sys
 
-    LOG = os.environ.get("PIPELINE_SHARD_LOG_DIR")
-
-    def _patch(mod):
+    def _patch(mod, log):
         original = mod.epoch_batches
 
         class Recorded:
@@ -187,7 +201,7 @@ SITECUSTOMIZE = textwrap.dedent('''
                 import torch.distributed as dist
                 rank = dist.get_rank() if dist.is_initialized() else 0
                 world = dist.get_world_size() if dist.is_initialized() else 1
-                with open(os.path.join(LOG, f"rank{rank}.jsonl"), "a") as f:
+                with open(os.path.join(log, f"rank{rank}.jsonl"), "a") as f:
                     f.write(json.dumps({"stage": self.stage, "epoch": self.epoch, "index": int(i),
                                         "world": world, "size": len(self.data)}) + "\\n")
                 return self.data[i]
@@ -202,16 +216,18 @@ SITECUSTOMIZE = textwrap.dedent('''
             if name != "pipeline.training":
                 return None
             sys.meta_path.remove(self)
+            log = os.environ.get("PIPELINE_SHARD_LOG_DIR")
+            if not log:
+                return None
             spec = importlib.util.find_spec(name)
             run = spec.loader.exec_module
             def exec_module(module):
                 run(module)
-                _patch(module)
+                _patch(module, log)
             spec.loader.exec_module = exec_module
             return spec
 
-    if LOG:
-        sys.meta_path.insert(0, _Hook())
+    sys.meta_path.insert(0, _Hook())
 ''')
 
 
@@ -271,25 +287,33 @@ def test_each_rank_trained_on_its_own_shard(two_rank_run):
     assert_disjoint_shards(two_rank_run[1])
 
 
-def test_two_node_run_through_the_deepspeed_launcher_and_pdsh(tmp_path: Path):
-    """+deployment=multi_node with a 2-host hostfile, for real up to the network: DeepSpeed's runner
-    calls pdsh, which (tests/fake_cluster/pdsh, both hosts being this machine) starts each node's
-    launcher in a bare login shell as ssh would. The ranks see the forwarded variables only
-    through <run>/.launch/node_env.sh, form one world of 2 and train on disjoint shards."""
+def two_node_args(tmp_path: Path) -> list[str]:
     from pipeline.engine import free_port
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
-    out, shards, proc = run_recording_shards(
-        tmp_path, "+deployment=multi_node", f"deployment.hostfile={hostfile}", "deployment.nodes=2",
-        "deployment.procs_per_node=1", f"deployment.master_port={free_port()}", "stage.sft.checkpoint.every_steps=0",
-        path_prefix=str(ROOT / "tests" / "fake_cluster"))
-    assert "launching deepspeed.launcher.runner" in proc.stdout and "--venv_script" in proc.stdout
+    return ["+deployment=multi_node", f"deployment.hostfile={hostfile}", "deployment.nodes=2",
+            "deployment.procs_per_node=1", f"deployment.master_port={free_port()}"]
+
+
+FAKE_CLUSTER = str(ROOT / "tests" / "fake_cluster")
+
+
+def test_two_node_run_through_the_deepspeed_launcher_and_pdsh(tmp_path: Path):
+    """+deployment=multi_node with a 2-host hostfile, for real up to the network: DeepSpeed's runner
+    calls pdsh, which (tests/fake_cluster/pdsh, both hosts being this machine) starts each node's
+    launcher in a bare login shell as ssh would. The ranks get the overrides (one that a shell
+    would mangle) and the forwarded variables only through the launch file, form one world of 2
+    and train on disjoint shards; the launch file (it may hold tokens) is gone afterwards."""
+    name = "x{a,b} $HOME"
+    out, shards, proc = run_recording_shards(tmp_path, *two_node_args(tmp_path), "stage.sft.checkpoint.every_steps=0",
+                                             f"run.name='{name}'", path_prefix=FAKE_CLUSTER)
+    assert "launching deepspeed.launcher.runner" in proc.stdout
     assert "localhost: " in proc.stdout and "127.0.0.1: " in proc.stdout  # both nodes' output, through pdsh
-    script = out / ".launch" / "node_env.sh"
-    assert script.stat().st_mode & 0o777 == 0o600 and "PIPELINE_SHARD_LOG_DIR" in script.read_text()
+    assert OmegaConf.load(out / "config.yaml").run.name == name
     assert set(json.loads((out / "results.json").read_text())) == {"sft", "rm", "ppo"}
     assert_disjoint_shards(shards)
+    assert not (out / ".launch" / "node_launch.json").exists()
 
 
 def test_eval_metric_is_reduced_over_both_ranks(two_rank_run):
@@ -384,6 +408,45 @@ def test_sigusr1_to_a_relaunched_run_checkpoints_every_rank_and_the_same_command
     stopped_at = int(checkpoint.name.split("_")[1])
     assert 1 <= stopped_at < 100
     again = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"[sft] resumed from {checkpoint} at step {stopped_at}" in again.stdout
+    assert json.loads((out / "results.json").read_text())["sft"]["steps"] == 100
+
+
+def test_sigusr1_stops_a_two_node_run_through_the_stop_file_and_it_resumes(tmp_path: Path):
+    """Ranks on other hosts are not the launching process's children: SIGUSR1 reaches them only as
+    <run>/.launch/stop (signals are not forwarded on several nodes). Both ranks checkpoint and exit
+    75; the same command resumes (the stale stop file does not stop it again)."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = [*SMALL, *two_node_args(tmp_path), f"run.output_dir={out}", "stage.sft.max_steps=100",
+            "stage.sft.num_train_epochs=100", "stage.sft.checkpoint.every_steps=0", "stage.rm.max_steps=1",
+            "stage.ppo.max_steps=1"]
+    env = {**clean_env(), "PATH": FAKE_CLUSTER + os.pathsep + os.environ["PATH"]}
+    parent = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        metrics = out / "sft" / "metrics.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
+            assert parent.poll() is None, parent.stdout.read()[-3000:]
+            time.sleep(0.25)
+        parent.send_signal(signal.SIGUSR1)
+        log, _ = parent.communicate(timeout=300)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == 75, log[-3000:]
+    assert log.count("checkpoint saved; exiting") == 2, log[-3000:]
+    (checkpoint,) = (out / "sft" / "checkpoints").glob("step_*")
+    stopped_at = int(checkpoint.name.split("_")[1])
+    assert 1 <= stopped_at < 100
+    (out / ".launch").mkdir(exist_ok=True)
+    (out / ".launch" / "stop").write_text("left over")
+    again = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"[sft] resumed from {checkpoint} at step {stopped_at}" in again.stdout
     assert json.loads((out / "results.json").read_text())["sft"]["steps"] == 100

@@ -317,6 +317,27 @@ def test_static_kv_cache_generates_the_same_tokens_under_zero3(base_run, tmp_pat
                            dynamic.generate(sub_ids, sub_mask, do_sample=False))
 
 
+def test_generation_layout_turns_checkpointing_off_and_back_without_leaking_hooks(base_run, tmp_path):
+    """LoRA actor with gradient checkpointing: off inside the generation layout, on again after,
+    and no hook piles up call after call (the model-level enable adds an input-grad hook each time)."""
+    from pipeline.engine import activation_checkpointing, unwrap
+
+    strategy = {"zero_stage": 0, "gradient_checkpointing": True}
+    lora = {"dim": 4, "target_modules": ["q_proj", "v_proj"], "learning_rate": 1e-2}
+    cfg, engine, trainer = make_engine(base_run, tmp_path, actor_strategy=strategy, actor_lora=lora)
+    actor = unwrap(engine.actor)
+    embeddings = actor.get_input_embeddings()
+    hooks = len(embeddings._forward_hooks)
+    assert activation_checkpointing(actor) and actor.training
+    batch = prompts(base_run, cfg, engine.tokenizer)
+    for _ in range(3):
+        with trainer.rollout.generation_layout() as module:
+            assert not activation_checkpointing(module) and not module.training
+        trainer.train_rlhf(trainer.generate_experience(batch))
+    assert activation_checkpointing(actor) and actor.training
+    assert len(embeddings._forward_hooks) == hooks
+
+
 def test_activation_checkpointing_switches_without_deprecation_warnings(base_run):
     """On and off for the actor (plain and with peft LoRA) and the reward model, through the names
     transformers 5 keeps (the gradient_checkpointing_* aliases warn and go away in v6)."""

@@ -221,11 +221,13 @@ def adapt_qag_jaquad(row, where, spec, key):
 
 
 def adapt_sharegpt_vicuna(row, where, spec, key):
-    """pvduy/sharegpt_alpaca_oa_vicuna_format: "prompt" is a "USER: ... ASSISTANT:" dialogue, "label" the answer."""
+    """pvduy/sharegpt_alpaca_oa_vicuna_format: "prompt" is a "USER: ... ASSISTANT:" dialogue (text
+    before the first USER: is a system message), "label" the answer."""
     prompt, label = _get(row, "prompt", where, key), _get(row, "label", where, key)
     turns = re.split(r"(USER:|ASSISTANT:)", str(prompt))
-    messages = [{"role": "user" if marker == "USER:" else "assistant", "content": text.strip()}
-                for marker, text in zip(turns[1::2], turns[2::2])]
+    preamble = [{"role": "system", "content": turns[0].strip()}] if turns[0].strip() else []
+    messages = preamble + [{"role": "user" if marker == "USER:" else "assistant", "content": text.strip()}
+                           for marker, text in zip(turns[1::2], turns[2::2])]
     if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
         messages.pop()  # the open "ASSISTANT:" the answer follows
     if not messages or messages[-1]["role"] != "user" or not str(label).strip():
