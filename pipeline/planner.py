@@ -780,6 +780,13 @@ def plan_run(cfg: Any) -> Plan:
         if spec is None:
             warnings.append(f"{name}: size unknown (not in the catalog or local cache); the planner "
                             f"cannot check memory and chose a conservative layout")
+    if inp.actor is not None and inp.reward is not None and inp.actor.vocab_size != inp.reward.vocab_size:
+        warnings.append(
+            f"model.reward={inp.reward_name} (vocabulary {inp.reward.vocab_size}) and model.actor={inp.actor_name} "
+            f"(vocabulary {inp.actor.vocab_size}) were pretrained with different tokenizers; every model here "
+            f"uses one tokenizer (model.tokenizer, default the actor's: the critic scores the actor's tokens), so the "
+            f"reward model's embeddings start out meaning other tokens and step 2 must re-learn them: prefer a "
+            f"reward model of the actor's family")
     suggestions: list[str] = []
     for name, sp in stages.items():
         if sp.fits:

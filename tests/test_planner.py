@@ -299,3 +299,12 @@ def test_local_folder_model_is_sized_from_config_json(tmp_path):
         "ffn_dim": 256, "vocab_size": 512, "max_position_embeddings": 512}))
     plan = P.plan_run(make(str(tmp_path), "cpu", reward="tiny-opt"))
     assert plan.fits and plan.stages["sft"].role("actor").params == CATALOG["tiny-opt"].num_params()
+
+
+def test_reward_model_of_another_tokenizer_family_is_flagged():
+    """DeepSpeed-Chat users hit embedding mismatches with a LLaMA actor and an OPT reward model; here
+    one tokenizer serves every model, so the plan says what that costs instead."""
+    mixed = " ".join(P.plan_run(make("llama-2-7b", "a100-80g", reward="opt-350m")).warnings)
+    assert "model.reward=opt-350m (vocabulary 50272) and model.actor=llama-2-7b (vocabulary 32000)" in mixed
+    assert "different tokenizers" in mixed
+    assert "different tokenizers" not in " ".join(P.plan_run(make("opt-13b", "a100-80g", reward="opt-350m")).warnings)
