@@ -2,8 +2,9 @@
 DeepSpeed launcher when `deployment.launcher` asks for one and this process is not a rank yet.
 
 The parent stays alive while the ranks run: it forwards SIGUSR1 / SIGTERM to the ranks (so that
-they save a checkpoint at their next step, see pipeline/resume.py) and returns the launcher's
-exit code, or RESUMABLE_EXIT_CODE when a stop signal ended the run early.
+they save a checkpoint at their next step, see pipeline/resume.py; on several nodes as a stop
+file) and returns the launcher's exit code, or RESUMABLE_EXIT_CODE when a stop signal ended the
+run early.
 
 On several nodes (DeepSpeed launcher + hostfile) the ranks start through pdsh/ssh in bare login
 shells: the overrides and variables travel in a launch file, and stop requests in a stop file
@@ -56,8 +57,8 @@ class Relaunch:
 
 
 def child_overrides(task_overrides: list[str], output_dir: str, hydra_dir: str | None) -> list[str]:
-    """The command line the ranks get: the user's overrides (this job's, in a multirun), the run
-    folder pinned to the parent's, and no second copy of Hydra's .hydra/ files."""
+    """The overrides the ranks get: the user's (this job's, in a multirun), the run folder pinned to
+    the parent's, and no second copy of Hydra's .hydra/ files."""
     pinned = ("run.output_dir=", "+run.output_dir=", "++run.output_dir=")
     out = [o for o in task_overrides if not o.startswith(pinned)]
     out.append(f"run.output_dir={output_dir}")
@@ -69,7 +70,8 @@ def child_overrides(task_overrides: list[str], output_dir: str, hydra_dir: str |
 
 def relaunch_command(cfg: RunConfig, overrides: list[str], env: os._Environ | dict = os.environ,
                      port: int | None = None) -> Relaunch:
-    """The launcher command line that runs `python -m pipeline <overrides>` on every rank."""
+    """The launcher command line that runs `python -m pipeline <overrides>` on every rank; on
+    several nodes through pdsh the overrides go in the launch file instead (launchers/node_launch.py)."""
     from pipeline.engine import free_port
 
     dep = cfg.deployment
@@ -77,17 +79,28 @@ def relaunch_command(cfg: RunConfig, overrides: list[str], env: os._Environ | di
     port = port or dep.master_port or free_port()
     child_env = {RELAUNCHED_ENV: "1"}
     if dep.launcher == "torchrun":
+        master = dep.master_addr
         if dep.nodes > 1:
             node_rank = env.get("NODE_RANK", env.get("SLURM_NODEID"))
-            if node_rank is None or dep.master_addr in ("127.0.0.1", "localhost"):
+            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+            if master in ("127.0.0.1", "localhost") and nodelist:
+                from launchers.slurm import expand_nodelist
+
+                master = expand_nodelist(nodelist)[0]  # a SLURM job: node 0 is the first of its nodes
+            if node_rank is None or master in ("127.0.0.1", "localhost"):
                 raise ConfigError(
                     f"deployment.nodes={dep.nodes} with deployment.launcher=torchrun: run the same command on every node "
                     "with NODE_RANK set and deployment.master_addr=<node 0's address>, or use "
                     "+deployment=multi_node (DeepSpeed launcher + hostfile) or the SLURM launcher")
+            if not dep.master_port:  # every node must pick the same one
+                if not env.get("SLURM_JOB_ID"):
+                    raise ConfigError(f"deployment.nodes={dep.nodes} with deployment.launcher=torchrun needs "
+                                      "deployment.master_port=<a port free on node 0>, the same on every node")
+                port = 20000 + int(env["SLURM_JOB_ID"]) % 20000  # as launchers/slurm.py derives it
         else:
             node_rank = "0"
         argv = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={dep.nodes}", f"--nproc_per_node={nprocs}",
-                f"--node_rank={node_rank}", f"--master_addr={dep.master_addr}", f"--master_port={port}",
+                f"--node_rank={node_rank}", f"--master_addr={master}", f"--master_port={port}",
                 "-m", "pipeline", *overrides]
         return Relaunch(argv, child_env)
     if dep.launcher == "deepspeed":
@@ -118,7 +131,8 @@ def relaunch_command(cfg: RunConfig, overrides: list[str], env: os._Environ | di
             # Through pdsh: no user text on the command line; it all travels in the launch file.
             folder = cfg.output_dir.expanduser().resolve() / ".launch"
             launch, stop = str(folder / "node_launch.json"), str(folder / "stop")
-            payload = launch_payload(overrides, {**env, **child_env}, os.path.dirname(sys.executable), stop)
+            payload = launch_payload(overrides, {**env, **child_env}, os.path.dirname(sys.executable), stop,
+                                     f"{master}:{port}")
             return Relaunch(argv, {**child_env, LAUNCH_ENV: launch}, {launch: json.dumps(payload, indent=1)}, stop)
         return Relaunch(argv + list(overrides), child_env)
     raise ConfigError(f"deployment.launcher={dep.launcher}: not a multi-process launcher "
@@ -151,15 +165,16 @@ def _ignore_usr1() -> None:
 
 
 def run_relaunch(relaunch: Relaunch) -> int:
-    """Run the launcher, forward stop signals to the ranks, return the exit code to use."""
+    """Run the launcher, forward stop signals to the ranks, return the exit code to use.
+
+    On several nodes the launcher runs in its own session: a SIGTERM to this process group (a
+    scheduler, systemd) would otherwise reach DeepSpeed's runner, whose handler kills every rank
+    on every node before it can checkpoint. Ctrl-C (SIGINT) is passed on to it: a hard stop."""
     from pipeline.resume import RESUMABLE_EXIT_CODE
 
     if relaunch.stop_file and os.path.exists(relaunch.stop_file):
         os.remove(relaunch.stop_file)  # left by a run that was stopped: this one starts afresh
-    for path, text in relaunch.files.items():
-        write_private(path, text)
-    print(f"launching {relaunch.argv[relaunch.argv.index('-m') + 1]}: {relaunch}", flush=True)
-    proc = subprocess.Popen(relaunch.argv, env={**os.environ, **relaunch.env}, preexec_fn=_ignore_usr1)
+    launched: list[subprocess.Popen] = []
     stopped: list[int] = []
 
     def forward(signum, _frame):
@@ -167,17 +182,34 @@ def run_relaunch(relaunch: Relaunch) -> int:
         print(f"received {signal.Signals(signum).name}: asking the ranks to checkpoint and stop", file=sys.stderr,
               flush=True)
         if relaunch.stop_file:
-            write_private(relaunch.stop_file, signal.Signals(signum).name)
+            try:
+                write_private(relaunch.stop_file, signal.Signals(signum).name)
+            except OSError as err:
+                print(f"could not write {relaunch.stop_file} ({err}); the ranks go on", file=sys.stderr, flush=True)
             return
-        for rank_proc in _rank_processes(proc.pid):
+        for rank_proc in _rank_processes(launched[0].pid) if launched else []:
             try:
                 rank_proc.send_signal(signum)
             except Exception:  # noqa: BLE001 - a rank that already exited
                 pass
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    def interrupt(signum, _frame):
+        if launched:
+            launched[0].send_signal(signal.SIGINT)
+
+    handlers = {signal.SIGUSR1: forward, signal.SIGTERM: forward}
+    if relaunch.stop_file:
+        handlers[signal.SIGINT] = interrupt
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
-        code = proc.wait()
+        for path, text in relaunch.files.items():
+            write_private(path, text)
+        if stopped:
+            return RESUMABLE_EXIT_CODE  # asked to stop before anything started
+        print(f"launching {relaunch.argv[relaunch.argv.index('-m') + 1]}: {relaunch}", flush=True)
+        launched.append(subprocess.Popen(relaunch.argv, env={**os.environ, **relaunch.env}, preexec_fn=_ignore_usr1,
+                                         start_new_session=bool(relaunch.stop_file)))
+        code = launched[0].wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

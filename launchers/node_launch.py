@@ -25,11 +25,13 @@ FORWARDED_ENV_PREFIXES = ("PIPELINE_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "
                           "GLOO_", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "VIRTUAL_ENV")
 
 
-def launch_payload(overrides: list[str], env: dict, python_bin: str, stop_file: str) -> dict:
-    """The launch file's content: overrides, the bin folder to put first on PATH, the variables."""
+def launch_payload(overrides: list[str], env: dict, python_bin: str, stop_file: str, master: str) -> dict:
+    """The launch file's content: overrides, the bin folder to put first on PATH, the variables,
+    and the run's rendezvous (MASTER_ADDR:MASTER_PORT), which a rank checks before adopting it."""
     forwarded = {k: v for k, v in env.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
     forwarded[STOP_FILE_ENV] = stop_file
-    return {"overrides": list(overrides), "path": python_bin, "env": dict(sorted(forwarded.items()))}
+    return {"overrides": list(overrides), "path": python_bin, "env": dict(sorted(forwarded.items())),
+            "master": master}
 
 
 def write_private(path: str, text: str) -> None:
@@ -47,12 +49,20 @@ def write_private(path: str, text: str) -> None:
 def adopt(argv: list[str], environ: os._Environ | dict = os.environ) -> bool:
     """In a rank started with LAUNCH_ENV set: take the launch file's variables (the launching
     shell's values win), put its bin folder first on PATH and, when the command line carries no
-    overrides, append the file's. True when a launch file was adopted."""
-    path = environ.get(LAUNCH_ENV)
+    overrides, append the file's. LAUNCH_ENV is taken out of the environment (processes this one
+    starts must not adopt it again); a file of another run (its rendezvous differs) is ignored.
+    True when a launch file was adopted."""
+    path = environ.pop(LAUNCH_ENV, None)
     if not path or "RANK" not in environ:
         return False
-    with open(path) as fh:
-        launch = json.load(fh)
+    try:
+        with open(path) as fh:
+            launch = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {LAUNCH_ENV}={path}: cannot read this multi-node run's launch file ({err}); the run "
+                         "folder (run.output_dir) must be on a file system every host of the hostfile sees") from None
+    if launch.get("master") != f"{environ.get('MASTER_ADDR')}:{environ.get('MASTER_PORT')}":
+        return False
     environ.update(launch["env"])
     environ["PATH"] = os.pathsep.join([launch["path"], environ.get("PATH", "")])
     if len(argv) == 1:

@@ -63,15 +63,19 @@ def _tasks_on_this_node(value: str) -> int:
 
 def torch_env_from_slurm(cfg: RunConfig, env: os._Environ | dict = os.environ) -> dict[str, str]:
     """RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT for this SLURM task; {} when SLURM does
-    not start the ranks (no job step, or a one-task step under another launcher)."""
+    not start the ranks (no job step, or torchrun started by one task per node)."""
     if not in_job_step(env):
         if cfg.deployment.launcher == "slurm":
             raise ConfigError("deployment.launcher=slurm: this process is not a SLURM job step; submit it with "
                               "`python -m pipeline -m hydra/launcher=slurm ...` or start it with srun")
         return {}
     ntasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
-    if cfg.deployment.launcher != "slurm" and ntasks == 1:
-        return {}  # one task per node: torchrun / the DeepSpeed launcher start the ranks
+    if cfg.deployment.launcher == "deepspeed" and ntasks > 1:
+        raise ConfigError(f"deployment.launcher=deepspeed in a SLURM job step of {ntasks} tasks: each task would start "
+                          "the DeepSpeed launcher on every host of the hostfile; on SLURM use deployment.launcher=slurm "
+                          "(SLURM starts every rank) or torchrun (one task per node)")
+    if cfg.deployment.launcher in ("torchrun", "deepspeed") or (cfg.deployment.launcher != "slurm" and ntasks == 1):
+        return {}  # one task per node: torchrun (or, alone, the DeepSpeed launcher) starts the ranks
     nodes = expand_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost"))
     dep = cfg.deployment
     master = dep.master_addr

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from pipeline.engine import rank
+from pipeline.engine import collective_device, rank
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -81,7 +81,7 @@ def load_rng_state(folder: Path, rank_id: int = 0) -> None:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any (a decision all ranks must share)."""
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())

@@ -56,6 +56,14 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
+def collective_device() -> torch.device:
+    """Where the small tensors of a collective (flags, metric sums) must live: NCCL reduces CUDA
+    tensors only, gloo CPU ones."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def apply_lora(model: nn.Module, lora: LoRASection) -> nn.Module:
     """Wrap `model` with peft LoRA adapters (dim > 0); the base stays trainable unless only_optimize_lora."""
     if not lora.dim:

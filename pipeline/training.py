@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from pipeline.checkpoint import any_rank
-from pipeline.engine import rank, world_size
+from pipeline.engine import collective_device, rank, world_size
 
 
 @dataclass
@@ -83,7 +83,7 @@ def eval_batches(data, batch: int, collate: Callable) -> Iterator[dict]:
 
 def all_reduce_mean(values: list[float], weight: float) -> list[float]:
     """Weighted mean of per-rank values across ranks (weight = examples this rank saw)."""
-    t = torch.tensor([v * weight for v in values] + [weight], dtype=torch.float64)
+    t = torch.tensor([v * weight for v in values] + [weight], dtype=torch.float64, device=collective_device())
     if torch.distributed.is_initialized() and world_size() > 1:
         torch.distributed.all_reduce(t)
     return [float(x) / max(float(t[-1]), 1e-12) for x in t[:-1]]

@@ -92,10 +92,11 @@ def test_other_nodes_get_overrides_and_variables_through_the_launch_file(tmp_pat
     write_private(launch, cmd.files[launch])
     assert os.stat(launch).st_mode & 0o777 == 0o600 and os.stat(Path(launch).parent).st_mode & 0o777 == 0o700
 
-    rank_env = {LAUNCH_ENV: launch, "RANK": "1", "WORLD_SIZE": "2", "PATH": "/usr/bin", "HF_HOME": "/node/own"}
+    rank_env = {LAUNCH_ENV: launch, "RANK": "1", "WORLD_SIZE": "2", "PATH": "/usr/bin", "HF_HOME": "/node/own",
+                "MASTER_ADDR": "worker-1", "MASTER_PORT": "29512"}
     argv = ["pipeline/__main__.py"]
     assert adopt(argv, rank_env)
-    assert argv[1:] == overrides
+    assert argv[1:] == overrides and LAUNCH_ENV not in rank_env  # the rank's own children do not adopt it again
     assert {k: rank_env.get(k) for k in ("HF_HOME", "WANDB_API_KEY", "PIPELINE_PROGRESS", RELAUNCHED_ENV)} == \
         {"HF_HOME": "/scratch/my hf", "WANDB_API_KEY": "k'ey\"$x", "PIPELINE_PROGRESS": "0", RELAUNCHED_ENV: "1"}
     assert "UNRELATED_SECRET" not in rank_env
@@ -104,6 +105,10 @@ def test_other_nodes_get_overrides_and_variables_through_the_launch_file(tmp_pat
     Path(cmd.stop_file).write_text("SIGUSR1")
     assert stop_file_present(rank_env)
     assert not adopt(["x"], {LAUNCH_ENV: launch})  # not a rank (the parent itself): nothing adopted
+    stale = {LAUNCH_ENV: launch, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert not adopt(["x"], stale) and "HF_HOME" not in stale  # another run's file (another rendezvous)
+    with pytest.raises(SystemExit, match="must be on a file system every host of the hostfile sees"):
+        adopt(["x"], {**rank_env, LAUNCH_ENV: str(tmp_path / "elsewhere.json")})
     one_node = relaunch_command(make_cfg(launcher="deepspeed", procs_per_node=2), overrides, env=env)
     assert one_node.files == {} and one_node.stop_file is None and one_node.argv[-2:] == overrides
 
@@ -145,6 +150,22 @@ def test_torch_distributed_comes_from_slurm_variables():
                                 slurm_env(SLURM_STEP_NUM_TASKS="1", SLURM_PROCID="0")) == {}
     with pytest.raises(ConfigError, match="deployment.launcher=slurm: this process is not a SLURM job step"):
         torch_env_from_slurm(cfg, {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "0"})
+
+
+def test_torchrun_on_several_slurm_nodes_starts_every_local_rank():
+    """One SLURM task per node (tasks_per_node for torchrun): the task must not become a rank itself
+    (that ran one rank per node, silently); torchrun gets the node rank, node 0 and one port from SLURM."""
+    cfg = make_cfg(name="single_node", launcher="torchrun", nodes=2, procs_per_node=8)
+    env = slurm_env(SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="1", SLURM_LOCALID="0", SLURM_STEP_TASKS_PER_NODE="1(x2)")
+    assert torch_env_from_slurm(cfg, env) == {} and needs_relaunch(cfg, env={})
+    cmd = relaunch_command(cfg, ["x=1"], env=env)
+    assert {"--nnodes=2", "--nproc_per_node=8", "--node_rank=1", "--master_addr=gpu07",
+            f"--master_port={20000 + 4242 % 20000}"} <= set(cmd.argv)
+    with pytest.raises(ConfigError, match="deployment.master_port=<a port free on node 0>"):
+        relaunch_command(make_cfg(launcher="torchrun", nodes=2, procs_per_node=8, master_addr="10.0.0.1"), [],
+                         env={"NODE_RANK": "1"})
+    with pytest.raises(ConfigError, match="deployment.launcher=deepspeed in a SLURM job step of 2 tasks"):
+        torch_env_from_slurm(make_cfg(launcher="deepspeed", nodes=2, procs_per_node=8), env)
 
 
 def test_nodelist_expansion_without_scontrol(monkeypatch):
@@ -413,10 +434,11 @@ def test_sigusr1_to_a_relaunched_run_checkpoints_every_rank_and_the_same_command
     assert json.loads((out / "results.json").read_text())["sft"]["steps"] == 100
 
 
-def test_sigusr1_stops_a_two_node_run_through_the_stop_file_and_it_resumes(tmp_path: Path):
-    """Ranks on other hosts are not the launching process's children: SIGUSR1 reaches them only as
-    <run>/.launch/stop (signals are not forwarded on several nodes). Both ranks checkpoint and exit
-    75; the same command resumes (the stale stop file does not stop it again)."""
+def test_sigterm_to_the_process_group_stops_a_two_node_run_through_the_stop_file_and_it_resumes(tmp_path: Path):
+    """Ranks on other hosts are not the launching process's children: a stop reaches them only as
+    <run>/.launch/stop. SIGTERM goes to the whole process group, as a scheduler sends it; DeepSpeed's
+    runner (in its own session) must not get it, or its handler kills every rank unsaved. Both
+    ranks checkpoint and exit 75; the same command resumes (a stale stop file does not stop it)."""
     import signal
     import time
 
@@ -426,14 +448,14 @@ def test_sigusr1_stops_a_two_node_run_through_the_stop_file_and_it_resumes(tmp_p
             "stage.ppo.max_steps=1"]
     env = {**clean_env(), "PATH": FAKE_CLUSTER + os.pathsep + os.environ["PATH"]}
     parent = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         metrics = out / "sft" / "metrics.jsonl"
         deadline = time.time() + 240
         while time.time() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
             assert parent.poll() is None, parent.stdout.read()[-3000:]
             time.sleep(0.25)
-        parent.send_signal(signal.SIGUSR1)
+        os.killpg(parent.pid, signal.SIGTERM)
         log, _ = parent.communicate(timeout=300)
     finally:
         if parent.poll() is None:
@@ -450,3 +472,19 @@ def test_sigusr1_stops_a_two_node_run_through_the_stop_file_and_it_resumes(tmp_p
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"[sft] resumed from {checkpoint} at step {stopped_at}" in again.stdout
     assert json.loads((out / "results.json").read_text())["sft"]["steps"] == 100
+
+
+def test_collectives_put_their_tensors_where_the_backend_reduces(monkeypatch):
+    """NCCL reduces CUDA tensors only: the per-step flags (any_rank) and metric sums
+    (all_reduce_mean) must be made on the current GPU there, on the CPU under gloo."""
+    import torch
+
+    from pipeline import engine
+
+    assert engine.collective_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert engine.collective_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "gloo")
+    assert engine.collective_device() == torch.device("cpu")
