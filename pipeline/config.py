@@ -361,8 +361,8 @@ STRATEGY_KEYS = ("stage.sft.strategy", "stage.rm.strategy", "stage.ppo.actor_str
 
 
 def _without_removed_keys(user: DictConfig) -> DictConfig:
-    """Run folders and override lines from before tp_degree was removed: a null or 1 is dropped
-    (it meant no tensor parallelism), anything else is refused with the reason."""
+    """Run folders (config.yaml) and `+`-overrides from before tp_degree was removed: a null or 1 is
+    dropped (it meant no tensor parallelism), anything else is refused with the reason."""
     user = copy.deepcopy(user)
     for path in STRATEGY_KEYS:
         node = OmegaConf.select(user, path, default=None)

@@ -780,10 +780,11 @@ def plan_run(cfg: Any) -> Plan:
         if spec is None:
             warnings.append(f"{name}: size unknown (not in the catalog or local cache); the planner "
                             f"cannot check memory and chose a conservative layout")
-    if inp.actor is not None and inp.reward is not None and inp.actor.vocab_size != inp.reward.vocab_size:
+    if inp.actor is not None and inp.reward is not None and _other_tokenizer(inp.actor, inp.reward):
         warnings.append(
-            f"model.reward={inp.reward_name} (vocabulary {inp.reward.vocab_size}) and model.actor={inp.actor_name} "
-            f"(vocabulary {inp.actor.vocab_size}) were pretrained with different tokenizers; every model here "
+            f"model.reward={inp.reward_name} ({inp.reward.family}, vocabulary {inp.reward.vocab_size}) and "
+            f"model.actor={inp.actor_name} ({inp.actor.family}, vocabulary {inp.actor.vocab_size}) look pretrained "
+            f"with different tokenizers; every model here "
             f"uses one tokenizer (model.tokenizer, default the actor's: the critic scores the actor's tokens), so the "
             f"reward model's embeddings start out meaning other tokens and step 2 must re-learn them: prefer a "
             f"reward model of the actor's family")
@@ -806,6 +807,12 @@ def plan_run(cfg: Any) -> Plan:
             suggestions += _suggest(inp, name, active)
     return Plan(hardware=cfg.hardware.name, device=inp.device, world_size=inp.world, dtype=inp.dtype,
                 stages=stages, warnings=warnings, suggestions=suggestions)
+
+
+def _other_tokenizer(a: ModelSpec, b: ModelSpec) -> bool:
+    """Another model family, or vocabularies apart by more than padding (LLaMA-2 32000 vs LLaMA-3 128256;
+    Qwen2.5 0.5B 151936 vs 7B 152064 is padding)."""
+    return a.family != b.family or abs(a.vocab_size - b.vocab_size) > 0.01 * max(a.vocab_size, b.vocab_size)
 
 
 def dry_run_report(cfg: Any, plan: Optional[Plan] = None) -> str:

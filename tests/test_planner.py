@@ -305,6 +305,6 @@ def test_reward_model_of_another_tokenizer_family_is_flagged():
     """DeepSpeed-Chat users hit embedding mismatches with a LLaMA actor and an OPT reward model; here
     one tokenizer serves every model, so the plan says what that costs instead."""
     mixed = " ".join(P.plan_run(make("llama-2-7b", "a100-80g", reward="opt-350m")).warnings)
-    assert "model.reward=opt-350m (vocabulary 50272) and model.actor=llama-2-7b (vocabulary 32000)" in mixed
+    assert "model.reward=opt-350m (opt, vocabulary 50272) and model.actor=llama-2-7b (llama, vocabulary 32000)" in mixed
     assert "different tokenizers" in mixed
     assert "different tokenizers" not in " ".join(P.plan_run(make("opt-13b", "a100-80g", reward="opt-350m")).warnings)
