@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,14 @@ def epoch_batches(data, micro_batch: int, collate: Callable, seed: int, epoch: i
     mine = order[rank() * per_rank: (rank() + 1) * per_rank]
     for start in range(skip * micro_batch, len(mine) - micro_batch + 1, micro_batch):
         yield collate([data[i] for i in mine[start: start + micro_batch]])
+
+
+def accumulation_batches(data, micro_batch: int, accumulation: int, collate: Callable, seed: int, epoch: int,
+                         step: int, per_epoch: int) -> Iterator[dict]:
+    """This epoch's micro-batches from optimizer step `step` on: exactly enough for its `per_epoch`
+    optimizer steps of `accumulation` micro-batches (leftovers would spill into the next epoch)."""
+    skip = (step - epoch * per_epoch) * accumulation
+    return itertools.islice(epoch_batches(data, micro_batch, collate, seed, epoch, skip), per_epoch * accumulation - skip)
 
 
 def eval_batches(data, batch: int, collate: Callable) -> Iterator[dict]:

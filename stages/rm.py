@@ -8,7 +8,6 @@ pipeline.models.RewardModel.from_pretrained), rm/metrics.jsonl, rm/checkpoints/.
 
 from __future__ import annotations
 
-import itertools
 from functools import partial
 
 import torch
@@ -22,7 +21,7 @@ from pipeline.models import RewardModel, materialize
 from pipeline.resume import resume_stage, stop_requested
 from pipeline.rl_math import pairwise_ranking_loss
 from pipeline.tracking import MetricsLogger
-from pipeline.training import (NonFiniteGuard, StageContext, all_reduce_mean, epoch_batches, eval_batches,
+from pipeline.training import (NonFiniteGuard, StageContext, accumulation_batches, all_reduce_mean, eval_batches,
                                steps_per_epoch, total_steps)
 
 
@@ -89,11 +88,9 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     engine.train()
     epoch = step // per_epoch if per_epoch else 0
     while step < n_steps:
-        skip = (step - epoch * per_epoch) * s.gradient_accumulation_steps
         micro = 0
-        # Exactly per_epoch optimizer steps an epoch: leftover micro-batches would spill into the next.
-        micro_batches = epoch_batches(data.train, s.per_device_train_batch_size, collate, cfg.run.seed, epoch, skip)
-        for batch in itertools.islice(micro_batches, per_epoch * s.gradient_accumulation_steps - skip):
+        for batch in accumulation_batches(data.train, s.per_device_train_batch_size, s.gradient_accumulation_steps,
+                                          collate, cfg.run.seed, epoch, step, per_epoch):
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             loss, chosen, rejected = pair_loss(engine, batch)
             if not guard.ok(loss, f"rm step {step}"):

@@ -400,9 +400,36 @@ def test_local_multirun_gives_each_job_its_own_run_folder(tmp_path: Path):
         assert (run / "ppo" / "manifest.json").exists() and (run / "ppo" / "final" / "actor" / "config.json").exists()
 
 
+def stop_once_training(cmd: list[str], out: Path, env: dict, stop, new_session: bool = False) -> tuple[int, str]:
+    """Start `cmd`, call stop(process) once SFT has logged a train step, return (exit code, output)."""
+    import time
+
+    parent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=new_session)
+    try:
+        metrics = out / "sft" / "metrics.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
+            assert parent.poll() is None, parent.stdout.read()[-3000:]
+            time.sleep(0.25)
+        stop(parent)
+        log, _ = parent.communicate(timeout=300)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    return parent.returncode, log
+
+
+def stopped_checkpoint(out: Path) -> tuple[Path, int]:
+    """The one SFT checkpoint a stop left (periodic saving is off), and its step (between 1 and 99)."""
+    (checkpoint,) = (out / "sft" / "checkpoints").glob("step_*")
+    stopped_at = int(checkpoint.name.split("_")[1])
+    assert 1 <= stopped_at < 100
+    return checkpoint, stopped_at
+
+
 def test_sigusr1_to_a_relaunched_run_checkpoints_every_rank_and_the_same_command_resumes(tmp_path: Path):
     import signal
-    import time
 
     from pipeline.models import load_tokenizer, materialize
 
@@ -411,23 +438,10 @@ def test_sigusr1_to_a_relaunched_run_checkpoints_every_rank_and_the_same_command
     cmd = [sys.executable, "-m", "pipeline", *SMALL, "+deployment=single_node", "deployment.procs_per_node=2",
            f"run.output_dir={out}", "stage.sft.max_steps=100", "stage.sft.num_train_epochs=100",
            "stage.sft.checkpoint.every_steps=0", "stage.rm.max_steps=1", "stage.ppo.max_steps=1"]
-    parent = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        metrics = out / "sft" / "metrics.jsonl"
-        deadline = time.time() + 240
-        while time.time() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
-            assert parent.poll() is None, parent.stdout.read()[-3000:]
-            time.sleep(0.25)
-        parent.send_signal(signal.SIGUSR1)  # what SLURM sends before the time limit
-        log, _ = parent.communicate(timeout=300)
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-    assert parent.returncode == 75, log[-3000:]
+    code, log = stop_once_training(cmd, out, clean_env(), lambda parent: parent.send_signal(signal.SIGUSR1))
+    assert code == 75, log[-3000:]  # SIGUSR1: what SLURM sends before the time limit
     assert "asking the ranks to checkpoint and stop" in log and log.count("checkpoint saved; exiting") == 2
-    (checkpoint,) = (out / "sft" / "checkpoints").glob("step_*")
-    stopped_at = int(checkpoint.name.split("_")[1])
-    assert 1 <= stopped_at < 100
+    checkpoint, stopped_at = stopped_checkpoint(out)
     again = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"[sft] resumed from {checkpoint} at step {stopped_at}" in again.stdout
@@ -440,31 +454,17 @@ def test_sigterm_to_the_process_group_stops_a_two_node_run_through_the_stop_file
     runner (in its own session) must not get it, or its handler kills every rank unsaved. Both
     ranks checkpoint and exit 75; the same command resumes (a stale stop file does not stop it)."""
     import signal
-    import time
 
     out = tmp_path / "run"
     args = [*SMALL, *two_node_args(tmp_path), f"run.output_dir={out}", "stage.sft.max_steps=100",
             "stage.sft.num_train_epochs=100", "stage.sft.checkpoint.every_steps=0", "stage.rm.max_steps=1",
             "stage.ppo.max_steps=1"]
     env = {**clean_env(), "PATH": FAKE_CLUSTER + os.pathsep + os.environ["PATH"]}
-    parent = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        metrics = out / "sft" / "metrics.jsonl"
-        deadline = time.time() + 240
-        while time.time() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
-            assert parent.poll() is None, parent.stdout.read()[-3000:]
-            time.sleep(0.25)
-        os.killpg(parent.pid, signal.SIGTERM)
-        log, _ = parent.communicate(timeout=300)
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-    assert parent.returncode == 75, log[-3000:]
+    code, log = stop_once_training([sys.executable, "-m", "pipeline", *args], out, env,
+                                   lambda parent: os.killpg(parent.pid, signal.SIGTERM), new_session=True)
+    assert code == 75, log[-3000:]
     assert log.count("checkpoint saved; exiting") == 2, log[-3000:]
-    (checkpoint,) = (out / "sft" / "checkpoints").glob("step_*")
-    stopped_at = int(checkpoint.name.split("_")[1])
-    assert 1 <= stopped_at < 100
+    checkpoint, stopped_at = stopped_checkpoint(out)
     (out / ".launch").mkdir(exist_ok=True)
     (out / ".launch" / "stop").write_text("left over")
     again = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, capture_output=True,
