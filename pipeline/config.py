@@ -204,8 +204,16 @@ class PPOSection:
     kl_horizon: int = 10000
     whiten_advantages: bool = False
     normalize_reward: bool = False
-    # EMA of the actor; null = off. DeepSpeed-Chat's beta is 0.992.
-    ema_beta: Optional[float] = None
+    # EMA of the actor (DeepSpeed-Chat's --enable_ema), kept in fp32 so that small updates are not
+    # rounded away in bf16/fp16; saved as ppo/final/actor_ema.
+    enable_ema: bool = False
+    ema_beta: float = 0.992
+    # Frozen reference and reward models (DeepSpeed-Chat's --offload_reference_model): weights kept in
+    # host RAM and streamed to the device layer by layer for each forward (a ZeRO-3 inference engine
+    # with parameter offload), whatever the actor's and critic's layout. With the reference model the
+    # EMA copy lives in host RAM too. null = the planner decides (off unless step 3 fits only so).
+    offload_reference_model: Optional[bool] = None
+    offload_reward_model: Optional[bool] = None
     # Weight of the pretraining (PTX) loss; used when data_blend.ptx_path is set.
     unsup_coef: float = 27.8
     generation: GenerationSection = field(default_factory=GenerationSection)
@@ -216,6 +224,15 @@ class PPOSection:
     actor_strategy: StrategySection = field(default_factory=StrategySection)
     critic_strategy: StrategySection = field(default_factory=StrategySection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+    def offloads_frozen(self, role: str) -> bool:
+        """Whether the frozen `ref` or `reward` model keeps its weights in host RAM: its switch, or
+        when that is null (a config the planner never saw) as its partner does under ZeRO-3 + offload."""
+        switch, partner = {"ref": (self.offload_reference_model, self.actor_strategy),
+                           "reward": (self.offload_reward_model, self.critic_strategy)}[role]
+        if switch is not None:
+            return switch
+        return bool(partner.offload and (partner.zero_stage or 0) >= 3)
 
 
 @dataclass
@@ -438,7 +455,7 @@ def validate(cfg: RunConfig) -> None:
     _check(p.kl_ctl >= 0, "stage.ppo.kl_ctl", p.kl_ctl, "must be >= 0")
     _check(p.kl_target is None or p.kl_target > 0, "stage.ppo.kl_target", p.kl_target, "must be > 0 or null")
     _check(p.unsup_coef >= 0, "stage.ppo.unsup_coef", p.unsup_coef, "must be >= 0 (0 = no PTX loss)")
-    _check(p.ema_beta is None or 0.0 < p.ema_beta < 1.0, "stage.ppo.ema_beta", p.ema_beta, "must be in (0, 1) or null")
+    _check(0.0 < p.ema_beta < 1.0, "stage.ppo.ema_beta", p.ema_beta, "must be in (0, 1)")
     g = p.generation
     _check(g.max_new_tokens >= 1, "stage.ppo.generation.max_new_tokens", g.max_new_tokens, "must be >= 1")
     _check(g.temperature > 0, "stage.ppo.generation.temperature", g.temperature, "must be > 0")

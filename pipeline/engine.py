@@ -210,14 +210,17 @@ def initialize(
     return engine
 
 
-def inference_engine(cfg: RunConfig, model: nn.Module, strategy: StrategySection):
-    """A frozen model: ZeRO-3 shards it through DeepSpeed, otherwise it stays a plain module."""
+def inference_engine(cfg: RunConfig, model: nn.Module, partner: StrategySection, offload: bool):
+    """A frozen model. With `offload`, a ZeRO-3 inference engine whose weights stay in host RAM and
+    reach the device a layer at a time during each forward; else sharded by ZeRO-3 like its trained
+    `partner` when that runs ZeRO-3, or a plain module on the device."""
     model.eval().requires_grad_(False)
-    if (strategy.zero_stage or 0) < 3:
+    if not offload and (partner.zero_stage or 0) < 3:
         return model.to(device_type(cfg))
     import deepspeed
 
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config(cfg, 1, 1, strategy, None))
+    layout = StrategySection(zero_stage=3, offload=offload)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config(cfg, 1, 1, layout, None))
     return engine
 
 

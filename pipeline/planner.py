@@ -22,8 +22,12 @@ LoRA (dim r): the base weights are frozen (d*P, no gradient, no optimizer state)
 Communication buffers: ZeRO 0-2 with N > 1 hold one gradient reduce bucket (min(P, 5e8) elements
     of d, DeepSpeed's default reduce_bucket_size); ZeRO-3 holds the layer being computed plus the
     prefetched one, 2 * max(layer, embedding) * d.
-Frozen models (PPO reference, reward; the EMA copy): d*P, sharded and offloaded like their
-    trained partner (ref and EMA follow the actor, reward follows the critic, as DeepSpeed-Chat).
+Frozen models (PPO reference, reward): d*P, sharded when their trained partner runs ZeRO-3 (ref
+    follows the actor, reward the critic, as DeepSpeed-Chat). Offloaded (stage.ppo.offload_reference_model,
+    offload_reward_model: a ZeRO-3 inference engine with parameter offload, at any partner layout)
+    their weights sit in host RAM (d*P/N) and the device holds only the gather buffers.
+EMA of the actor: a full fp32 copy, 4*P (LoRA adapters included), never sharded; in host RAM when the
+    actor or the reference model is offloaded.
 Activations per transformer layer (Korthikanti et al. 2022, "Reducing Activation Recomputation"),
     per token in elements of d: attention 3h + 2*kv (QKV input, Q, K, V, out-proj input),
     MLP h + 2f (OPT: input, fc1 output, GeLU output; SwiGLU: h + 4f), LayerNorms 2h;
@@ -56,9 +60,16 @@ Order of preference (fastest first; the first that fits wins)
 4. + optimizer offload (ZeRO 1/2 + offload): Adam on the CPU and gradients over PCIe every step.
 5. + parameter offload (ZeRO-3 + offload): weights over PCIe every forward and backward too.
 Within an offload level: full fine-tuning before LoRA, then no checkpointing before checkpointing,
-then the lower ZeRO stage first. For PPO the actor (the larger model, which
-also generates) gets the fastest layout first; the critic takes the fastest that fits next to it.
-Generation prefers gathering the whole ZeRO-3 actor once per call, then layer-by-layer gathering. Explicit user settings always win: they filter the
+then the lower ZeRO stage first. For PPO, layouts are ranked by, in this order:
+  1. the actor (the larger model, which also generates): generation gathering the whole ZeRO-3
+     actor once per call before layer-by-layer gathering (which re-gathers every layer per token),
+     then its offload level, LoRA and checkpointing as above;
+  2. the critic's offload level, LoRA and checkpointing;
+  3. offloading the frozen reference and reward models (fewest bytes first): one host-to-device
+     copy of their weights per experience batch, no extra compute, so it beats any lever above;
+     never chosen on a CPU device;
+  4. the actor's ZeRO stage, then the critic's: the cheapest levers, so they are raised first.
+Explicit user settings always win: they filter the
 candidates, and when none of the remaining ones fits the planner warns and suggests what would.
 """
 
@@ -270,6 +281,8 @@ _FIELDS = {
     ("ppo", "actor"): ("ppo", "actor_strategy", "actor_lora"),
     ("ppo", "critic"): ("ppo", "critic_strategy", "critic_lora"),
 }
+# Which config field switches each frozen role's offload.
+_FROZEN_FIELDS = {("ppo", "ref"): "offload_reference_model", ("ppo", "reward"): "offload_reward_model"}
 
 
 @dataclass
@@ -297,6 +310,10 @@ class Plan:
                     setattr(strat, key, getattr(chosen, key))
             if lora.dim is None:
                 lora.dim = chosen.lora_dim
+        for (stage, role), name in _FROZEN_FIELDS.items():
+            section = getattr(cfg.stage, stage)
+            if getattr(section, name) is None:
+                setattr(section, name, self.stages[stage].role(role).strategy.offload)
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -431,6 +448,8 @@ def _inputs(cfg: Any) -> _Inputs:
         section = getattr(cfg.stage, sec)
         s, lora = getattr(section, strat_name), getattr(section, lora_name)
         cons.append(((stage, role), _Constraint(s.zero_stage, s.offload, s.gradient_checkpointing, lora.dim)))
+    for (stage, role), name in _FROZEN_FIELDS.items():
+        cons.append(((stage, role), _Constraint(offload=getattr(getattr(cfg.stage, stage), name))))
     dropout = cfg.model.dropout
     return _Inputs(
         device=hw.device, memory_gib=float(hw.memory_gib), ranks_per_node=per_node, world=world,
@@ -442,7 +461,7 @@ def _inputs(cfg: Any) -> _Inputs:
         ppo_gen_batch=cfg.stage.ppo.per_device_generation_batch_size,
         ppo_train_batch=cfg.stage.ppo.per_device_training_batch_size,
         prompt_len=cfg.data_blend.max_prompt_len, answer_len=cfg.data_blend.max_answer_len,
-        new_tokens=cfg.stage.ppo.generation.max_new_tokens, ema=cfg.stage.ppo.ema_beta is not None,
+        new_tokens=cfg.stage.ppo.generation.max_new_tokens, ema=cfg.stage.ppo.enable_ema,
         constraints=tuple(cons),
     )
 
@@ -498,13 +517,23 @@ def _trained_mem(inp: _Inputs, spec: ModelSpec, s: Strategy, *, lm: bool, batch:
     return _RoleMem(state, st["host"], act, {k: v / GIB for k, v in bd.items()})
 
 
+def _frozen_strategy(partner: Strategy, offload: bool) -> Strategy:
+    """A frozen model's layout: ZeRO-3 when offloaded or when its trained partner runs ZeRO-3."""
+    return Strategy(3 if offload or partner.zero_stage >= 3 else 0, offload)
+
+
 @functools.lru_cache(maxsize=8192)
-def _frozen_mem(inp: _Inputs, spec: ModelSpec, partner: Strategy, *, lm: bool) -> _RoleMem:
+def _frozen_mem(inp: _Inputs, spec: ModelSpec, layout: Strategy, *, lm: bool) -> _RoleMem:
     n = spec.num_params() if lm else reward_params(spec)
-    zero = 3 if partner.zero_stage >= 3 else 0
-    st = frozen_state_bytes(n, inp.dtype, zero, partner.offload, inp.world)
-    buf = comm_buffer_bytes(spec, n, 0, inp.dtype, zero, inp.world, False) if zero >= 3 else 0.0
+    st = frozen_state_bytes(n, inp.dtype, layout.zero_stage, layout.offload, inp.world)
+    buf = comm_buffer_bytes(spec, n, 0, inp.dtype, layout.zero_stage, inp.world, False) if layout.zero_stage >= 3 else 0.0
     return _RoleMem(st["params"] + buf, st["host"], 0.0, {"params": st["params"] / GIB, "buffers": buf / GIB})
+
+
+@functools.lru_cache(maxsize=8192)
+def _ema_mem(spec: ModelSpec, lora_dim: int, on_host: bool) -> _RoleMem:
+    fp32 = 4.0 * (spec.num_params() + lora_params(spec, lora_dim))
+    return _RoleMem(0.0 if on_host else fp32, fp32 if on_host else 0.0, 0.0, {"params": 0.0 if on_host else fp32 / GIB})
 
 
 def _fallback_strategy(inp: _Inputs, c: _Constraint) -> Strategy:
@@ -560,29 +589,38 @@ def _gather_options(a: Strategy) -> list[bool]:
     return [True]
 
 
+def _frozen_offload_options(inp: _Inputs, c: _Constraint) -> list[bool]:
+    if c.offload is not None:
+        return [c.offload]
+    return [False, True] if inp.device == "cuda" else [False]
+
+
+def _ppo_unknown(inp: _Inputs, active: bool) -> StagePlan:
+    """A model of unknown size: fallback layouts; a frozen model offloads when told to, or when its
+    partner runs ZeRO-3 + offload (what the engine does with a null switch)."""
+    sp = _unknown_stage(inp, "ppo", active, [("actor", inp.actor_name, True), ("critic", inp.reward_name, True)])
+    a, c = sp.role("actor").strategy, sp.role("critic").strategy
+    for role, name, partner in (("ref", inp.actor_name, a), ("reward", inp.reward_name, c)):
+        given = inp.constraint("ppo", role)
+        offload = given.offload if given.offload is not None else (partner.offload and partner.zero_stage >= 3)
+        sp.roles.append(RolePlan(role, name, 0, False, _frozen_strategy(partner, offload), 0.0, 0.0, {}, given.given()))
+    if inp.ema:
+        sp.roles.append(RolePlan("ema", inp.actor_name, 0, False, Strategy(0, a.offload or sp.role("ref").strategy.offload),
+                                 0.0, 0.0, {}))
+    return sp
+
+
 def _ppo_stage(inp: _Inputs, active: bool) -> StagePlan:
     if inp.actor is None or inp.reward is None:
-        return _unknown_stage(inp, "ppo", active, [("actor", inp.actor_name, True), ("critic", inp.reward_name, True),
-                                                   ("ref", inp.actor_name, False), ("reward", inp.reward_name, False)]
-                              + ([("ema", inp.actor_name, False)] if inp.ema else []))
+        return _ppo_unknown(inp, active)
     A, R = inp.actor, inp.reward
     d = DTYPE_BYTES[inp.dtype]
     seq = inp.prompt_len + inp.new_tokens
     ca, cc = inp.constraint("ppo", "actor"), inp.constraint("ppo", "critic")
+    cref, crew = inp.constraint("ppo", "ref"), inp.constraint("ppo", "reward")
     usable, host_cap = inp.usable_gib * GIB, inp.host_gib_per_rank * GIB
 
-    def actor_side(s: Strategy):
-        m = _trained_mem(inp, A, s, lm=True, batch=inp.ppo_train_batch, seq=seq)
-        ref = _frozen_mem(inp, A, s, lm=True)
-        ema = _frozen_mem(inp, A, s, lm=True) if inp.ema else None
-        return m, ref, ema
-
-    def critic_side(s: Strategy):
-        m = _trained_mem(inp, R, s, lm=False, batch=inp.ppo_train_batch, seq=seq)
-        rew = _frozen_mem(inp, R, s, lm=False)
-        return m, rew
-
-    n_actor = A.num_params()
+    n_actor, n_reward = A.num_params(), reward_params(R)
     kv_full = kv_cache_bytes(A, inp.ppo_gen_batch, seq, inp.dtype)
     prefill = forward_transient_bytes(A, inp.ppo_gen_batch, inp.prompt_len, inp.dtype, lm_head=False) \
         + inp.ppo_gen_batch * A.vocab_size * (d + 8)
@@ -594,59 +632,77 @@ def _ppo_stage(inp: _Inputs, active: bool) -> StagePlan:
         weights = n_actor * d + lora_extra if a.zero_stage >= 3 and gather else 0.0  # gathered copy (the shard stays)
         return weights + kv_full + prefill
 
-    a_cands, c_cands = _candidates(inp, ca), _candidates(inp, cc)
-    a_mems = [(s, *actor_side(s)) for s in a_cands]
-    c_mems = [(s, *critic_side(s)) for s in c_cands]
+    # A layout is an actor side (its layout, whole-actor gathering or not), the reference model's
+    # offload (with the EMA's place) and a critic side (its layout, the reward model's offload),
+    # ranked as the module docstring says: groups by costly levers, ZeRO stages within a group.
+    actor_groups: dict[tuple, list] = {}
+    for a in _candidates(inp, ca):  # lower ZeRO stage first within a group
+        am = _trained_mem(inp, A, a, lm=True, batch=inp.ppo_train_batch, seq=seq)
+        frozen = {}
+        for ref_off in _frozen_offload_options(inp, cref):
+            frozen[ref_off] = {"ref": _frozen_mem(inp, A, _frozen_strategy(a, ref_off), lm=True)}
+            if inp.ema:
+                frozen[ref_off]["ema"] = _ema_mem(A, a.lora_dim, a.offload or ref_off)
+        for gather in _gather_options(a):
+            key = (not gather, _offload_level(a), a.lora_dim > 0, a.gradient_checkpointing)
+            actor_groups.setdefault(key, []).append((a, gather, am, frozen, max(am.act, gen_bytes(a, gather), experience)))
+    critic_groups: dict[tuple, list] = {}
+    for c in _candidates(inp, cc):
+        cm = _trained_mem(inp, R, c, lm=False, batch=inp.ppo_train_batch, seq=seq)
+        for rew_off in _frozen_offload_options(inp, crew):
+            side_c = (c, rew_off, {"critic": cm, "reward": _frozen_mem(inp, R, _frozen_strategy(c, rew_off), lm=False)})
+            for ref_off in _frozen_offload_options(inp, cref):
+                key = (_offload_level(c), c.lora_dim > 0, c.gradient_checkpointing, ref_off * n_actor + rew_off * n_reward)
+                critic_groups.setdefault(key, []).append((ref_off, side_c))
 
-    def evaluate(a, am, ref, ema, c, cm, rew, gather):
-        persistent = am.state + ref.state + (ema.state if ema else 0) + cm.state + rew.state
-        host = am.host + ref.host + (ema.host if ema else 0) + cm.host + rew.host
-        phases = {"generation": gen_bytes(a, gather), "experience": experience,
-                  "train": max(am.act, cm.act)}
-        return persistent + max(phases.values()), host, persistent, phases
+    def memory(side_a, ref_off, side_c) -> dict[str, _RoleMem]:
+        return {"actor": side_a[2], **side_a[3][ref_off], **side_c[2]}
 
-    chosen = None
-    for a, am, ref, ema in a_mems:
-        for c, cm, rew in c_mems:
-            for gather in _gather_options(a):
-                peak, host, persistent, phases = evaluate(a, am, ref, ema, c, cm, rew, gather)
-                if peak <= usable and host <= host_cap:
-                    chosen = (a, am, ref, ema, c, cm, rew, gather)
-                    break
-            if chosen:
-                break
-        if chosen:
+    def layouts():
+        for a_key in sorted(actor_groups):
+            for c_key in sorted(critic_groups):
+                for side_a in actor_groups[a_key]:
+                    for ref_off, side_c in critic_groups[c_key]:
+                        yield side_a, ref_off, side_c
+
+    chosen, smallest = None, None
+    for layout in layouts():
+        mems = memory(*layout)
+        peak = sum(m.state for m in mems.values()) + max(layout[0][4], mems["critic"].act)
+        if peak <= usable and sum(m.host for m in mems.values()) <= host_cap:
+            chosen = layout
             break
-    fits = chosen is not None
-    if not fits:
-        best = None
-        for a, am, ref, ema in a_mems:
-            for c, cm, rew in c_mems:
-                for gather in _gather_options(a):
-                    peak = evaluate(a, am, ref, ema, c, cm, rew, gather)[0]
-                    if best is None or peak < best[0]:
-                        best = (peak, (a, am, ref, ema, c, cm, rew, gather))
-        chosen = best[1]
-    a, am, ref, ema, c, cm, rew, gather = chosen
-    peak, host, persistent, phases = evaluate(a, am, ref, ema, c, cm, rew, gather)
+        if smallest is None or peak < smallest[0]:
+            smallest = (peak, layout)
+    fit = chosen is not None
+    if not fit:  # the layout with the smallest peak, reported as not fitting
+        chosen = smallest[1]
+    mems = memory(*chosen)
+    (a, gather, am, _, transient), ref_off, (c, rew_off, _) = chosen
+    cm = mems["critic"]
+    ref_s, rew_s = _frozen_strategy(a, ref_off), _frozen_strategy(c, rew_off)
+    resident = sum(m.state for m in mems.values())
+    host = sum(m.host for m in mems.values())
+    peak = resident + max(transient, cm.act)
+    phases = {"generation": gen_bytes(a, gather), "experience": experience, "train": max(am.act, cm.act)}
     gen_a = gen_bytes(a, gather)
     roles = [
         RolePlan("actor", inp.actor_name, n_actor, True, a,
                  (am.state + max(am.act, gen_a, experience)) / GIB, am.host / GIB,
                  {**am.breakdown, "generation": gen_a / GIB}, ca.given()),
-        RolePlan("critic", inp.reward_name, reward_params(R), True, c, (cm.state + cm.act) / GIB, cm.host / GIB,
+        RolePlan("critic", inp.reward_name, n_reward, True, c, (cm.state + cm.act) / GIB, cm.host / GIB,
                  cm.breakdown, cc.given()),
-        RolePlan("ref", inp.actor_name, n_actor, False, Strategy(3 if a.zero_stage >= 3 else 0, a.offload and a.zero_stage >= 3),
-                 ref.state / GIB, ref.host / GIB, ref.breakdown),
-        RolePlan("reward", inp.reward_name, reward_params(R), False,
-                 Strategy(3 if c.zero_stage >= 3 else 0, c.offload and c.zero_stage >= 3),
-                 rew.state / GIB, rew.host / GIB, rew.breakdown),
     ]
-    if ema:
-        roles.append(RolePlan("ema", inp.actor_name, n_actor, False, roles[2].strategy, ema.state / GIB,
-                              ema.host / GIB, ema.breakdown))
-    ph = {"resident": persistent / GIB, **{k: v / GIB for k, v in phases.items()}}
-    return StagePlan("ppo", roles, peak / GIB, inp.usable_gib, inp.device_gib, host / GIB, fits, active, ph,
+    for role, name, n, layout, given in (("ref", inp.actor_name, n_actor, ref_s, cref),
+                                         ("reward", inp.reward_name, n_reward, rew_s, crew)):
+        m = mems[role]
+        roles.append(RolePlan(role, name, n, False, layout, m.state / GIB, m.host / GIB, m.breakdown, given.given()))
+    if inp.ema:
+        m = mems["ema"]
+        roles.append(RolePlan("ema", inp.actor_name, n_actor, False, Strategy(0, m.host > 0), m.state / GIB,
+                              m.host / GIB, m.breakdown))
+    ph = {"resident": resident / GIB, **{k: v / GIB for k, v in phases.items()}}
+    return StagePlan("ppo", roles, peak / GIB, inp.usable_gib, inp.device_gib, host / GIB, fit, active, ph,
                      generation_gathers_params=(gather if a.zero_stage >= 3 else None))
 
 
@@ -673,19 +729,22 @@ _BATCH_KEY = {"sft": ["stage.sft.per_device_train_batch_size"], "rm": ["stage.rm
 _BATCH_FIELD = {"sft": ["sft_batch"], "rm": ["rm_batch"], "ppo": ["ppo_gen_batch", "ppo_train_batch"]}
 
 
-def _key_prefix(stage: str, role: str) -> tuple[str, str]:
+def _setting_key(stage: str, role: str, name: str) -> str:
+    """The config key of one layout setting (a _Constraint field) of a role."""
+    if (stage, role) in _FROZEN_FIELDS:
+        return f"stage.{stage}.{_FROZEN_FIELDS[(stage, role)]}"
     sec, strat, lora = _FIELDS[(stage, role)]
-    return f"stage.{sec}.{strat}", f"stage.{sec}.{lora}"
+    return f"stage.{sec}.{lora}.dim" if name == "lora_dim" else f"stage.{sec}.{strat}.{name}"
 
 
 def _explicit_warnings(inp: _Inputs) -> list[str]:
     out = []
     for (stage, role), c in inp.constraints:
-        sk, _ = _key_prefix(stage, role)
         if c.offload and c.zero_stage == 0:
+            sk = _setting_key(stage, role, "zero_stage").rsplit(".", 1)[0]
             out.append(f"{sk}.offload=true has no effect with {sk}.zero_stage=0 (offload needs ZeRO >= 1)")
         if c.offload and inp.device == "cpu":
-            out.append(f"{sk}.offload=true on a CPU device only moves memory within the same RAM")
+            out.append(f"{_setting_key(stage, role, 'offload')}=true on a CPU device only moves memory within the same RAM")
     return out
 
 
@@ -707,9 +766,9 @@ def _suggest(inp: _Inputs, stage: str, active: set[str]) -> list[str]:
     if given:
         sp = fits(free)
         if sp:
-            keys = ", ".join(f"{_key_prefix(*k)[0]}.{f}" if f != "lora_dim" else f"{_key_prefix(*k)[1]}.dim"
-                             for k, c in given for f in c.given())
-            layout = "; ".join(f"{r.role}: {r.strategy.label()}" for r in sp.roles if r.trained)
+            keys = ", ".join(_setting_key(*k, f) for k, c in given for f in c.given())
+            layout = "; ".join(f"{r.role}: {r.strategy.label()}" if r.trained else f"{r.role}: offloaded"
+                               for r in sp.roles if r.trained or (r.role in ("ref", "reward") and r.strategy.offload))
             out.append(f"leave {keys} to the planner: it would choose {layout} ({sp.peak_gib:.1f} GiB)")
     for w in _world_options(free):
         per = free.ranks_per_node if free.world > 1 or inp.device == "cpu" else min(w, 8)
@@ -776,6 +835,9 @@ def plan_run(cfg: Any) -> Plan:
     active = set(cfg.run.stages)
     stages = _plan_stages(inp, active)
     warnings = _explicit_warnings(inp)
+    p = cfg.stage.ppo
+    if not p.enable_ema and p.ema_beta != type(p).ema_beta:
+        warnings.append(f"stage.ppo.ema_beta={p.ema_beta} has no effect: the EMA is off (stage.ppo.enable_ema=false)")
     for name, spec in (("model.actor", inp.actor), ("model.reward", inp.reward)):
         if spec is None:
             warnings.append(f"{name}: size unknown (not in the catalog or local cache); the planner "
@@ -792,8 +854,7 @@ def plan_run(cfg: Any) -> Plan:
     for name, sp in stages.items():
         if sp.fits:
             continue
-        explicit = [f"{_key_prefix(name, r.role)[0]}.{k}" if k != "lora_dim" else f"{_key_prefix(name, r.role)[1]}.dim"
-                    for r in sp.roles if r.trained for k in r.explicit]
+        explicit = [_setting_key(name, r.role, k) for r in sp.roles for k in r.explicit]
         who = f" with your settings ({', '.join(explicit)})" if explicit else ""
         msg = (f"stage {name}{who} will not fit: predicted {sp.peak_gib:.1f} GiB per device > "
                f"{sp.usable_gib:.1f} GiB usable of {sp.device_gib:.1f} GiB ({HEADROOM:.0%} headroom, "

@@ -79,10 +79,11 @@ class RLHFEngine:
     """The four models of step 3: trained actor and critic (DeepSpeed engines), frozen reference
     (a copy of the starting actor) and frozen reward model; plus the actor's EMA when asked.
 
-    The reference and reward models follow the actor's and the critic's ZeRO stage: under ZeRO-3
-    they are sharded (and parameter-offloaded with `offload`) through DeepSpeed inference
-    engines, else plain frozen modules. The EMA is a plain full copy (on CPU when the actor
-    offloads), updated from the actor's gathered trainable parameters."""
+    The reference and reward models are sharded like the actor and the critic when those run
+    ZeRO-3, else plain frozen modules on the device; stage.ppo.offload_reference_model and
+    offload_reward_model keep their weights in host RAM instead (DeepSpeed ZeRO-3 inference engines
+    with parameter offload). The EMA is a full fp32 copy (in host RAM when the actor or the
+    reference model is offloaded), updated from the actor's gathered trainable parameters."""
 
     def __init__(self, actor_model_name_or_path: str | Path, critic_model_name_or_path: str | Path, tokenizer,
                  num_total_iters: int, args: RunConfig, reward_model_name_or_path: str | Path | None = None):
@@ -90,19 +91,20 @@ class RLHFEngine:
         self.tokenizer, self.args = tokenizer, args
         trust = args.model.trust_remote_code
 
-        def actor_model():
-            return load_causal_lm(str(actor_model_name_or_path), tokenizer, args.dtype, args.model.dropout, trust)
+        def actor_model(dtype: str = args.dtype):
+            return load_causal_lm(str(actor_model_name_or_path), tokenizer, dtype, args.model.dropout, trust)
 
         check_backend(p.generation)  # before any model is loaded: a clear error, early
         self.actor = initialize(args, actor_model(), micro_batch=p.per_device_training_batch_size, grad_accum=1,
                                 optim=p.actor_optim, lora=p.actor_lora, strategy=p.actor_strategy,
                                 total_steps=num_total_iters, key="stage.ppo.actor_strategy")
-        self.ref = inference_engine(args, actor_model(), p.actor_strategy)
+        self.ref = inference_engine(args, actor_model(), p.actor_strategy, p.offloads_frozen("ref"))
         self.ema = None
-        if p.ema_beta is not None:
+        if p.enable_ema:
             # Same construction as the actor (LoRA included) so parameters pair up; starts equal to it.
-            device = "cpu" if p.actor_strategy.offload else self.actor.device
-            self.ema = apply_lora(actor_model(), p.actor_lora).eval().requires_grad_(False).to(device)
+            # fp32: in bf16 an update of (1 - 0.992) x a small weight change rounds to nothing.
+            device = "cpu" if p.actor_strategy.offload or p.offloads_frozen("ref") else self.actor.device
+            self.ema = apply_lora(actor_model("fp32"), p.actor_lora).eval().requires_grad_(False).to(device)
             with torch.no_grad(), gathered_params(unwrap(self.actor)):
                 for ema_param, param in zip(self.ema.parameters(), unwrap(self.actor).parameters(), strict=True):
                     ema_param.copy_(param.detach())
@@ -112,7 +114,8 @@ class RLHFEngine:
             strategy=p.critic_strategy, total_steps=num_total_iters // (2 if ptx_enabled(args) else 1),
             key="stage.ppo.critic_strategy")
         reward_path = reward_model_name_or_path or critic_model_name_or_path
-        self.reward = inference_engine(args, RewardModel.from_pretrained(reward_path, args.dtype, None, trust), p.critic_strategy)
+        self.reward = inference_engine(args, RewardModel.from_pretrained(reward_path, args.dtype, None, trust),
+                                       p.critic_strategy, p.offloads_frozen("reward"))
         self.sizes = {name: model_size(getattr(self, name)) for name in ("actor", "ref", "critic", "reward")}
         # Training layout (from_pretrained returns eval mode): dropout as configured, and gradient
         # checkpointing, which transformers applies only in train mode.
@@ -304,8 +307,8 @@ class PPOTrainer:
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """ema = beta * ema + (1 - beta) * actor. Only trainable parameters move (the frozen ones,
-        e.g. the base under LoRA, are equal in both from the start); ZeRO-3 gathers just those."""
+        """ema = beta * ema + (1 - beta) * actor, in fp32. Only trainable parameters move (the frozen
+        ones, e.g. the base under LoRA, are equal in both from the start); ZeRO-3 gathers just those."""
         ema = self.engine.ema
         if ema is None:
             return

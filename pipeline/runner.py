@@ -31,10 +31,13 @@ STAGE_KEYS = {
 UPSTREAM = {"sft": [], "rm": [], "ppo": ["sft", "rm"]}
 # Settings only PPO reads (mixed training) must not re-run SFT and RM.
 PPO_ONLY = ("data_blend.ptx_path", "data_blend.ptx_field", "data_blend.ptx_max_blocks")
+# Where the frozen models' weights live changes no number PPO computes: switching it (say, after an
+# out-of-memory error) resumes the stage instead of starting it over.
+FROZEN_LAYOUT = ("stage.ppo.offload_reference_model", "stage.ppo.offload_reward_model")
 
 
 def stage_hash(cfg: RunConfig, stage: str) -> str:
-    own = cfg.section_hash(*STAGE_KEYS[stage], exclude=() if stage == "ppo" else PPO_ONLY)
+    own = cfg.section_hash(*STAGE_KEYS[stage], exclude=FROZEN_LAYOUT if stage == "ppo" else PPO_ONLY)
     return "-".join([own] + [stage_hash(cfg, up)[:8] for up in UPSTREAM[stage]])
 
 

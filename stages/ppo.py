@@ -4,7 +4,7 @@ from rm/final, the frozen reference is a copy of the starting actor.
 Each step: generate answers for `generation_batches` prompt batches, score them (actor and
 reference log-probs, critic values, reward), then `ppo_epochs` passes of PPO updates over
 minibatches of `per_device_training_batch_size`; after each update an optional PTX step
-(data_blend.ptx_path set and unsup_coef > 0) and the EMA update (ema_beta set).
+(data_blend.ptx_path set and unsup_coef > 0) and the EMA update (enable_ema, beta ema_beta).
 
 Reads: sft/final, rm/final, data_blend (the ppo slice; ptx_path for mixed training), stage.ppo.
 Writes: ppo/final/{actor,critic,actor_ema} (Hugging Face format), ppo/metrics.jsonl, ppo/checkpoints/.
@@ -23,6 +23,7 @@ from pipeline.config import RunConfig
 from pipeline.data import load_ptx_data, load_stage_data
 from pipeline.data.collate import collate_prompts, collate_text
 from pipeline.engine import save_hf, world_size
+from pipeline.models import TORCH_DTYPES
 from pipeline.resume import resume_stage, stop_requested
 from pipeline.rlhf import PPOTrainer, RLHFEngine, ptx_enabled
 from pipeline.tracking import MetricsLogger
@@ -157,8 +158,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     # ---- write
     save_hf(engine.actor, out / "final" / "actor", tokenizer)
     save_hf(engine.critic, out / "final" / "critic", tokenizer)
-    if engine.ema is not None:
-        save_hf(engine.ema, out / "final" / "actor_ema", tokenizer)
+    if engine.ema is not None:  # kept in fp32 while training, saved in the actor's dtype
+        save_hf(engine.ema.to(TORCH_DTYPES[cfg.dtype]), out / "final" / "actor_ema", tokenizer)
     return summarize(logger.path, step, trainer.guard.skipped)
 
 

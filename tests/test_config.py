@@ -57,6 +57,18 @@ def test_default_is_deepspeed_chat_pair_and_constants():
     assert cfg.run.stages == ["sft", "rm", "ppo"]
 
 
+def test_ema_is_off_by_default_with_deepspeed_chats_beta():
+    from pipeline.planner import plan_run
+
+    p = load_config(compose_with("hardware=cpu")).stage.ppo
+    assert (p.enable_ema, p.ema_beta) == (False, 0.992)
+    assert (p.offload_reference_model, p.offload_reward_model) == (None, None)  # the planner decides
+    on = load_config(compose_with("hardware=cpu", "stage.ppo.enable_ema=true")).stage.ppo
+    assert (on.enable_ema, on.ema_beta) == (True, 0.992)
+    lone_beta = load_config(compose_with("hardware=cpu", "stage.ppo.ema_beta=0.99"))
+    assert "stage.ppo.ema_beta=0.99 has no effect: the EMA is off (stage.ppo.enable_ema=false)" in plan_run(lone_beta).warnings
+
+
 def test_promised_multi_node_command_resolves_actor():
     proc = run_cli("+deployment=multi_node", "model.actor=opt-66b", "--cfg", "job", "--resolve")
     assert proc.returncode == 0, proc.stderr
@@ -73,6 +85,7 @@ def test_promised_multi_node_command_resolves_actor():
     ("model.actor=gpt-17", "model.actor=gpt-17"),
     ("stage.sft.strategy.zero_stage=4", "stage.sft.strategy.zero_stage=4"),
     ("stage.ppo.generation.top_p=1.5", "stage.ppo.generation.top_p"),
+    ("stage.ppo.ema_beta=1.0", "stage.ppo.ema_beta=1.0 must be in"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):

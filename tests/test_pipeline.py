@@ -74,6 +74,20 @@ def test_changed_stage_config_reruns_it_and_the_stages_after(demo_run: Path, tmp
     assert "[ppo] config changed since it finished" in proc.stdout
 
 
+def test_frozen_model_offload_keeps_the_ppo_hash_and_ema_changes_it():
+    """Offloading the frozen models computes the same numbers, so a run resumes across that switch;
+    EMA settings shape the result."""
+    from pipeline.config import load_config
+    from pipeline.runner import stage_hash
+
+    cfg = load_config({"model": {"actor": "tiny-opt", "reward": "tiny-opt"}})
+    before = {stage: stage_hash(cfg, stage) for stage in ("sft", "rm", "ppo")}
+    cfg.stage.ppo.offload_reference_model = cfg.stage.ppo.offload_reward_model = True
+    assert {stage: stage_hash(cfg, stage) for stage in ("sft", "rm", "ppo")} == before
+    cfg.stage.ppo.enable_ema = True
+    assert stage_hash(cfg, "ppo") != before["ppo"] and stage_hash(cfg, "rm") == before["rm"]
+
+
 def test_run_stages_subset_and_missing_input(tmp_path: Path):
     proc = run_cli("+experiment=demo", f"run.output_dir={tmp_path}/run", "run.stages=[ppo]")
     assert proc.returncode == 2

@@ -177,12 +177,70 @@ def test_cpu_natural_choice_and_apply_fills_everything(tmp_path):
     assert {"actor", "critic", "ref", "reward"} <= {r.role for r in plan.stages["ppo"].roles}
 
 
-def test_ema_adds_a_frozen_copy():
-    base = P.plan_run(make("opt-1.3b", "a100-80g"))
-    cfg = make("opt-1.3b", "a100-80g", stage__ppo__ema_beta=0.992)
-    ema = P.plan_run(cfg)
-    assert "ema" in {r.role for r in ema.stages["ppo"].roles}
-    assert ema.stages["ppo"].peak_gib > base.stages["ppo"].peak_gib
+def test_ema_is_a_full_fp32_copy_on_the_device_or_in_host_ram():
+    """The EMA is never sharded and kept in fp32 (4 bytes/param); it moves to host RAM with the
+    reference model."""
+    base = P.plan_run(make("opt-1.3b", "h200-141g"))
+    cfg = make("opt-1.3b", "h200-141g", stage__ppo__enable_ema=True)
+    with_ema = P.plan_run(cfg).stages["ppo"]
+    n = resolve_model("opt-1.3b").num_params()
+    ema = with_ema.role("ema")
+    assert ema.device_gib == pytest.approx(4 * n / P.GIB) and ema.host_gib == 0
+    assert with_ema.role("actor").strategy == base.stages["ppo"].role("actor").strategy  # room enough: same layout
+    assert with_ema.peak_gib - base.stages["ppo"].peak_gib == pytest.approx(4 * n / P.GIB)
+    off = P.plan_run(make("opt-1.3b", "h200-141g", stage__ppo__enable_ema=True,
+                          stage__ppo__offload_reference_model=True)).stages["ppo"]
+    assert off.role("ema").device_gib == 0 and off.role("ema").host_gib == pytest.approx(4 * n / P.GIB)
+    assert off.role("ema").strategy.offload
+
+
+def test_offloading_the_frozen_models_makes_step3_fit():
+    """OPT-6.7B on one V100-32G: step 3 fits only with the reference model's weights in host RAM.
+    The planner finds that, fills the switches, and respects an explicit false (then says what would fit)."""
+    cfg = make("opt-6.7b", "v100-32g")
+    plan = P.plan_run(cfg)
+    ppo = plan.stages["ppo"]
+    assert plan.fits, P.dry_run_report(cfg)
+    ref, reward = ppo.role("ref"), ppo.role("reward")
+    n, d = resolve_model("opt-6.7b").num_params(), 2  # fp16 on a V100
+    assert ref.strategy == P.Strategy(3, True) and ref.host_gib == pytest.approx(n * d / P.GIB)
+    spec = resolve_model("opt-6.7b")
+    gather_buffers = 2 * max(P.layer_params(spec), spec.vocab_size * spec.hidden_size) * d  # the embedding, twice
+    assert ref.breakdown["params"] == 0 and ref.device_gib == pytest.approx(gather_buffers / P.GIB)
+    assert reward.strategy == P.Strategy(0, False)  # not needed: not offloaded
+    plan.apply(cfg)
+    assert (cfg.stage.ppo.offload_reference_model, cfg.stage.ppo.offload_reward_model) == (True, False)
+    ref_row = next(line.split() for line in plan.table().splitlines() if line.split()[:2] == ["ppo", "ref"])
+    assert ref_row[4:6] == ["3", "yes"]  # ZeRO, offload columns
+
+    pinned = make("opt-6.7b", "v100-32g", stage__ppo__offload_reference_model=False)
+    plan = P.plan_run(pinned)
+    assert not plan.fits
+    assert any("stage ppo with your settings (stage.ppo.offload_reference_model)" in w for w in plan.warnings)
+    assert any(s.startswith("ppo: leave stage.ppo.offload_reference_model to the planner") and "ref: offloaded" in s
+               for s in plan.suggestions), plan.suggestions
+    plan.apply(pinned)
+    assert pinned.stage.ppo.offload_reference_model is False
+
+
+def test_frozen_offload_is_never_chosen_on_cpu_and_warned_when_asked():
+    plan = P.plan_run(make("tiny-opt", "cpu", reward="tiny-opt"))
+    assert not plan.stages["ppo"].role("ref").strategy.offload and not plan.stages["ppo"].role("reward").strategy.offload
+    warned = P.plan_run(make("tiny-opt", "cpu", reward="tiny-opt", stage__ppo__offload_reward_model=True))
+    assert warned.stages["ppo"].role("reward").strategy == P.Strategy(3, True)
+    assert any(w.startswith("stage.ppo.offload_reward_model=true on a CPU device") for w in warned.warnings)
+
+
+def test_unsized_model_frozen_offload_follows_its_partner_like_the_engine():
+    """Without sizes the planner keeps the engine's rule for a null switch: offload when the partner
+    runs ZeRO-3 + offload."""
+    cfg = make("someorg/unsized-model", "a100-80g", stage__ppo__actor_strategy__zero_stage=3,
+               stage__ppo__actor_strategy__offload=True)
+    assert cfg.stage.ppo.offloads_frozen("ref") and not cfg.stage.ppo.offloads_frozen("reward")
+    plan = P.plan_run(cfg)
+    assert plan.stages["ppo"].role("ref").strategy == P.Strategy(3, True)
+    plan.apply(cfg)
+    assert cfg.stage.ppo.offload_reference_model is True and cfg.stage.ppo.offload_reward_model is False
 
 
 def test_preference_order_prefers_less_sharding_first():

@@ -140,7 +140,7 @@ def test_zero2_equals_zero3(base_run, ppo_root):
 @pytest.mark.skipif(not PTX_TEXT.is_file(), reason=f"{PTX_TEXT} is not here")
 def test_ppo_ema_ptx_adaptive_kl(base_run, ppo_root, capsys):
     """EMA + PTX (tinyshakespeare) + adaptive KL + reward normalisation + advantage whitening, ZeRO-2."""
-    _, rows, ppo_dir = run_ppo(base_run, ppo_root, "mixed", **zero(2), ema_beta=0.992, unsup_coef=1.0,
+    _, rows, ppo_dir = run_ppo(base_run, ppo_root, "mixed", **zero(2), enable_ema=True, unsup_coef=1.0,
                                kl_target=0.01, kl_horizon=100, normalize_reward=True, whiten_advantages=True, max_steps=3)
     check_outputs(base_run, ppo_dir, rows, 3)
     assert all(math.isfinite(r["ptx_loss"]) and r["ptx_loss"] > 0 for r in rows)
@@ -160,12 +160,13 @@ def test_ppo_ema_ptx_adaptive_kl(base_run, ppo_root, capsys):
 # ---------------------------------------------------------------------- API level: rollout engine, EMA
 
 
-def make_engine(base_run: Path, tmp_path: Path, **ppo):
+def make_engine(base_run: Path, tmp_path: Path, dtype: str = "fp32", **ppo):
     from pipeline.engine import init_distributed
     from pipeline.models import load_tokenizer
     from pipeline.rlhf import PPOTrainer, RLHFEngine
 
     cfg = load_config(config(tmp_path / "api", ["ppo"], **ppo))
+    cfg.run.dtype = dtype
     init_distributed(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_source, base_run)
     torch.manual_seed(0)
@@ -210,7 +211,7 @@ def test_zero3_rollout_and_ema(base_run, tmp_path, monkeypatch):
     from pipeline.engine import unwrap
 
     beta = 0.9
-    cfg, engine, trainer = make_engine(base_run, tmp_path, **zero(3), ema_beta=beta)
+    cfg, engine, trainer = make_engine(base_run, tmp_path, **zero(3), enable_ema=True, ema_beta=beta)
     actor = unwrap(engine.actor)
     batch = prompts(base_run, cfg, engine.tokenizer)
     history = [snapshot(actor)]
@@ -251,6 +252,65 @@ def test_zero3_rollout_and_ema(base_run, tmp_path, monkeypatch):
     assert not fetches, f"{len(fetches)} per-module ZeRO-3 fetches during generation"
 
     exp = trainer.generate_experience(batch)  # hooks restored: training still works
+    a_loss, c_loss = trainer.train_rlhf(exp)
+    assert torch.isfinite(a_loss) and torch.isfinite(c_loss)
+
+
+def test_ema_of_a_bf16_actor_is_the_fp32_average(base_run, tmp_path):
+    """bf16 training, default beta 0.992: after two updates the EMA equals the average computed in
+    fp32 from the actor's bf16 weights (atol 1e-6). An EMA kept in bf16 could not: its rounding step
+    near these weights is ~1e-4, larger than most (1 - beta) x change."""
+    from pipeline.engine import unwrap
+
+    cfg, engine, trainer = make_engine(base_run, tmp_path, dtype="bf16", **zero(2), enable_ema=True)
+    beta = cfg.stage.ppo.ema_beta
+    assert beta == 0.992
+    actor = unwrap(engine.actor)
+    assert {p.dtype for p in actor.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in engine.ema.parameters()} == {torch.float32}
+    batch = prompts(base_run, cfg, engine.tokenizer)
+    history = [[p.float() for p in snapshot(actor)]]
+    for _ in range(2):
+        trainer.train_rlhf(trainer.generate_experience(batch))
+        trainer.update_ema()
+        history.append([p.float() for p in snapshot(actor)])
+    a0, a1, a2 = history
+    moved = 0.0
+    for ema_param, p0, p1, p2 in zip(engine.ema.parameters(), a0, a1, a2, strict=True):
+        expected = beta**2 * p0 + beta * (1 - beta) * p1 + (1 - beta) * p2
+        torch.testing.assert_close(ema_param.float(), expected, atol=EMA_ATOL, rtol=0)
+        moved = max(moved, float((ema_param.float() - p0).abs().max()))
+    assert moved > 0
+
+
+def test_offloaded_frozen_models_score_like_plain_ones(base_run, tmp_path):
+    """offload_reference_model / offload_reward_model under a ZeRO-0 actor and critic: the frozen
+    models become ZeRO-3 inference engines with their weights offloaded, the EMA lives in host RAM
+    in fp32, and the first experience batch scores as plain models do: the reference log-probs equal
+    the (still identical) actor's, the reward scores a plain copy of rm/final's."""
+    from deepspeed import DeepSpeedEngine
+
+    from pipeline.models import RewardModel
+    from pipeline.rl_math import last_index
+
+    cfg, engine, trainer = make_engine(base_run, tmp_path, **zero(0), offload_reference_model=True,
+                                       offload_reward_model=True, enable_ema=True)
+    for frozen in (engine.ref, engine.reward):
+        assert isinstance(frozen, DeepSpeedEngine) and frozen.zero_optimization_stage() == 3
+        assert frozen.zero_offload_param().device == "cpu"
+        assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in frozen.module.parameters() if p.ds_numel > 1e4)
+    assert engine.actor.zero_optimization_stage() == 0
+    assert {(p.dtype, p.device.type) for p in engine.ema.parameters()} == {(torch.float32, "cpu")}
+
+    exp = trainer.generate_experience(prompts(base_run, cfg, engine.tokenizer))
+    assert exp["answer_mask"].sum() > 0
+    torch.testing.assert_close(exp["ref_logprobs"], exp["logprobs"], atol=1e-5, rtol=0)
+    plain = RewardModel.from_pretrained(base_run / "rm" / "final", "fp32", None).eval()
+    with torch.no_grad():
+        values = plain(exp["seq"], exp["attention_mask"], exp["position_ids"])
+    rows = torch.arange(values.shape[0])
+    expected = values[rows, exp["prompt_len"] + last_index(exp["answer_mask"])]
+    torch.testing.assert_close(exp["scores"], expected, atol=1e-5, rtol=0)
     a_loss, c_loss = trainer.train_rlhf(exp)
     assert torch.isfinite(a_loss) and torch.isfinite(c_loss)
 
@@ -401,5 +461,5 @@ def test_offload_needs_zero():
 def test_ppo_cpu_offload(base_run, ppo_root):
     """ZeRO-2 and ZeRO-3 with CPU offload (DeepSpeedCPUAdam; its op is JIT-built once, minutes)."""
     for stage in (2, 3):
-        _, rows, ppo_dir = run_ppo(base_run, ppo_root, f"offload{stage}", **zero(stage, offload=True), ema_beta=0.99)
+        _, rows, ppo_dir = run_ppo(base_run, ppo_root, f"offload{stage}", **zero(stage, offload=True), enable_ema=True)
         check_outputs(base_run, ppo_dir, rows, 2)

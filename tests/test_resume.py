@@ -23,7 +23,7 @@ ARGS = [
     "+experiment=demo", "run.log_interval=1",
     "stage.sft.max_steps=30", "stage.sft.checkpoint.every_steps=10",
     "stage.rm.max_steps=30", "stage.rm.checkpoint.every_steps=10",
-    "stage.ppo.max_steps=12", "stage.ppo.checkpoint.every_steps=4", "stage.ppo.ema_beta=0.9",
+    "stage.ppo.max_steps=12", "stage.ppo.checkpoint.every_steps=4", "stage.ppo.enable_ema=true", "stage.ppo.ema_beta=0.9",
 ]
 
 
