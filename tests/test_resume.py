@@ -186,8 +186,9 @@ def test_resume_path_outside_the_run_is_refused(continuous: Path, tmp_path: Path
 
 
 def _kill_and_resume_equals_continuous(base: Path | None, tmp_path: Path, extra: list[str], marker: str,
-                                       stage: str, finals: list[str]) -> None:
-    """Run `extra` on top of ARGS twice: uninterrupted, and SIGKILLed at `marker` then resumed."""
+                                       stage: str, finals: list[str], resume_extra: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Run `extra` on top of ARGS twice: uninterrupted, and SIGKILLed at `marker` then resumed
+    (with `resume_extra` added: settings that must not change the result)."""
     import shutil
 
     runs = {}
@@ -200,7 +201,7 @@ def _kill_and_resume_equals_continuous(base: Path | None, tmp_path: Path, extra:
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
             kill_when(proc, marker)
-        proc = run_cli(*ARGS, *extra, f"run.output_dir={out}")
+        proc = run_cli(*ARGS, *extra, *(resume_extra if name == "killed" else ()), f"run.output_dir={out}")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         if name == "killed":
             assert f"[{stage}] resumed from" in proc.stdout
@@ -210,6 +211,7 @@ def _kill_and_resume_equals_continuous(base: Path | None, tmp_path: Path, extra:
     for final in finals:
         a, b = weights(runs["killed"] / final), weights(runs["continuous"] / final)
         assert all(torch.equal(a[k], b[k]) for k in a), final
+    return runs
 
 
 def test_resume_with_gradient_accumulation_across_an_epoch(tmp_path: Path):
@@ -221,9 +223,16 @@ def test_resume_with_gradient_accumulation_across_an_epoch(tmp_path: Path):
 
 
 def test_ppo_resume_with_generation_batches_epochs_ptx_and_normalisation(continuous: Path, shared_data: Path, tmp_path: Path):
+    """Resumed with the frozen reference and reward models offloaded (ZeRO-3 engines instead of
+    plain modules), as after an out-of-memory error: the same metrics and weights as the plain run."""
     extra = ["run.stages=[ppo]", "stage.ppo.generation_batches=2", "stage.ppo.ppo_epochs=2",
              "stage.ppo.per_device_training_batch_size=8", "stage.ppo.normalize_reward=true",
              "stage.ppo.kl_target=0.05", "stage.ppo.unsup_coef=0.5",
              f"data_blend.ptx_path={shared_data / 'tinyshakespeare' / 'input.txt'}", "stage.ppo.max_steps=8"]
-    _kill_and_resume_equals_continuous(continuous, tmp_path, extra, "[ppo] train step 6", "ppo",
-                                       ["ppo/final/actor", "ppo/final/critic", "ppo/final/actor_ema"])
+    runs = _kill_and_resume_equals_continuous(continuous, tmp_path, extra, "[ppo] train step 6", "ppo",
+                                              ["ppo/final/actor", "ppo/final/critic", "ppo/final/actor_ema"],
+                                              resume_extra=("stage.ppo.offload_reference_model=true",
+                                                            "stage.ppo.offload_reward_model=true"))
+    frozen = {r["role"]: (r["zero_stage"], r["offload"])
+              for r in json.loads((runs["killed"] / "plan.json").read_text())["stages"]["ppo"]["roles"]}
+    assert frozen["ref"] == frozen["reward"] == (3, True)
