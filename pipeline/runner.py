@@ -105,7 +105,8 @@ def run_pipeline(cfg: RunConfig) -> dict[str, dict]:
         config_hash = stage_hash(cfg, stage)
         manifest = read_manifest(cfg.stage_dir(stage))
         if manifest and manifest.get("config_hash") == config_hash and (cfg.stage_dir(stage) / "final").exists():
-            print(f"[{stage}] already done with this config: skipping (results in {cfg.stage_dir(stage)})", flush=True)
+            if is_main:
+                print(f"[{stage}] already done with this config: skipping (results in {cfg.stage_dir(stage)})", flush=True)
             results[stage] = manifest["result"]
             continue
         if manifest and is_main:
