@@ -5,7 +5,7 @@ the `latest` pointer moves only after the folder is complete.
 Layout of a stage folder:
     manifest.json              written last: {"status": "done", "config_hash": ..., "result": {...}}
     metrics.jsonl
-    checkpoints/step_000040/   engines' DeepSpeed checkpoints + state.json + rng_rank<r>.safetensors/json (+ EMA)
+    checkpoints/step_000040/   engines' DeepSpeed checkpoints + state.json + rng_rank<r>.safetensors/json (+ actor_ema_rank<r>.safetensors)
     checkpoints/latest         name of the newest complete step folder
     final/                     Hugging Face format
 """
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from pipeline.engine import collective_device, rank
 
@@ -111,9 +111,9 @@ class Checkpointer:
         complete = sorted(p for p in self.root.glob("step_*") if (p / "state.json").exists())
         return complete[-1] if complete else None
 
-    def save(self, step: int, engines: dict[str, Any], state: dict[str, Any], modules: dict[str, Any] | None = None) -> Path:
-        """Collective: every rank calls it. `engines` are DeepSpeed engines by name; `modules` are
-        plain modules (the EMA copy) stored as <name>.safetensors."""
+    def save(self, step: int, engines: dict[str, Any], state: dict[str, Any], rank_states: dict[str, Any] | None = None) -> Path:
+        """Collective: every rank calls it. `engines` are DeepSpeed engines by name; `rank_states`
+        hold tensors per rank (the EMA: state_dict / load_state_dict), stored as <name>_rank<r>.safetensors."""
         name = f"step_{step:06d}"
         tmp = self.root / f".tmp_{name}"
         if rank() == 0:
@@ -123,10 +123,10 @@ class Checkpointer:
         for key, engine in engines.items():
             engine.save_checkpoint(str(tmp / key), tag="state", save_latest=False)
         save_rng_state(tmp, rank())  # every rank draws its own numbers
+        for key, holder in (rank_states or {}).items():
+            save_file({k: v.contiguous() for k, v in holder.state_dict().items()}, str(tmp / f"{key}_rank{rank()}.safetensors"))
         barrier()
         if rank() == 0:
-            for key, module in (modules or {}).items():
-                save_model(module, str(tmp / f"{key}.safetensors"))  # handles tied embeddings
             (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
             # Lets the crash-during-save test kill the process between writing and renaming
             # (PIPELINE_CHECKPOINT_PAUSE_AT=ppo/step_000008 holds that one save for a minute).
@@ -141,11 +141,11 @@ class Checkpointer:
         self.last_save = time.time()
         return self.root / name
 
-    def load(self, path: Path, engines: dict[str, Any], modules: dict[str, Any] | None = None) -> dict[str, Any]:
+    def load(self, path: Path, engines: dict[str, Any], rank_states: dict[str, Any] | None = None) -> dict[str, Any]:
         for key, engine in engines.items():
             engine.load_checkpoint(str(path / key), tag="state", load_module_strict=False)
-        for key, module in (modules or {}).items():
-            load_model(module, str(path / f"{key}.safetensors"))
+        for key, holder in (rank_states or {}).items():
+            holder.load_state_dict(load_file(str(path / f"{key}_rank{rank()}.safetensors")))
         load_rng_state(path, rank())
         return json.loads((path / "state.json").read_text())
 

@@ -209,9 +209,11 @@ class PPOSection:
     enable_ema: bool = False
     ema_beta: float = 0.992
     # Frozen reference and reward models (DeepSpeed-Chat's --offload_reference_model): weights kept in
-    # host RAM and streamed to the device layer by layer for each forward (a ZeRO-3 inference engine
-    # with parameter offload), whatever the actor's and critic's layout. With the reference model the
-    # EMA copy lives in host RAM too. null = the planner decides (off unless step 3 fits only so).
+    # host RAM and streamed to the device a module at a time for each forward (a ZeRO-3 inference
+    # engine with parameter offload), whatever the actor's and critic's layout. With the reference
+    # model the EMA lives in host RAM too. null = the planner decides: on when step 3 fits only so (or
+    # in the smallest layout it reports when nothing fits); for a model it cannot size, and for API
+    # use without the planner, as the partner: on under ZeRO-3 + offload (offloads_frozen).
     offload_reference_model: Optional[bool] = None
     offload_reward_model: Optional[bool] = None
     # Weight of the pretraining (PTX) loss; used when data_blend.ptx_path is set.

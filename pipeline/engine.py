@@ -129,7 +129,8 @@ def ds_config(cfg: RunConfig, micro_batch: int, grad_accum: int, strategy: Strat
         if zero["stage"] == 3:
             zero["offload_param"] = {"device": "cpu"}
     if zero["stage"] == 3:
-        # Gather whole layers for generation-time forwards without prefetch races.
+        # No prefetch: each module's weights are gathered when it runs and released after (no
+        # prefetch races in generation-time forwards, and a known footprint for the planner).
         zero.update({"stage3_prefetch_bucket_size": 0, "stage3_param_persistence_threshold": 1e4})
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -210,16 +211,38 @@ def initialize(
     return engine
 
 
-def inference_engine(cfg: RunConfig, model: nn.Module, partner: StrategySection, offload: bool):
-    """A frozen model. With `offload`, a ZeRO-3 inference engine whose weights stay in host RAM and
-    reach the device a layer at a time during each forward; else sharded by ZeRO-3 like its trained
-    `partner` when that runs ZeRO-3, or a plain module on the device."""
-    model.eval().requires_grad_(False)
+@contextmanager
+def zero3_construction(cfg: RunConfig, strategy: StrategySection):
+    """Around building a model for `strategy`: with ZeRO-3, transformers builds it under
+    deepspeed.zero.Init and loads each weight straight into this rank's partition (in host RAM with
+    offload). Without it the model would sit whole on one device for a moment: DeepSpeed moves a
+    model to the device before partitioning it, which no planned layout leaves room for."""
+    if (strategy.zero_stage or 0) < 3:
+        yield
+        return
+    if device_type(cfg) == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    config = HfDeepSpeedConfig(ds_config(cfg, 1, 1, strategy, None))  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del config
+
+
+def inference_engine(cfg: RunConfig, build, partner: StrategySection, offload: bool):
+    """A frozen model from `build()`. With `offload`, a ZeRO-3 inference engine whose weights stay in
+    host RAM and reach the device a module at a time during each forward; else sharded by ZeRO-3
+    like its trained `partner` when that runs ZeRO-3, or a plain module on the device."""
     if not offload and (partner.zero_stage or 0) < 3:
-        return model.to(device_type(cfg))
+        return build().eval().requires_grad_(False).to(device_type(cfg))
     import deepspeed
 
     layout = StrategySection(zero_stage=3, offload=offload)
+    with zero3_construction(cfg, layout):
+        model = build().eval().requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config(cfg, 1, 1, layout, None))
     return engine
 
@@ -246,12 +269,16 @@ def gathered_params(model: nn.Module, params: list | None = None, modifier_rank:
 
 def save_hf(model: nn.Module, path, tokenizer) -> None:
     """Write a trained model in Hugging Face format (safetensors), LoRA merged, ZeRO-3 gathered."""
-    path = Path(path)
     module = unwrap(model)
     with gathered_params(module):
         if rank() == 0:
-            to_save = module
-            if hasattr(module, "merge_and_unload"):  # peft: fold the adapters into the weights
-                to_save = copy.deepcopy(module).merge_and_unload()
-            to_save.save_pretrained(path)
-            tokenizer.save_pretrained(path)
+            write_hf(module, path, tokenizer)
+
+
+def write_hf(module: nn.Module, path, tokenizer) -> None:
+    """save_hf's writing half, for a module whose parameters are whole (gathered): LoRA merged into a copy."""
+    to_save = module
+    if hasattr(module, "merge_and_unload"):  # peft: fold the adapters into the weights
+        to_save = copy.deepcopy(module).merge_and_unload()
+    to_save.save_pretrained(Path(path))
+    tokenizer.save_pretrained(Path(path))

@@ -130,7 +130,8 @@ def _model_config(source: str, dropout: float | None, trust_remote_code: bool):
 
 def _fit_vocab(model, tokenizer) -> None:
     """Grow the embeddings (to a multiple of 8) when the tokenizer has more tokens than the model."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    weight = model.get_input_embeddings().weight
+    if len(tokenizer) > getattr(weight, "ds_shape", weight.shape)[0]:  # ds_shape: built under ZeRO-3, partitioned
         model.resize_token_embeddings(8 * math.ceil(len(tokenizer) / 8))
 
 

@@ -20,14 +20,16 @@ Offload (`strategy.offload`, ZeRO >= 1): optimizer states and the fp32 gradient 
 LoRA (dim r): the base weights are frozen (d*P, no gradient, no optimizer state); the adapters
     (r*(in+out) per targeted Linear: r*(10h+2f) per OPT layer) are trained at the full 16 bytes.
 Communication buffers: ZeRO 0-2 with N > 1 hold one gradient reduce bucket (min(P, 5e8) elements
-    of d, DeepSpeed's default reduce_bucket_size); ZeRO-3 holds the layer being computed plus the
-    prefetched one, 2 * max(layer, embedding) * d.
+    of d, DeepSpeed's default reduce_bucket_size); ZeRO-3 gathers one module at a time (prefetch is
+    off, see engine.ds_config) and keeps a weight used twice in a forward (OPT's tied embedding and
+    LM head) until its second use: budgeted as 2 * max(layer, embedding) * d, which covers both.
 Frozen models (PPO reference, reward): d*P, sharded when their trained partner runs ZeRO-3 (ref
     follows the actor, reward the critic, as DeepSpeed-Chat). Offloaded (stage.ppo.offload_reference_model,
     offload_reward_model: a ZeRO-3 inference engine with parameter offload, at any partner layout)
     their weights sit in host RAM (d*P/N) and the device holds only the gather buffers.
-EMA of the actor: a full fp32 copy, 4*P (LoRA adapters included), never sharded; in host RAM when the
-    actor or the reference model is offloaded.
+EMA of the actor: an fp32 average of its trainable parameters (all P, or with LoRA the adapters
+    only), 4 bytes each, over N under ZeRO-3 (each rank averages its partition); in host RAM when
+    the actor or the reference model is offloaded.
 Activations per transformer layer (Korthikanti et al. 2022, "Reducing Activation Recomputation"),
     per token in elements of d: attention 3h + 2*kv (QKV input, Q, K, V, out-proj input),
     MLP h + 2f (OPT: input, fc1 output, GeLU output; SwiGLU: h + 4f), LayerNorms 2h;
@@ -159,7 +161,7 @@ def trained_state_bytes(n_params: int, n_trainable: int, dtype: str, zero: int, 
 
 
 def frozen_state_bytes(n_params: int, dtype: str, zero: int, offload: bool, world: int) -> dict[str, float]:
-    """A frozen model (reference, reward, EMA): weights only, sharded with ZeRO-3."""
+    """A frozen model (reference, reward): weights only, sharded with ZeRO-3, in host RAM with offload."""
     d = DTYPE_BYTES[dtype]
     params = n_params * d / (max(1, world) if zero >= 3 else 1)
     host = 0.0
@@ -531,8 +533,9 @@ def _frozen_mem(inp: _Inputs, spec: ModelSpec, layout: Strategy, *, lm: bool) ->
 
 
 @functools.lru_cache(maxsize=8192)
-def _ema_mem(spec: ModelSpec, lora_dim: int, on_host: bool) -> _RoleMem:
-    fp32 = 4.0 * (spec.num_params() + lora_params(spec, lora_dim))
+def _ema_mem(spec: ModelSpec, actor: Strategy, world: int, on_host: bool) -> _RoleMem:
+    trained = lora_params(spec, actor.lora_dim) if actor.lora_dim else spec.num_params()
+    fp32 = 4.0 * trained / (world if actor.zero_stage >= 3 else 1)
     return _RoleMem(0.0 if on_host else fp32, fp32 if on_host else 0.0, 0.0, {"params": 0.0 if on_host else fp32 / GIB})
 
 
@@ -605,7 +608,8 @@ def _ppo_unknown(inp: _Inputs, active: bool) -> StagePlan:
         offload = given.offload if given.offload is not None else (partner.offload and partner.zero_stage >= 3)
         sp.roles.append(RolePlan(role, name, 0, False, _frozen_strategy(partner, offload), 0.0, 0.0, {}, given.given()))
     if inp.ema:
-        sp.roles.append(RolePlan("ema", inp.actor_name, 0, False, Strategy(0, a.offload or sp.role("ref").strategy.offload),
+        sp.roles.append(RolePlan("ema", inp.actor_name, 0, False,
+                                 Strategy(3 if a.zero_stage >= 3 else 0, a.offload or sp.role("ref").strategy.offload),
                                  0.0, 0.0, {}))
     return sp
 
@@ -642,7 +646,7 @@ def _ppo_stage(inp: _Inputs, active: bool) -> StagePlan:
         for ref_off in _frozen_offload_options(inp, cref):
             frozen[ref_off] = {"ref": _frozen_mem(inp, A, _frozen_strategy(a, ref_off), lm=True)}
             if inp.ema:
-                frozen[ref_off]["ema"] = _ema_mem(A, a.lora_dim, a.offload or ref_off)
+                frozen[ref_off]["ema"] = _ema_mem(A, a, inp.world, a.offload or ref_off)
         for gather in _gather_options(a):
             key = (not gather, _offload_level(a), a.lora_dim > 0, a.gradient_checkpointing)
             actor_groups.setdefault(key, []).append((a, gather, am, frozen, max(am.act, gen_bytes(a, gather), experience)))
@@ -699,7 +703,8 @@ def _ppo_stage(inp: _Inputs, active: bool) -> StagePlan:
         roles.append(RolePlan(role, name, n, False, layout, m.state / GIB, m.host / GIB, m.breakdown, given.given()))
     if inp.ema:
         m = mems["ema"]
-        roles.append(RolePlan("ema", inp.actor_name, n_actor, False, Strategy(0, m.host > 0), m.state / GIB,
+        averaged = lora_params(A, a.lora_dim) if a.lora_dim else n_actor
+        roles.append(RolePlan("ema", inp.actor_name, averaged, False, Strategy(3 if a.zero_stage >= 3 else 0, m.host > 0), m.state / GIB,
                               m.host / GIB, m.breakdown))
     ph = {"resident": resident / GIB, **{k: v / GIB for k, v in phases.items()}}
     return StagePlan("ppo", roles, peak / GIB, inp.usable_gib, inp.device_gib, host / GIB, fit, active, ph,
@@ -767,8 +772,9 @@ def _suggest(inp: _Inputs, stage: str, active: set[str]) -> list[str]:
         sp = fits(free)
         if sp:
             keys = ", ".join(_setting_key(*k, f) for k, c in given for f in c.given())
-            layout = "; ".join(f"{r.role}: {r.strategy.label()}" if r.trained else f"{r.role}: offloaded"
-                               for r in sp.roles if r.trained or (r.role in ("ref", "reward") and r.strategy.offload))
+            layout = "; ".join(f"{r.role}: {r.strategy.label()}" if r.trained else
+                               f"{r.role}: {'offloaded' if r.strategy.offload else 'on the device'}"
+                               for r in sp.roles if r.trained or r.role in ("ref", "reward"))
             out.append(f"leave {keys} to the planner: it would choose {layout} ({sp.peak_gib:.1f} GiB)")
     for w in _world_options(free):
         per = free.ranks_per_node if free.world > 1 or inp.device == "cpu" else min(w, 8)

@@ -54,14 +54,14 @@ def resume_point(cfg: RunConfig, checkpointer: Checkpointer) -> Path | None:
 
 
 def resume_stage(cfg: RunConfig, checkpointer: Checkpointer, stage: str, logger, engines: dict,
-                 modules: dict | None = None) -> dict:
-    """Load the checkpoint `run.resume` points at into `engines` (and `modules`) and return its
+                 rank_states: dict | None = None) -> dict:
+    """Load the checkpoint `run.resume` points at into `engines` (and `rank_states`) and return its
     state ({"step": 0} on a fresh start). Metrics rows written after that step are dropped."""
     path = resume_point(cfg, checkpointer)
     if path is None:
         logger.truncate_after(-1)  # a fresh start drops the rows of an earlier attempt
         return {"step": 0}
-    state = checkpointer.load(path, engines, modules)
+    state = checkpointer.load(path, engines, rank_states)
     logger.truncate_after(state["step"])
     print(f"[{stage}] resumed from {path} at step {state['step']}", flush=True)
     return state

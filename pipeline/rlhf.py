@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.engine import apply_lora, gathered_params, inference_engine, initialize, unwrap
+from pipeline.engine import (collective_device, gathered_params, inference_engine, initialize, rank, unwrap,
+                             world_size, write_hf, zero3_construction)
 from pipeline.models import RewardModel, load_causal_lm
 from pipeline.rl_math import (AdaptiveKLController, FixedKLController, actor_loss, answer_mask, critic_loss,
                               entropy_from_logits, gae_advantages, kl_penalized_rewards, last_index,
@@ -82,8 +83,8 @@ class RLHFEngine:
     The reference and reward models are sharded like the actor and the critic when those run
     ZeRO-3, else plain frozen modules on the device; stage.ppo.offload_reference_model and
     offload_reward_model keep their weights in host RAM instead (DeepSpeed ZeRO-3 inference engines
-    with parameter offload). The EMA is a full fp32 copy (in host RAM when the actor or the
-    reference model is offloaded), updated from the actor's gathered trainable parameters."""
+    with parameter offload). The EMA (an ActorEMA) lives in host RAM when the actor or the
+    reference model is offloaded."""
 
     def __init__(self, actor_model_name_or_path: str | Path, critic_model_name_or_path: str | Path, tokenizer,
                  num_total_iters: int, args: RunConfig, reward_model_name_or_path: str | Path | None = None):
@@ -91,30 +92,28 @@ class RLHFEngine:
         self.tokenizer, self.args = tokenizer, args
         trust = args.model.trust_remote_code
 
-        def actor_model(dtype: str = args.dtype):
-            return load_causal_lm(str(actor_model_name_or_path), tokenizer, dtype, args.model.dropout, trust)
+        def actor_model():
+            return load_causal_lm(str(actor_model_name_or_path), tokenizer, args.dtype, args.model.dropout, trust)
 
         check_backend(p.generation)  # before any model is loaded: a clear error, early
-        self.actor = initialize(args, actor_model(), micro_batch=p.per_device_training_batch_size, grad_accum=1,
+        with zero3_construction(args, p.actor_strategy):
+            actor = actor_model()
+        self.actor = initialize(args, actor, micro_batch=p.per_device_training_batch_size, grad_accum=1,
                                 optim=p.actor_optim, lora=p.actor_lora, strategy=p.actor_strategy,
                                 total_steps=num_total_iters, key="stage.ppo.actor_strategy")
-        self.ref = inference_engine(args, actor_model(), p.actor_strategy, p.offloads_frozen("ref"))
+        self.ref = inference_engine(args, actor_model, p.actor_strategy, p.offloads_frozen("ref"))
         self.ema = None
         if p.enable_ema:
-            # Same construction as the actor (LoRA included) so parameters pair up; starts equal to it.
-            # fp32: in bf16 an update of (1 - 0.992) x a small weight change rounds to nothing.
             device = "cpu" if p.actor_strategy.offload or p.offloads_frozen("ref") else self.actor.device
-            self.ema = apply_lora(actor_model("fp32"), p.actor_lora).eval().requires_grad_(False).to(device)
-            with torch.no_grad(), gathered_params(unwrap(self.actor)):
-                for ema_param, param in zip(self.ema.parameters(), unwrap(self.actor).parameters(), strict=True):
-                    ema_param.copy_(param.detach())
+            self.ema = ActorEMA(self.actor, p.ema_beta, device)
+        with zero3_construction(args, p.critic_strategy):
+            critic = RewardModel.from_pretrained(critic_model_name_or_path, args.dtype, args.model.dropout, trust)
         self.critic = initialize(
-            args, RewardModel.from_pretrained(critic_model_name_or_path, args.dtype, args.model.dropout, trust),
-            micro_batch=p.per_device_training_batch_size, grad_accum=1, optim=p.critic_optim, lora=p.critic_lora,
-            strategy=p.critic_strategy, total_steps=num_total_iters // (2 if ptx_enabled(args) else 1),
+            args, critic, micro_batch=p.per_device_training_batch_size, grad_accum=1, optim=p.critic_optim,
+            lora=p.critic_lora, strategy=p.critic_strategy, total_steps=num_total_iters // (2 if ptx_enabled(args) else 1),
             key="stage.ppo.critic_strategy")
         reward_path = reward_model_name_or_path or critic_model_name_or_path
-        self.reward = inference_engine(args, RewardModel.from_pretrained(reward_path, args.dtype, None, trust),
+        self.reward = inference_engine(args, lambda: RewardModel.from_pretrained(reward_path, args.dtype, None, trust),
                                        p.critic_strategy, p.offloads_frozen("reward"))
         self.sizes = {name: model_size(getattr(self, name)) for name in ("actor", "ref", "critic", "reward")}
         # Training layout (from_pretrained returns eval mode): dropout as configured, and gradient
@@ -125,6 +124,71 @@ class RLHFEngine:
     @property
     def device(self) -> torch.device:
         return self.actor.device
+
+
+def local_part(param: torch.Tensor) -> torch.Tensor:
+    """This rank's partition of a ZeRO-3 parameter (flat, padded), or the parameter itself."""
+    return getattr(param, "ds_tensor", param)
+
+
+class ActorEMA:
+    """Exponential moving average of the actor (DeepSpeed-Chat's --enable_ema): after each actor
+    update, ema = beta * ema + (1 - beta) * actor.
+
+    Only trainable parameters are averaged (frozen ones, e.g. the base under LoRA, never move); in
+    fp32, because in bf16 (1 - 0.992) x a small change rounds to nothing. Under ZeRO-3 each rank
+    averages its own partition of each parameter: no gather, 4 bytes x P / N per rank.
+    `state_dict()` is per rank (checkpoints); `save()` writes the averaged actor (collective)."""
+
+    def __init__(self, actor, beta: float, device):
+        self.actor, self.beta = unwrap(actor), beta
+        self.params = [param for param in self.actor.parameters() if param.requires_grad]
+        self.values = [local_part(param).detach().to(device, torch.float32, copy=True) for param in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for value, param in zip(self.values, self.params, strict=True):
+            value.mul_(self.beta).add_(local_part(param).detach().to(value.device, value.dtype), alpha=1.0 - self.beta)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {str(i): value for i, value in enumerate(self.values)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if len(state) != len(self.values):
+            raise ValueError(f"EMA checkpoint holds {len(state)} tensors, the actor has {len(self.values)} trainable parameters")
+        for i, value in enumerate(self.values):
+            value.copy_(state[str(i)])
+
+    @torch.no_grad()
+    def full_values(self) -> list[torch.Tensor]:
+        """Each trainable parameter's average, whole, on the CPU (in the order of actor.parameters()).
+        Collective under ZeRO-3: the ranks' partitions are gathered."""
+        out = []
+        for value, param in zip(self.values, self.params, strict=True):
+            if not hasattr(param, "ds_tensor"):
+                out.append(value.cpu())
+                continue
+            device = collective_device()
+            parts = [torch.empty_like(value, device=device) for _ in range(world_size())]
+            torch.distributed.all_gather(parts, value.to(device))
+            out.append(torch.cat(parts)[: param.ds_numel].view(param.ds_shape).cpu())
+        return out
+
+    @torch.no_grad()
+    def save(self, path: str | Path, tokenizer) -> None:
+        """Write the averaged actor in Hugging Face format, as save_hf writes the actor (LoRA merged,
+        the actor's dtype). Collective. The actor's own weights are put back afterwards."""
+        values = self.full_values()
+        with gathered_params(self.actor):
+            if rank() == 0:
+                own = [param.detach().clone() for param in self.params]
+                try:
+                    for param, value in zip(self.params, values, strict=True):
+                        param.copy_(value.to(param.device, param.dtype))
+                    write_hf(self.actor, path, tokenizer)
+                finally:
+                    for param, weights in zip(self.params, own, strict=True):
+                        param.copy_(weights)
 
 
 class RunningMoments:
@@ -305,20 +369,10 @@ class PPOTrainer:
         self._count(training_flops=self._train_factor("actor") * self._flops("actor", batch_size, length, length))
         return loss.detach()
 
-    @torch.no_grad()
     def update_ema(self) -> None:
-        """ema = beta * ema + (1 - beta) * actor, in fp32. Only trainable parameters move (the frozen
-        ones, e.g. the base under LoRA, are equal in both from the start); ZeRO-3 gathers just those."""
-        ema = self.engine.ema
-        if ema is None:
-            return
-        beta = self.p.ema_beta
-        actor = unwrap(self.engine.actor)
-        pairs = [(ema_param, param) for ema_param, param in zip(ema.parameters(), actor.parameters(), strict=True)
-                 if param.requires_grad]
-        with gathered_params(actor, [param for _, param in pairs]):
-            for ema_param, param in pairs:
-                ema_param.mul_(beta).add_(param.detach().to(ema_param.device, ema_param.dtype), alpha=1.0 - beta)
+        """The EMA's update after an actor step (see ActorEMA); nothing when EMA is off."""
+        if self.engine.ema is not None:
+            self.engine.ema.update()
 
     def update_kl_controller(self, kl_per_sequence: float, n_samples: int) -> None:
         self.kl_ctl.update(kl_per_sequence, n_samples)

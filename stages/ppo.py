@@ -23,7 +23,6 @@ from pipeline.config import RunConfig
 from pipeline.data import load_ptx_data, load_stage_data
 from pipeline.data.collate import collate_prompts, collate_text
 from pipeline.engine import save_hf, world_size
-from pipeline.models import TORCH_DTYPES
 from pipeline.resume import resume_stage, stop_requested
 from pipeline.rlhf import PPOTrainer, RLHFEngine, ptx_enabled
 from pipeline.tracking import MetricsLogger
@@ -95,8 +94,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     # ---- resume
     checkpointer = Checkpointer(out, p.checkpoint.every_steps, p.checkpoint.every_minutes, p.checkpoint.keep)
     engines = {"actor": engine.actor, "critic": engine.critic}
-    modules = {"actor_ema": engine.ema} if engine.ema is not None else {}
-    state = resume_stage(cfg, checkpointer, "ppo", logger, engines, modules)
+    rank_states = {"actor_ema": engine.ema} if engine.ema is not None else {}
+    state = resume_stage(cfg, checkpointer, "ppo", logger, engines, rank_states)
     step = state["step"]
     if step:
         trainer.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -149,7 +148,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
                                       experiences[0]["seq"].shape[1]), flush=True)
             if checkpointer.due(step) or stop_requested():
                 checkpointer.save(step, engines, {"epoch": epoch, "kl_ctl": trainer.kl_ctl.state_dict(),
-                                                  "reward_moments": trainer.reward_moments.state_dict()}, modules)
+                                                  "reward_moments": trainer.reward_moments.state_dict()}, rank_states)
                 stop_requested(exit_if_set=True)
             if step >= n_steps:
                 break
@@ -158,8 +157,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     # ---- write
     save_hf(engine.actor, out / "final" / "actor", tokenizer)
     save_hf(engine.critic, out / "final" / "critic", tokenizer)
-    if engine.ema is not None:  # kept in fp32 while training, saved in the actor's dtype
-        save_hf(engine.ema.to(TORCH_DTYPES[cfg.dtype]), out / "final" / "actor_ema", tokenizer)
+    if engine.ema is not None:
+        engine.ema.save(out / "final" / "actor_ema", tokenizer)
     return summarize(logger.path, step, trainer.guard.skipped)
 
 

@@ -16,7 +16,7 @@ from pipeline.checkpoint import Checkpointer
 from pipeline.config import RunConfig
 from pipeline.data import load_stage_data
 from pipeline.data.collate import collate_pairs
-from pipeline.engine import initialize, save_hf
+from pipeline.engine import initialize, save_hf, zero3_construction
 from pipeline.models import RewardModel, materialize
 from pipeline.resume import resume_stage, stop_requested
 from pipeline.rl_math import pairwise_ranking_loss
@@ -47,7 +47,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
 
     # ---- model and engine
     source = materialize(cfg.model.reward, ctx.work_dir, len(tokenizer), cfg.run.seed)
-    model = RewardModel.from_base(source, tokenizer, cfg.dtype, cfg.model.dropout, cfg.model.trust_remote_code)
+    with zero3_construction(cfg, s.strategy):
+        model = RewardModel.from_base(source, tokenizer, cfg.dtype, cfg.model.dropout, cfg.model.trust_remote_code)
     n_steps = total_steps(len(data.train), s.per_device_train_batch_size, s.gradient_accumulation_steps,
                           s.num_train_epochs, s.max_steps, "stage.rm")
     per_epoch = steps_per_epoch(len(data.train), s.per_device_train_batch_size, s.gradient_accumulation_steps)

@@ -34,5 +34,7 @@ def test_offloaded_frozen_models_and_fp32_ema_on_cuda(tmp_path: Path):
                    "stage.ppo.offload_reward_model=true", "stage.ppo.enable_ema=true")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["ppo"]["steps"] == 3
+    roles = {r["role"]: r for r in json.loads((out / "plan.json").read_text())["stages"]["ppo"]["roles"]}
+    assert roles["ref"]["offload"] and roles["reward"]["offload"] and roles["ema"]["offload"]
     ema_config = json.loads((out / "ppo" / "final" / "actor_ema" / "config.json").read_text())
     assert ema_config.get("dtype", ema_config.get("torch_dtype")) == "bfloat16"

@@ -19,6 +19,7 @@ from launchers.distributed import RELAUNCHED_ENV, child_overrides, inside_launch
 from launchers.hostfile import HostfileError, read_hostfile
 from launchers.slurm import (expand_nodelist, register_resolvers, requeue_after_preemption, tasks_per_node,
                              torch_env_from_slurm)
+from conftest import run_cli
 from pipeline.config import ConfigError, RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,6 +307,48 @@ def test_two_rank_run_finishes_every_stage_under_torchrun(two_rank_run):
 
 def test_each_rank_trained_on_its_own_shard(two_rank_run):
     assert_disjoint_shards(two_rank_run[1])
+
+
+def test_zero3_ema_partitioned_over_two_ranks_saves_what_zero2_saves(two_rank_run, tmp_path: Path):
+    """Under ZeRO-3 each rank averages only its partition of the actor; the saved actor_ema (the
+    partitions gathered) equals ZeRO-2's, where every rank averages whole tensors (same seed, same
+    data: the runs train alike within rtol 1e-4)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out, _, _ = two_rank_run
+    finals = {}
+    for stage in (2, 3):
+        run = tmp_path / f"zero{stage}"
+        shutil.copytree(out, run, ignore=shutil.ignore_patterns("ppo"))
+        proc = run_cli(*SMALL, "+deployment=single_node", "deployment.procs_per_node=2", "run.stages=[ppo]",
+                       f"run.output_dir={run}", f"stage.ppo.actor_strategy.zero_stage={stage}",
+                       f"stage.ppo.critic_strategy.zero_stage={stage}", "stage.ppo.enable_ema=true",
+                       "stage.ppo.ema_beta=0.5", "stage.ppo.checkpoint.every_steps=1", timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert {f"actor_ema_rank{r}.safetensors" for r in (0, 1)} <= {p.name for p in (run / "ppo" / "checkpoints" / "step_000002").iterdir()}
+        finals[stage] = {name: load_file(run / "ppo" / "final" / name / "model.safetensors") for name in ("actor", "actor_ema")}
+    start = load_file(out / "sft" / "final" / "model.safetensors")
+    for name in ("actor", "actor_ema"):
+        z2, z3 = finals[2][name], finals[3][name]
+        assert set(z2) == set(z3) == set(start)
+        for key in z2:
+            torch.testing.assert_close(z3[key], z2[key], rtol=1e-4, atol=1e-5, msg=f"{name}.{key}")
+    ema, actor = finals[3]["actor_ema"], finals[3]["actor"]
+    moved = max(float((ema[k] - start[k]).abs().max()) for k in ema)
+    assert 0 < moved < max(float((actor[k] - start[k]).abs().max()) for k in actor)
+    # The last checkpoint (step 2, the end) holds each rank's partitions: together, the saved EMA.
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "zero3" / "ppo" / "final" / "actor_ema")
+    step = tmp_path / "zero3" / "ppo" / "checkpoints" / "step_000002"
+    parts = [load_file(step / f"actor_ema_rank{r}.safetensors") for r in (0, 1)]
+    params = list(saved.parameters())
+    assert len(parts[0]) == len(parts[1]) == len(params)
+    for i, param in enumerate(params):
+        whole = torch.cat([parts[0][str(i)], parts[1][str(i)]])[: param.numel()].view(param.shape)
+        torch.testing.assert_close(whole, param.detach(), rtol=0, atol=0)
 
 
 def two_node_args(tmp_path: Path) -> list[str]:

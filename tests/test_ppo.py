@@ -120,12 +120,41 @@ def test_ppo_zero_stage(base_run, ppo_root, stage):
     check_outputs(base_run, ppo_dir, rows, 2)
 
 
+def test_sft_and_rm_under_zero3_match_zero0(base_run, tmp_path):
+    """Steps 1 and 2 with their models built under ZeRO-3 (partitioned from the start): the same
+    per-step losses as the base run's ZeRO-0 (rtol 1e-4)."""
+    out = tmp_path / "zero3"
+    cfg = config(out, ["sft", "rm"])
+    for stage in ("sft", "rm"):
+        cfg["stage"][stage] = merge(cfg["stage"][stage], {"strategy": {"zero_stage": 3}})
+    run_pipeline(load_config(cfg))
+    for stage, key in (("sft", "loss"), ("rm", "loss")):
+        rows = {}
+        for run in (base_run, out):
+            lines = (run / stage / "metrics.jsonl").read_text().splitlines()
+            rows[run] = [json.loads(line)[key] for line in lines if json.loads(line)["split"] == "train"]
+        assert len(rows[out]) == 3
+        assert rows[out] == pytest.approx(rows[base_run], rel=LOSS_RTOL, abs=LOSS_ATOL), stage
+
+
 @pytest.mark.parametrize("stage", [0, 3])
 def test_ppo_lora(base_run, ppo_root, stage):
     lora = {"dim": 4, "target_modules": ["q_proj", "v_proj", "fc1"], "learning_rate": 1e-3, "only_optimize_lora": True}
     _, rows, ppo_dir = run_ppo(base_run, ppo_root, f"lora{stage}", **zero(stage), actor_lora=lora, critic_lora=lora,
-                               actor_optim={"learning_rate": 1e-3, "num_warmup_steps": 0})
+                               actor_optim={"learning_rate": 1e-3, "num_warmup_steps": 0}, enable_ema=True, ema_beta=0.5)
     check_outputs(base_run, ppo_dir, rows, 2)
+    # The EMA averages the adapters only; saved merged, like the actor: it moved, less than the actor,
+    # and only where the adapters act.
+    from safetensors.torch import load_file
+
+    ema = load_file(ppo_dir / "final" / "actor_ema" / "model.safetensors")
+    actor = load_file(ppo_dir / "final" / "actor" / "model.safetensors")
+    start = load_file(base_run / "sft" / "final" / "model.safetensors")
+    assert set(ema) == set(start)
+    moved = {k: float((ema[k] - start[k]).abs().max()) for k in ema}
+    assert {k for k, v in moved.items() if v > 0} == {k for k in actor if not torch.equal(actor[k], start[k])}
+    assert all(k.endswith(("q_proj.weight", "v_proj.weight", "fc1.weight")) for k, v in moved.items() if v > 0)
+    assert 0 < max(moved.values()) < max(float((actor[k] - start[k]).abs().max()) for k in actor)
 
 
 def test_zero2_equals_zero3(base_run, ppo_root):
@@ -221,10 +250,12 @@ def test_zero3_rollout_and_ema(base_run, tmp_path, monkeypatch):
         trainer.update_ema()
         history.append(snapshot(actor))
     a0, a1, a2 = history
-    for ema_param, p0, p1, p2 in zip(engine.ema.parameters(), a0, a1, a2, strict=True):
+    for ema_param, p0, p1, p2 in zip(engine.ema.full_values(), a0, a1, a2, strict=True):
         expected = beta**2 * p0 + beta * (1 - beta) * p1 + (1 - beta) * p2
         torch.testing.assert_close(ema_param, expected, atol=EMA_ATOL, rtol=0)
     assert any(not torch.equal(p0, p2) for p0, p2 in zip(a0, a2))
+    # ZeRO-3: the EMA holds this rank's partitions (here, one rank: whole but flat and padded)
+    assert all(value.dim() == 1 for value in engine.ema.values)
 
     plain = gathered_copy(actor, base_run, engine.tokenizer)
     kwargs = trainer.rollout.sampling_kwargs(do_sample=False)
@@ -267,7 +298,7 @@ def test_ema_of_a_bf16_actor_is_the_fp32_average(base_run, tmp_path):
     assert beta == 0.992
     actor = unwrap(engine.actor)
     assert {p.dtype for p in actor.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in engine.ema.parameters()} == {torch.float32}
+    assert {value.dtype for value in engine.ema.values} == {torch.float32}
     batch = prompts(base_run, cfg, engine.tokenizer)
     history = [[p.float() for p in snapshot(actor)]]
     for _ in range(2):
@@ -276,10 +307,10 @@ def test_ema_of_a_bf16_actor_is_the_fp32_average(base_run, tmp_path):
         history.append([p.float() for p in snapshot(actor)])
     a0, a1, a2 = history
     moved = 0.0
-    for ema_param, p0, p1, p2 in zip(engine.ema.parameters(), a0, a1, a2, strict=True):
+    for ema_param, p0, p1, p2 in zip(engine.ema.full_values(), a0, a1, a2, strict=True):
         expected = beta**2 * p0 + beta * (1 - beta) * p1 + (1 - beta) * p2
-        torch.testing.assert_close(ema_param.float(), expected, atol=EMA_ATOL, rtol=0)
-        moved = max(moved, float((ema_param.float() - p0).abs().max()))
+        torch.testing.assert_close(ema_param, expected, atol=EMA_ATOL, rtol=0)
+        moved = max(moved, float((ema_param - p0).abs().max()))
     assert moved > 0
 
 
@@ -300,7 +331,7 @@ def test_offloaded_frozen_models_score_like_plain_ones(base_run, tmp_path):
         assert frozen.zero_offload_param().device == "cpu"
         assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in frozen.module.parameters() if p.ds_numel > 1e4)
     assert engine.actor.zero_optimization_stage() == 0
-    assert {(p.dtype, p.device.type) for p in engine.ema.parameters()} == {(torch.float32, "cpu")}
+    assert {(value.dtype, value.device.type) for value in engine.ema.values} == {(torch.float32, "cpu")}
 
     exp = trainer.generate_experience(prompts(base_run, cfg, engine.tokenizer))
     assert exp["answer_mask"].sum() > 0
@@ -313,6 +344,31 @@ def test_offloaded_frozen_models_score_like_plain_ones(base_run, tmp_path):
     torch.testing.assert_close(exp["scores"], expected, atol=1e-5, rtol=0)
     a_loss, c_loss = trainer.train_rlhf(exp)
     assert torch.isfinite(a_loss) and torch.isfinite(c_loss)
+
+
+def test_zero3_models_are_built_straight_into_their_partitions(base_run, tmp_path):
+    """Under zero3_construction transformers builds the model under deepspeed.zero.Init: no weight
+    is ever whole outside a gather (DeepSpeed would otherwise move the whole model to the device
+    before partitioning it), the vocabulary is kept, and gathered weights equal the file's."""
+    from pipeline.config import StrategySection
+    from pipeline.engine import gathered_params, init_distributed, zero3_construction
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    cfg = load_config(config(tmp_path / "api", ["ppo"]))
+    init_distributed(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer_source, base_run)
+    source = str(base_run / "sft" / "final")
+    with zero3_construction(cfg, StrategySection(zero_stage=3, offload=True)):
+        model = load_causal_lm(source, tokenizer)
+    plain = load_causal_lm(source, tokenizer)  # outside: plain again
+    assert not any(hasattr(p, "ds_id") for p in plain.parameters())
+    assert all(hasattr(p, "ds_id") for p in model.parameters())
+    large = [p for p in model.parameters() if p.ds_numel > 1e4]  # below that DeepSpeed keeps them whole
+    assert large and all(p.numel() == 0 for p in large)
+    assert model.get_input_embeddings().weight.ds_shape == plain.get_input_embeddings().weight.shape
+    with gathered_params(model):
+        for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+            assert torch.equal(p.detach(), q.detach())
 
 
 def test_zero3_lora_merge_for_generation(base_run, tmp_path):
