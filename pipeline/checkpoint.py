@@ -145,7 +145,13 @@ class Checkpointer:
         for key, engine in engines.items():
             engine.load_checkpoint(str(path / key), tag="state", load_module_strict=False)
         for key, holder in (rank_states or {}).items():
-            holder.load_state_dict(load_file(str(path / f"{key}_rank{rank()}.safetensors")))
+            own = path / f"{key}_rank{rank()}.safetensors"
+            if not own.exists() and not getattr(holder, "sharded", True):  # the same on every rank: any copy serves
+                own = path / f"{key}_rank0.safetensors"
+            if not own.exists():
+                raise ValueError(f"{path} holds no {key} state for rank {rank()}: it was written by fewer ranks "
+                                 f"than this run has; resume with the world size it was written with, or run.resume=never")
+            holder.load_state_dict(load_file(str(own)))
         load_rng_state(path, rank())
         return json.loads((path / "state.json").read_text())
 

@@ -70,8 +70,15 @@ def apply_lora(model: nn.Module, lora: LoRASection) -> nn.Module:
         return model
     from peft import LoraConfig, get_peft_model
 
+    base_dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     peft_model = get_peft_model(model, LoraConfig(
         r=lora.dim, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)))
+    # Adapters in the base's dtype: peft makes them fp32, and DeepSpeed casts a plain model's
+    # parameters to bf16/fp16 itself but not those of a model built under zero.Init, where fp32
+    # adapters would mix dtypes in ZeRO-3's flat buffers.
+    for param in peft_model.parameters():
+        if param.is_floating_point() and param.dtype != base_dtype:
+            param.data = param.data.to(base_dtype)
     if not lora.only_optimize_lora:
         for name, param in peft_model.named_parameters():
             if "lora_" not in name:

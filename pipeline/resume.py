@@ -61,7 +61,10 @@ def resume_stage(cfg: RunConfig, checkpointer: Checkpointer, stage: str, logger,
     if path is None:
         logger.truncate_after(-1)  # a fresh start drops the rows of an earlier attempt
         return {"step": 0}
-    state = checkpointer.load(path, engines, rank_states)
+    try:
+        state = checkpointer.load(path, engines, rank_states)
+    except ValueError as err:  # a checkpoint of another layout: say which, keep it on disk
+        raise ConfigError(f"run.resume={cfg.run.resume}: {err}") from None
     logger.truncate_after(state["step"])
     print(f"[{stage}] resumed from {path} at step {state['step']}", flush=True)
     return state

@@ -137,12 +137,14 @@ class ActorEMA:
 
     Only trainable parameters are averaged (frozen ones, e.g. the base under LoRA, never move); in
     fp32, because in bf16 (1 - 0.992) x a small change rounds to nothing. Under ZeRO-3 each rank
-    averages its own partition of each parameter: no gather, 4 bytes x P / N per rank.
-    `state_dict()` is per rank (checkpoints); `save()` writes the averaged actor (collective)."""
+    averages its own partition of each parameter: no gather while training, 4 bytes x P / N per
+    rank. `state_dict()` is per rank (checkpoints); `save()` writes the averaged actor: rank 0 then
+    holds the whole average in host RAM, in the actor's dtype."""
 
     def __init__(self, actor, beta: float, device):
         self.actor, self.beta = unwrap(actor), beta
         self.params = [param for param in self.actor.parameters() if param.requires_grad]
+        self.sharded = any(hasattr(param, "ds_tensor") for param in self.params)  # else equal on every rank
         self.values = [local_part(param).detach().to(device, torch.float32, copy=True) for param in self.params]
 
     @torch.no_grad()
@@ -154,25 +156,30 @@ class ActorEMA:
         return {str(i): value for i, value in enumerate(self.values)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if len(state) != len(self.values):
-            raise ValueError(f"EMA checkpoint holds {len(state)} tensors, the actor has {len(self.values)} trainable parameters")
-        for i, value in enumerate(self.values):
-            value.copy_(state[str(i)])
+        shapes = [tuple(state[str(i)].shape) if str(i) in state else None for i in range(len(self.values))]
+        if len(state) != len(self.values) or shapes != [tuple(value.shape) for value in self.values]:
+            raise ValueError("the checkpoint's EMA does not match this actor's trainable parameters"
+                             + (" partitioned over this number of ranks (ZeRO-3 splits them by the world size)" if self.sharded else "")
+                             + ": resume with the LoRA settings and world size it was written with, or run.resume=never")
+        for value, saved in zip(self.values, (state[str(i)] for i in range(len(self.values))), strict=True):
+            value.copy_(saved)
 
     @torch.no_grad()
-    def full_values(self) -> list[torch.Tensor]:
-        """Each trainable parameter's average, whole, on the CPU (in the order of actor.parameters()).
-        Collective under ZeRO-3: the ranks' partitions are gathered."""
+    def full_values(self) -> list[torch.Tensor] | None:
+        """On rank 0, each trainable parameter's average, whole, on the CPU (in the order of
+        actor.parameters()); None on the other ranks. Collective under ZeRO-3: each parameter's
+        partitions are gathered to rank 0, one parameter at a time."""
+        if not self.sharded:
+            return [value.cpu() for value in self.values] if rank() == 0 else None
         out = []
+        device = collective_device()
         for value, param in zip(self.values, self.params, strict=True):
-            if not hasattr(param, "ds_tensor"):
-                out.append(value.cpu())
-                continue
-            device = collective_device()
-            parts = [torch.empty_like(value, device=device) for _ in range(world_size())]
-            torch.distributed.all_gather(parts, value.to(device))
-            out.append(torch.cat(parts)[: param.ds_numel].view(param.ds_shape).cpu())
-        return out
+            part = value.to(device)
+            parts = [torch.empty_like(part) for _ in range(world_size())] if rank() == 0 else None
+            torch.distributed.gather(part, parts, dst=0)
+            if rank() == 0:
+                out.append(torch.cat(parts)[: param.ds_numel].view(param.ds_shape).cpu())
+        return out if rank() == 0 else None
 
     @torch.no_grad()
     def save(self, path: str | Path, tokenizer) -> None:
@@ -181,14 +188,14 @@ class ActorEMA:
         values = self.full_values()
         with gathered_params(self.actor):
             if rank() == 0:
-                own = [param.detach().clone() for param in self.params]
+                own = [param.detach().to("cpu", copy=True) for param in self.params]
                 try:
                     for param, value in zip(self.params, values, strict=True):
                         param.copy_(value.to(param.device, param.dtype))
                     write_hf(self.actor, path, tokenizer)
                 finally:
                     for param, weights in zip(self.params, own, strict=True):
-                        param.copy_(weights)
+                        param.copy_(weights.to(param.device))
 
 
 class RunningMoments:

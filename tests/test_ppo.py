@@ -314,6 +314,25 @@ def test_ema_of_a_bf16_actor_is_the_fp32_average(base_run, tmp_path):
     assert moved > 0
 
 
+def test_zero3_lora_in_bf16_keeps_one_dtype(base_run, tmp_path):
+    """Under ZeRO-3 the models are built under zero.Init, where DeepSpeed does not cast parameters:
+    peft's adapters (fp32 by default) are cast to bf16 with the base, also when the base trains too
+    (only_optimize_lora=false: one optimizer over both), and a PPO update with EMA runs."""
+    from pipeline.engine import unwrap
+
+    lora = {"dim": 4, "target_modules": ["q_proj", "v_proj"], "learning_rate": 1e-3, "only_optimize_lora": False}
+    cfg, engine, trainer = make_engine(base_run, tmp_path, dtype="bf16", **zero(3), actor_lora=lora, critic_lora=lora,
+                                       enable_ema=True)
+    for model in (engine.actor, engine.critic):
+        dtypes = {p.dtype for p in unwrap(model).parameters()}
+        assert dtypes == {torch.bfloat16}, dtypes
+        assert any("lora_" in name for name, _ in unwrap(model).named_parameters())
+    a_loss, c_loss = trainer.train_rlhf(trainer.generate_experience(prompts(base_run, cfg, engine.tokenizer)))
+    trainer.update_ema()
+    assert torch.isfinite(a_loss) and torch.isfinite(c_loss)
+    assert len(engine.ema.values) == sum(1 for p in unwrap(engine.actor).parameters() if p.requires_grad)
+
+
 def test_offloaded_frozen_models_score_like_plain_ones(base_run, tmp_path):
     """offload_reference_model / offload_reward_model under a ZeRO-0 actor and critic: the frozen
     models become ZeRO-3 inference engines with their weights offloaded, the EMA lives in host RAM

@@ -178,6 +178,40 @@ def test_rng_state_round_trips_without_pickle(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rng_rank0.json", "rng_rank0.safetensors"]
 
 
+def test_ema_checkpoint_serves_another_world_size_only_when_it_is_replicated(tmp_path: Path, monkeypatch):
+    """Without ZeRO-3 every rank holds the same EMA, so a run with more ranks than the checkpoint
+    reads rank 0's file; a partitioned (ZeRO-3) EMA or another set of trainable parameters is
+    refused with a message naming run.resume, and the checkpoint stays."""
+    import pipeline.checkpoint as ckpt
+    from pipeline.checkpoint import Checkpointer
+    from pipeline.rlhf import ActorEMA
+
+    torch.manual_seed(0)
+    actor = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    ema = ActorEMA(actor, 0.9, "cpu")
+    with torch.no_grad():
+        actor[0].weight.add_(1.0)
+    ema.update()
+    saver = Checkpointer(tmp_path, every_steps=1, every_minutes=0, keep=2)
+    path = saver.save(1, {}, {}, {"actor_ema": ema})
+    assert sorted(p.name for p in path.glob("actor_ema_*")) == ["actor_ema_rank0.safetensors"]
+
+    monkeypatch.setattr(ckpt, "rank", lambda: 1)  # a second rank of a larger run
+    fresh = ActorEMA(actor, 0.9, "cpu")
+    saver.load(path, {}, {"actor_ema": fresh})
+    assert all(torch.equal(a, b) for a, b in zip(fresh.values, ema.values, strict=True))
+    assert not torch.equal(fresh.values[0], actor[0].weight.detach())  # the average, not the weights
+
+    fresh.sharded = True  # as under ZeRO-3: rank 0's partition is not rank 1's
+    with pytest.raises(ValueError, match="holds no actor_ema state for rank 1: it was written by fewer ranks"):
+        saver.load(path, {}, {"actor_ema": fresh})
+    monkeypatch.setattr(ckpt, "rank", lambda: 0)
+    other = ActorEMA(torch.nn.Sequential(torch.nn.Linear(3, 5)), 0.9, "cpu")
+    with pytest.raises(ValueError, match="does not match this actor's trainable parameters"):
+        saver.load(path, {}, {"actor_ema": other})
+    assert (path / "actor_ema_rank0.safetensors").exists()
+
+
 def test_resume_path_outside_the_run_is_refused(continuous: Path, tmp_path: Path):
     elsewhere = continuous / "sft" / "checkpoints" / "step_000030"
     proc = run_cli(*ARGS, f"run.output_dir={tmp_path}/run", f"run.resume={elsewhere}", "run.stages=[sft]")
