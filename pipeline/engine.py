@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import socket
 from contextlib import contextmanager, nullcontext
@@ -274,18 +273,72 @@ def gathered_params(model: nn.Module, params: list | None = None, modifier_rank:
         yield
 
 
-def save_hf(model: nn.Module, path, tokenizer) -> None:
-    """Write a trained model in Hugging Face format (safetensors), LoRA merged, ZeRO-3 gathered."""
+def save_hf(model: nn.Module, path, tokenizer, overrides: dict[int, torch.Tensor] | None = None) -> None:
+    """Write a trained model in Hugging Face format (safetensors), LoRA merged, with `overrides`
+    (id(parameter) -> its whole value, e.g. the EMA's, read on rank 0) in place of those parameters.
+    Collective. Under ZeRO-3 the weights are gathered one module at a time and only rank 0 keeps a
+    copy, in host RAM: no device ever holds more than one module whole (a 66B model fits no GPU)."""
     module = unwrap(model)
-    with gathered_params(module):
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module  # peft: the wrapped model
+    state = whole_state_dict(base, overrides or {})
+    if rank() == 0:
+        base.save_pretrained(Path(path), state_dict=state)
+        tokenizer.save_pretrained(Path(path))
+
+
+@torch.no_grad()
+def whole_state_dict(model: nn.Module, overrides: dict[int, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """On rank 0, `model`'s weights whole on the CPU, keyed as the model without LoRA would be: each
+    peft LoRA layer's weight comes merged (base + peft's own get_delta_weight). None on other ranks.
+    Collective: every rank walks the modules in the same order, gathering each one's parameters."""
+    from peft.tuners.lora import LoraLayer
+
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()  # tied weights are written once
+    lora_prefixes: list[str] = []
+    for name, sub in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in lora_prefixes):
+            continue  # inside a LoRA layer: written merged below
+        key = f"{name}." if name else ""
+        if isinstance(sub, LoraLayer):
+            lora_prefixes.append(name)
+            params = list(sub.parameters())
+            base = sub.get_base_layer()
+            with gathered_params(model, params):
+                if rank() == 0:
+                    with _overridden(params, overrides):
+                        merged = base.weight.detach().to(torch.float32, copy=True)  # never the weight itself
+                        if not sub.merged:  # (merged for generation: the base already holds the delta)
+                            for adapter in sub.active_adapters:
+                                merged += sub.get_delta_weight(adapter).float()
+                        state[key + "weight"] = merged.to(base.weight.dtype).cpu()
+                        if getattr(base, "bias", None) is not None:
+                            state[key + "bias"] = base.bias.detach().cpu().clone()
+            seen.update(id(p) for p in params)
+            continue
+        own = [(pname, p) for pname, p in sub.named_parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for _, p in own)
+        with gathered_params(model, [p for _, p in own]):
+            if rank() == 0:
+                for pname, p in own:
+                    state[key + pname] = overrides.get(id(p), p).detach().to("cpu", p.dtype, copy=True)
         if rank() == 0:
-            write_hf(module, path, tokenizer)
+            for bname, buffer in sub.named_buffers(recurse=False):
+                if bname not in sub._non_persistent_buffers_set:
+                    state[key + bname] = buffer.detach().cpu().clone()
+    return state if rank() == 0 else None
 
 
-def write_hf(module: nn.Module, path, tokenizer) -> None:
-    """save_hf's writing half, for a module whose parameters are whole (gathered): LoRA merged into a copy."""
-    to_save = module
-    if hasattr(module, "merge_and_unload"):  # peft: fold the adapters into the weights
-        to_save = copy.deepcopy(module).merge_and_unload()
-    to_save.save_pretrained(Path(path))
-    tokenizer.save_pretrained(Path(path))
+@contextmanager
+def _overridden(params: list, overrides: dict[int, torch.Tensor]):
+    """Parameters temporarily holding their override values (whole, gathered), then their own."""
+    own = {id(p): p.detach().clone() for p in params if id(p) in overrides}
+    try:
+        for p in params:
+            if id(p) in overrides:
+                p.data.copy_(overrides[id(p)])
+        yield
+    finally:
+        for p in params:
+            if id(p) in own:
+                p.data.copy_(own[id(p)])

@@ -215,9 +215,13 @@ class RewardModel(nn.Module):
         model.v_head.load_state_dict({"weight": load_file(path / VALUE_HEAD_FILE)["weight"].to(base.dtype)})
         return model
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """The base's Hugging Face folder plus the value head; `state_dict` (this module's keys) in
+        place of the current weights, as transformers' save_pretrained takes one."""
         path = Path(path)
-        self.base.save_pretrained(path)
-        save_file({"weight": self.v_head.weight.detach().cpu().contiguous()}, path / VALUE_HEAD_FILE)
+        if state_dict is None:
+            state_dict = self.state_dict()
+        self.base.save_pretrained(path, state_dict={k[len("base."):]: v for k, v in state_dict.items() if k.startswith("base.")})
+        save_file({"weight": state_dict["v_head.weight"].detach().cpu().contiguous()}, path / VALUE_HEAD_FILE)
         (path / REWARD_CONFIG_FILE).write_text(json.dumps(
             {"score": "value_head(last_hidden_state) at the last real token", "value_head": VALUE_HEAD_FILE}, indent=2))

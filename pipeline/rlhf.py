@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.engine import (collective_device, gathered_params, inference_engine, initialize, rank, unwrap,
-                             world_size, write_hf, zero3_construction)
+from pipeline.engine import (collective_device, inference_engine, initialize, rank, save_hf, unwrap, world_size,
+                             zero3_construction)
 from pipeline.models import RewardModel, load_causal_lm
 from pipeline.rl_math import (AdaptiveKLController, FixedKLController, actor_loss, answer_mask, critic_loss,
                               entropy_from_logits, gae_advantages, kl_penalized_rewards, last_index,
@@ -181,21 +181,12 @@ class ActorEMA:
                 out.append(torch.cat(parts)[: param.ds_numel].view(param.ds_shape).cpu())
         return out if rank() == 0 else None
 
-    @torch.no_grad()
     def save(self, path: str | Path, tokenizer) -> None:
         """Write the averaged actor in Hugging Face format, as save_hf writes the actor (LoRA merged,
-        the actor's dtype). Collective. The actor's own weights are put back afterwards."""
+        the actor's dtype). Collective."""
         values = self.full_values()
-        with gathered_params(self.actor):
-            if rank() == 0:
-                own = [param.detach().to("cpu", copy=True) for param in self.params]
-                try:
-                    for param, value in zip(self.params, values, strict=True):
-                        param.copy_(value.to(param.device, param.dtype))
-                    write_hf(self.actor, path, tokenizer)
-                finally:
-                    for param, weights in zip(self.params, own, strict=True):
-                        param.copy_(weights.to(param.device))
+        overrides = {id(param): value for param, value in zip(self.params, values, strict=True)} if values else {}
+        save_hf(self.actor, path, tokenizer, overrides)
 
 
 class RunningMoments:

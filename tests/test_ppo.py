@@ -314,6 +314,43 @@ def test_ema_of_a_bf16_actor_is_the_fp32_average(base_run, tmp_path):
     assert moved > 0
 
 
+def test_save_hf_gathers_one_module_at_a_time_and_merges_lora_like_peft(base_run, tmp_path, monkeypatch):
+    """Saving a ZeRO-3 LoRA actor: the file equals peft's merge_and_unload of the gathered model,
+    no gather holds more than one module's parameters (a whole-model gather would not fit a large
+    model on one GPU), and neither that save nor the EMA's changes the actor."""
+    import deepspeed
+    from safetensors.torch import load_file
+
+    from pipeline.engine import gathered_params, save_hf, unwrap
+
+    lora = {"dim": 4, "target_modules": ["q_proj", "v_proj", "fc1"], "learning_rate": 1e-2, "only_optimize_lora": True}
+    cfg, engine, trainer = make_engine(base_run, tmp_path, **zero(3), actor_lora=lora, enable_ema=True, ema_beta=0.5)
+    trainer.train_rlhf(trainer.generate_experience(prompts(base_run, cfg, engine.tokenizer)))
+    trainer.update_ema()
+    actor = unwrap(engine.actor)
+    before = snapshot(actor)
+    with gathered_params(actor):
+        reference = {k: v.clone() for k, v in copy.deepcopy(actor).merge_and_unload().state_dict().items()}
+
+    sizes = []
+    real = deepspeed.zero.GatheredParameters
+
+    def recording(params, *args, **kwargs):
+        sizes.append(len(params))
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", recording)
+    save_hf(engine.actor, tmp_path / "actor", engine.tokenizer)
+    assert sizes and max(sizes) <= 4 < len(list(actor.parameters()))  # a LoRA layer: weight, bias, A, B
+    saved = load_file(tmp_path / "actor" / "model.safetensors")
+    assert saved and all(torch.equal(saved[k], reference[k]) for k in saved)
+    assert any(not torch.equal(saved[k], load_file(base_run / "sft" / "final" / "model.safetensors")[k]) for k in saved)
+    engine.ema.save(tmp_path / "ema", engine.tokenizer)
+    ema = load_file(tmp_path / "ema" / "model.safetensors")
+    assert any(not torch.equal(ema[k], saved[k]) for k in saved)  # the average, not the actor
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(actor), strict=True))
+
+
 def test_zero3_lora_in_bf16_keeps_one_dtype(base_run, tmp_path):
     """Under ZeRO-3 the models are built under zero.Init, where DeepSpeed does not cast parameters:
     peft's adapters (fp32 by default) are cast to bf16 with the base, also when the base trains too
