@@ -182,6 +182,10 @@ class GenerationSection:
     # KV cache: dynamic (grows per token) or static (preallocated for prompt + max_new_tokens; on
     # CUDA transformers then compiles the decode step, which removes most per-token Python overhead).
     cache: str = "dynamic"
+    # ZeRO-3 actor: gather its whole weights once per generate call (fast; each device then holds the
+    # model whole for the call), or leave DeepSpeed to fetch each module at every decode step (slow;
+    # for actors no single device can hold). null = the planner decides (gathered when it fits).
+    gather_weights: Optional[bool] = None
 
 
 @dataclass
@@ -464,6 +468,8 @@ def validate(cfg: RunConfig) -> None:
     _check(0 < g.top_p <= 1, "stage.ppo.generation.top_p", g.top_p, "must be in (0, 1]")
     _check(g.top_k >= 0, "stage.ppo.generation.top_k", g.top_k, "must be >= 0")
     _check(g.cache in ("dynamic", "static"), "stage.ppo.generation.cache", g.cache, "must be dynamic or static")
+    _check(not (g.merge_lora and g.gather_weights is False), "stage.ppo.generation.merge_lora", g.merge_lora,
+           "needs the gathered weights: not with stage.ppo.generation.gather_weights=false")
     if g.backend == "deepspeed":
         raise ConfigError(deepspeed_backend_refusal())
     _check(g.backend == "hf", "stage.ppo.generation.backend", g.backend, "must be hf")

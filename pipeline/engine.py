@@ -273,26 +273,46 @@ def gathered_params(model: nn.Module, params: list | None = None, modifier_rank:
         yield
 
 
-def save_hf(model: nn.Module, path, tokenizer, overrides: dict[int, torch.Tensor] | None = None) -> None:
-    """Write a trained model in Hugging Face format (safetensors), LoRA merged, with `overrides`
-    (id(parameter) -> its whole value, e.g. the EMA's, read on rank 0) in place of those parameters.
-    Collective. Under ZeRO-3 the weights are gathered one module at a time and only rank 0 keeps a
-    copy, in host RAM: no device ever holds more than one module whole (a 66B model fits no GPU)."""
+def save_hf(model: nn.Module, path, tokenizer, override=None) -> None:
+    """Write a trained model in Hugging Face format (safetensors), LoRA merged. `override(param)`,
+    called on every rank in the same order (it may be collective), gives a parameter's whole value
+    on rank 0 to write instead (the EMA's), or None. Collective. Under ZeRO-3 the weights are
+    gathered one module at a time and only rank 0 keeps a copy: no device ever holds the model
+    whole, and rank 0's host RAM holds it once (bytes per parameter x P)."""
     module = unwrap(model)
     base = module.get_base_model() if hasattr(module, "get_base_model") else module  # peft: the wrapped model
-    state = whole_state_dict(base, overrides or {})
+    state = whole_state_dict(base, override or (lambda param: None))
     if rank() == 0:
         base.save_pretrained(Path(path), state_dict=state)
         tokenizer.save_pretrained(Path(path))
 
 
+def _check_mergeable(model: nn.Module) -> None:
+    """Refuse (on every rank, before any gather) the peft layouts whole_state_dict does not merge."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    for name, sub in model.named_modules():
+        if isinstance(sub, AuxiliaryTrainingWrapper):
+            raise ValueError(f"{name}: peft modules_to_save wrappers are not written by save_hf")
+        if isinstance(sub, LoraLayer):
+            why = ("a LoRA variant (DoRA, ...)" if getattr(sub, "lora_variant", None) else
+                   "lora_bias" if any(getattr(sub, "lora_bias", {}).values()) else
+                   "adapters merged into it" if sub.merged else
+                   "a base layer without a weight" if not hasattr(sub.get_base_layer(), "weight") else None)
+            if why:
+                raise ValueError(f"{name}: cannot write a LoRA layer with {why}; only plain LoRA is merged on save")
+
+
 @torch.no_grad()
-def whole_state_dict(model: nn.Module, overrides: dict[int, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+def whole_state_dict(model: nn.Module, override) -> dict[str, torch.Tensor] | None:
     """On rank 0, `model`'s weights whole on the CPU, keyed as the model without LoRA would be: each
     peft LoRA layer's weight comes merged (base + peft's own get_delta_weight). None on other ranks.
-    Collective: every rank walks the modules in the same order, gathering each one's parameters."""
+    Collective: every rank walks the modules in the same order, gathering each one's parameters;
+    `override` as in save_hf."""
     from peft.tuners.lora import LoraLayer
 
+    _check_mergeable(model)
     state: dict[str, torch.Tensor] = {}
     seen: set[int] = set()  # tied weights are written once
     lora_prefixes: list[str] = []
@@ -303,14 +323,15 @@ def whole_state_dict(model: nn.Module, overrides: dict[int, torch.Tensor]) -> di
         if isinstance(sub, LoraLayer):
             lora_prefixes.append(name)
             params = list(sub.parameters())
+            values = _override_values(params, override)
             base = sub.get_base_layer()
+            adapters = [a for a in sub.active_adapters if a in sub.lora_A or a in getattr(sub, "lora_embedding_A", {})]
             with gathered_params(model, params):
                 if rank() == 0:
-                    with _overridden(params, overrides):
+                    with _overridden(params, values):
                         merged = base.weight.detach().to(torch.float32, copy=True)  # never the weight itself
-                        if not sub.merged:  # (merged for generation: the base already holds the delta)
-                            for adapter in sub.active_adapters:
-                                merged += sub.get_delta_weight(adapter).float()
+                        for adapter in adapters:
+                            merged += sub.get_delta_weight(adapter).float()
                         state[key + "weight"] = merged.to(base.weight.dtype).cpu()
                         if getattr(base, "bias", None) is not None:
                             state[key + "bias"] = base.bias.detach().cpu().clone()
@@ -318,15 +339,26 @@ def whole_state_dict(model: nn.Module, overrides: dict[int, torch.Tensor]) -> di
             continue
         own = [(pname, p) for pname, p in sub.named_parameters(recurse=False) if id(p) not in seen]
         seen.update(id(p) for _, p in own)
+        values = _override_values([p for _, p in own], override)
         with gathered_params(model, [p for _, p in own]):
             if rank() == 0:
                 for pname, p in own:
-                    state[key + pname] = overrides.get(id(p), p).detach().to("cpu", p.dtype, copy=True)
+                    state[key + pname] = values.get(id(p), p).detach().to("cpu", p.dtype, copy=True)
         if rank() == 0:
             for bname, buffer in sub.named_buffers(recurse=False):
                 if bname not in sub._non_persistent_buffers_set:
                     state[key + bname] = buffer.detach().cpu().clone()
     return state if rank() == 0 else None
+
+
+def _override_values(params: list, override) -> dict[int, torch.Tensor]:
+    """id(param) -> override value, for the parameters that have one (called on every rank)."""
+    values = {}
+    for p in params:
+        value = override(p)
+        if value is not None:
+            values[id(p)] = value
+    return values
 
 
 @contextmanager

@@ -43,7 +43,9 @@ Activations per transformer layer (Korthikanti et al. 2022, "Reducing Activation
     its gradient): (d + 8) bytes per logit. Value heads: negligible.
 Generation (PPO actor): KV cache 2 * layers * b * s * kv_heads*head_dim * d; with ZeRO-3 the
     rollout engine gathers the whole actor once per generation call (d*P on each device) when that
-    fits, else streams it layer by layer (slow; never from host RAM, so not with parameter offload).
+    fits, else fetches it module by module at every decode step (slow; never from host RAM, so not
+    with parameter offload unless asked): Plan.apply writes the choice to
+    stage.ppo.generation.gather_weights, which the rollout engine follows.
 PPO peak = every model's resident state + max(generation, experience forward, training), since
     the phases run one after another (actor and critic backward are also sequential).
 Fit: peak <= (1 - HEADROOM) * device memory - fixed overhead (CUDA context, cuBLAS/NCCL
@@ -64,7 +66,7 @@ Order of preference (fastest first; the first that fits wins)
 Within an offload level: full fine-tuning before LoRA, then no checkpointing before checkpointing,
 then the lower ZeRO stage first. For PPO, layouts are ranked by, in this order:
   1. the actor (the larger model, which also generates): generation gathering the whole ZeRO-3
-     actor once per call before layer-by-layer gathering (which re-gathers every layer per token),
+     actor once per call before module-by-module fetching (which re-gathers every module per token),
      then its offload level, LoRA and checkpointing as above;
   2. the critic's offload level, LoRA and checkpointing;
   3. offloading the frozen reference and reward models (fewest bytes first): one host-to-device
@@ -316,6 +318,9 @@ class Plan:
             section = getattr(cfg.stage, stage)
             if getattr(section, name) is None:
                 setattr(section, name, self.stages[stage].role(role).strategy.offload)
+        generation = cfg.stage.ppo.generation
+        if generation.gather_weights is None:
+            generation.gather_weights = self.stages["ppo"].generation_gathers_params
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -412,6 +417,7 @@ class _Inputs:
     answer_len: int
     new_tokens: int
     ema: bool
+    gather_weights: Optional[bool] = None  # stage.ppo.generation.gather_weights
     constraints: tuple = ()  # ((stage, role), _Constraint) pairs
 
     def constraint(self, stage: str, role: str) -> _Constraint:
@@ -464,6 +470,7 @@ def _inputs(cfg: Any) -> _Inputs:
         ppo_train_batch=cfg.stage.ppo.per_device_training_batch_size,
         prompt_len=cfg.data_blend.max_prompt_len, answer_len=cfg.data_blend.max_answer_len,
         new_tokens=cfg.stage.ppo.generation.max_new_tokens, ema=cfg.stage.ppo.enable_ema,
+        gather_weights=cfg.stage.ppo.generation.gather_weights,
         constraints=tuple(cons),
     )
 
@@ -585,11 +592,14 @@ def _single_stage(inp: _Inputs, stage: str, role: str, spec: Optional[ModelSpec]
                      {"train": peak})
 
 
-def _gather_options(a: Strategy) -> list[bool]:
-    """Whether generation gathers the whole actor at once, preferred first."""
-    if a.zero_stage >= 3 and not a.offload:
-        return [True, False]  # else ZeRO-3 layer-by-layer gathering during generation
-    return [True]
+def _gather_options(a: Strategy, given: Optional[bool]) -> list[bool]:
+    """Whether generation gathers the whole actor at once, preferred first (stage.ppo.generation.
+    gather_weights when given); per-module fetching exists only for a ZeRO-3 actor."""
+    if a.zero_stage < 3:
+        return [True]
+    if given is not None:
+        return [given]
+    return [True, False] if not a.offload else [True]
 
 
 def _frozen_offload_options(inp: _Inputs, c: _Constraint) -> list[bool]:
@@ -647,7 +657,7 @@ def _ppo_stage(inp: _Inputs, active: bool) -> StagePlan:
             frozen[ref_off] = {"ref": _frozen_mem(inp, A, _frozen_strategy(a, ref_off), lm=True)}
             if inp.ema:
                 frozen[ref_off]["ema"] = _ema_mem(A, a, inp.world, a.offload or ref_off)
-        for gather in _gather_options(a):
+        for gather in _gather_options(a, inp.gather_weights):
             key = (not gather, _offload_level(a), a.lora_dim > 0, a.gradient_checkpointing)
             actor_groups.setdefault(key, []).append((a, gather, am, frozen, max(am.act, gen_bytes(a, gather), experience)))
     critic_groups: dict[tuple, list] = {}
@@ -861,6 +871,8 @@ def plan_run(cfg: Any) -> Plan:
         if sp.fits:
             continue
         explicit = [_setting_key(name, r.role, k) for r in sp.roles for k in r.explicit]
+        if name == "ppo" and inp.gather_weights is not None:
+            explicit.append("stage.ppo.generation.gather_weights")
         who = f" with your settings ({', '.join(explicit)})" if explicit else ""
         msg = (f"stage {name}{who} will not fit: predicted {sp.peak_gib:.1f} GiB per device > "
                f"{sp.usable_gib:.1f} GiB usable of {sp.device_gib:.1f} GiB ({HEADROOM:.0%} headroom, "

@@ -165,28 +165,27 @@ class ActorEMA:
             value.copy_(saved)
 
     @torch.no_grad()
-    def full_values(self) -> list[torch.Tensor] | None:
-        """On rank 0, each trainable parameter's average, whole, on the CPU (in the order of
-        actor.parameters()); None on the other ranks. Collective under ZeRO-3: each parameter's
-        partitions are gathered to rank 0, one parameter at a time."""
+    def whole_value(self, index: int) -> torch.Tensor | None:
+        """On rank 0, the average of trainable parameter `index`, whole, on the CPU; None on the
+        other ranks. Collective under ZeRO-3 (its partitions are gathered to rank 0)."""
+        value, param = self.values[index], self.params[index]
         if not self.sharded:
-            return [value.cpu() for value in self.values] if rank() == 0 else None
-        out = []
-        device = collective_device()
-        for value, param in zip(self.values, self.params, strict=True):
-            part = value.to(device)
-            parts = [torch.empty_like(part) for _ in range(world_size())] if rank() == 0 else None
-            torch.distributed.gather(part, parts, dst=0)
-            if rank() == 0:
-                out.append(torch.cat(parts)[: param.ds_numel].view(param.ds_shape).cpu())
-        return out if rank() == 0 else None
+            return value.cpu() if rank() == 0 else None
+        part = value.to(collective_device())
+        parts = [torch.empty_like(part) for _ in range(world_size())] if rank() == 0 else None
+        torch.distributed.gather(part, parts, dst=0)
+        return torch.cat(parts)[: param.ds_numel].view(param.ds_shape).cpu() if rank() == 0 else None
+
+    def full_values(self) -> list[torch.Tensor] | None:
+        """whole_value of every trainable parameter (in the order of actor.parameters()) on rank 0."""
+        values = [self.whole_value(i) for i in range(len(self.params))]
+        return values if rank() == 0 else None
 
     def save(self, path: str | Path, tokenizer) -> None:
         """Write the averaged actor in Hugging Face format, as save_hf writes the actor (LoRA merged,
-        the actor's dtype). Collective."""
-        values = self.full_values()
-        overrides = {id(param): value for param, value in zip(self.params, values, strict=True)} if values else {}
-        save_hf(self.actor, path, tokenizer, overrides)
+        the actor's dtype), gathering one parameter's average at a time. Collective."""
+        index = {id(param): i for i, param in enumerate(self.params)}
+        save_hf(self.actor, path, tokenizer, lambda param: self.whole_value(index[id(param)]) if id(param) in index else None)
 
 
 class RunningMoments:

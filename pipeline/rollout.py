@@ -5,7 +5,10 @@ Generation layout: eval mode (no dropout), KV cache on, gradient checkpointing o
 parameters gathered once for the whole call (and DeepSpeed's per-module fetch/release hooks
 taken off meanwhile, so no token triggers a gather), LoRA adapters merged into the weights when
 `merge_lora` is set (and the exact original weights restored afterwards), caches released at
-the end. On rank 0 in a terminal a transient bar counts the decode steps of each call.
+the end. An actor too large to gather on one device (generation.gather_weights=false, which the
+planner sets then) keeps DeepSpeed's hooks instead: each module is fetched at every decode step,
+slow but within memory, with the ranks stepping together (synced_gpus). On rank 0 in a terminal
+a transient bar counts the decode steps of each call.
 
 Backend (stage.ppo.generation.backend): hf, transformers' generate, any model, CPU and GPU.
 DeepSpeed's hybrid engine (DeepSpeed-Chat's enable_hybrid_engine) is refused with the reason
@@ -15,12 +18,12 @@ DeepSpeed's hybrid engine (DeepSpeed-Chat's enable_hybrid_engine) is refused wit
 from __future__ import annotations
 
 import gc
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 from pipeline.config import GenerationSection, deepspeed_backend_refusal
-from pipeline.engine import gathered_params, unwrap
+from pipeline.engine import gathered_params, unwrap, world_size
 from pipeline.tracking import progress, progress_enabled
 
 
@@ -96,6 +99,12 @@ class RolloutEngine:
         check_backend(gen)
         self.actor, self.tokenizer, self.gen = actor, tokenizer, gen
         self.merge_lora = bool(getattr(gen, "merge_lora", False) if merge_lora is None else merge_lora)
+        # A ZeRO-3 actor told not to gather: DeepSpeed's hooks fetch each module at every step.
+        zero3 = any(hasattr(p, "ds_id") for p in unwrap(actor).parameters())
+        self.per_module = zero3 and getattr(gen, "gather_weights", None) is False
+        if self.per_module and self.merge_lora:
+            raise ValueError("stage.ppo.generation.merge_lora=true needs the gathered weights: "
+                             "not with stage.ppo.generation.gather_weights=false")
         self.show_progress = progress_enabled() and show_progress is not False
 
     @contextmanager
@@ -110,7 +119,8 @@ class RolloutEngine:
         for layer in checkpointed:
             layer.gradient_checkpointing = False
         try:
-            with gathered_params(module), zero3_hooks_off(self.actor):
+            with (nullcontext() if self.per_module else gathered_params(module)), \
+                    (nullcontext() if self.per_module else zero3_hooks_off(self.actor)):
                 # Merging then unmerging is not exact in floating point: keep the originals.
                 originals = [layer.base_layer.weight.detach().clone() for layer in lora_layers]
                 for layer in lora_layers:
@@ -151,7 +161,10 @@ class RolloutEngine:
         streamer = DecodeProgress(self.gen.max_new_tokens) if self.show_progress else None
         try:
             with self.generation_layout() as module:
-                return module.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer, **kwargs)
+                # Per-module fetching makes every forward a collective: ranks whose answers all ended
+                # keep stepping until every rank's have (synced_gpus), or the others would hang.
+                return module.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,
+                                       synced_gpus=self.per_module and world_size() > 1, **kwargs)
         finally:
             if streamer is not None:
                 streamer.bar.close()  # also when generate failed (a second close does nothing)
