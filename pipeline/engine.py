@@ -290,10 +290,10 @@ def save_hf(model: nn.Module, path, tokenizer, override=None) -> None:
 def _check_mergeable(model: nn.Module) -> None:
     """Refuse (on every rank, before any gather) the peft layouts whole_state_dict does not merge."""
     from peft.tuners.lora import LoraLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
+    from peft.utils import ModulesToSaveWrapper
 
     for name, sub in model.named_modules():
-        if isinstance(sub, AuxiliaryTrainingWrapper):
+        if isinstance(sub, ModulesToSaveWrapper):
             raise ValueError(f"{name}: peft modules_to_save wrappers are not written by save_hf")
         if isinstance(sub, LoraLayer):
             why = ("a LoRA variant (DoRA, ...)" if getattr(sub, "lora_variant", None) else

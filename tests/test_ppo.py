@@ -353,17 +353,19 @@ def test_save_hf_gathers_one_module_at_a_time_and_merges_lora_like_peft(base_run
 
 
 def test_save_hf_refuses_lora_layouts_it_cannot_merge(tmp_path):
-    """DoRA or lora_bias would need more than peft's get_delta_weight: refused by name, not written wrong."""
+    """DoRA, lora_bias or modules_to_save need more than peft's get_delta_weight: refused by name, not written wrong."""
     from peft import LoraConfig, get_peft_model
     from transformers import OPTConfig, OPTForCausalLM
 
     from pipeline.engine import save_hf
 
-    for extra, why in (({"use_dora": True}, "a LoRA variant"), ({"lora_bias": True}, "lora_bias")):
+    for extra, why in (({"use_dora": True}, r"q_proj: cannot write a LoRA layer with a LoRA variant"),
+                       ({"lora_bias": True}, r"q_proj: cannot write a LoRA layer with lora_bias"),
+                       ({"modules_to_save": ["fc1"]}, r"fc1: peft modules_to_save wrappers are not written")):
         model = OPTForCausalLM(OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
                                          vocab_size=64, word_embed_proj_dim=16))
         peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], **extra))
-        with pytest.raises(ValueError, match=rf"layers\.0\.self_attn\.q_proj: cannot write a LoRA layer with {why}"):
+        with pytest.raises(ValueError, match=why):
             save_hf(peft_model, tmp_path / "out", tokenizer=None)
         assert not (tmp_path / "out").exists()
 
