@@ -222,12 +222,11 @@ def zero3_construction(cfg: RunConfig, strategy: StrategySection):
     """Around building a model for `strategy`: with ZeRO-3, transformers builds it under
     deepspeed.zero.Init and loads each weight straight into this rank's partition (in host RAM with
     offload). Without it the model would sit whole on one device for a moment: DeepSpeed moves a
-    model to the device before partitioning it, which no planned layout leaves room for."""
+    model to the device before partitioning it, which no planned layout leaves room for. Needs
+    init_distributed first (zero.Init partitions over the process group)."""
     if (strategy.zero_stage or 0) < 3:
         yield
         return
-    if device_type(cfg) == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     config = HfDeepSpeedConfig(ds_config(cfg, 1, 1, strategy, None))  # transformers holds only a weak reference

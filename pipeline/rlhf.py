@@ -156,13 +156,13 @@ class ActorEMA:
         return {str(i): value for i, value in enumerate(self.values)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        shapes = [tuple(state[str(i)].shape) if str(i) in state else None for i in range(len(self.values))]
-        if len(state) != len(self.values) or shapes != [tuple(value.shape) for value in self.values]:
+        saved = [state.get(str(i)) for i in range(len(self.values))]
+        if len(state) != len(self.values) or any(s is None or s.shape != v.shape for s, v in zip(saved, self.values)):
             raise ValueError("the checkpoint's EMA does not match this actor's trainable parameters"
                              + (" partitioned over this number of ranks (ZeRO-3 splits them by the world size)" if self.sharded else "")
                              + ": resume with the LoRA settings and world size it was written with, or run.resume=never")
-        for value, saved in zip(self.values, (state[str(i)] for i in range(len(self.values))), strict=True):
-            value.copy_(saved)
+        for value, s in zip(self.values, saved, strict=True):
+            value.copy_(s)
 
     @torch.no_grad()
     def whole_value(self, index: int) -> torch.Tensor | None:

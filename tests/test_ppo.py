@@ -233,6 +233,21 @@ def snapshot(module) -> list[torch.Tensor]:
         return [p.detach().clone() for p in module.parameters()]
 
 
+def count_zero3_fetches(monkeypatch) -> list:
+    """A list that grows by one per ZeRO-3 per-module parameter fetch from now on."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    fetches = []
+    real = PartitionedParameterCoordinator.fetch_sub_module
+
+    def counting(self, *args, **kw):
+        fetches.append(1)
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(PartitionedParameterCoordinator, "fetch_sub_module", counting)
+    return fetches
+
+
 def test_zero3_rollout_and_ema(base_run, tmp_path, monkeypatch):
     """Under ZeRO-3: greedy rollout tokens equal the gathered plain model's; ZeRO-3 hooks are
     off while generating (no per-module fetch, so nothing per token);
@@ -267,16 +282,7 @@ def test_zero3_rollout_and_ema(base_run, tmp_path, monkeypatch):
 
     # ZeRO-3's per-module fetch hook would run for every module at every token (28 per token here);
     # the rollout engine gathers once and takes the hooks off, so it must not run at all.
-    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
-
-    fetches = []
-    real = PartitionedParameterCoordinator.fetch_sub_module
-
-    def counting(self, *args, **kw):
-        fetches.append(1)
-        return real(self, *args, **kw)
-
-    monkeypatch.setattr(PartitionedParameterCoordinator, "fetch_sub_module", counting)
+    fetches = count_zero3_fetches(monkeypatch)
     for tokens in (2, 8):
         trainer.rollout.gen.max_new_tokens = tokens
         trainer.rollout.generate(ids, mask, do_sample=False)
@@ -449,8 +455,6 @@ def test_zero3_models_are_built_straight_into_their_partitions(base_run, tmp_pat
 def test_zero3_generation_module_by_module_gives_the_gathered_tokens(base_run, tmp_path, monkeypatch):
     """generation.gather_weights=false (an actor too large to gather): DeepSpeed fetches modules
     at every decode step, and greedy tokens equal those of the gathered model."""
-    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
-
     from pipeline.engine import unwrap
 
     cfg, engine, trainer = make_engine(base_run, tmp_path, **zero(3),
@@ -459,14 +463,7 @@ def test_zero3_generation_module_by_module_gives_the_gathered_tokens(base_run, t
     batch = prompts(base_run, cfg, engine.tokenizer)
     expected = gathered_copy(unwrap(engine.actor), base_run, engine.tokenizer).generate(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **trainer.rollout.sampling_kwargs(do_sample=False))
-    fetches = []
-    real = PartitionedParameterCoordinator.fetch_sub_module
-
-    def counting(self, *args, **kw):
-        fetches.append(1)
-        return real(self, *args, **kw)
-
-    monkeypatch.setattr(PartitionedParameterCoordinator, "fetch_sub_module", counting)
+    fetches = count_zero3_fetches(monkeypatch)
     got = trainer.rollout.generate(batch["input_ids"], batch["attention_mask"], do_sample=False)
     assert torch.equal(got, expected)
     assert len(fetches) >= 8 * 20  # every module, every step (28 modules here)
