@@ -4,7 +4,7 @@
 
 Ours: `pipeline.runner.run_pipeline` with run.stages=[rm] (stages/rm.py: RewardModel = OPT base +
 value head, DeepSpeed ZeRO 0, fp32, pairwise loss over the diverging tokens); each `engine.step()`
-is timed by wrapping the engine `stages.rm` builds. Theirs: `trl.RewardTrainer` with
+is timed by wrapping the engine `pipeline.stages.rm` builds. Theirs: `trl.RewardTrainer` with
 `OPTForSequenceClassification` (num_labels 1) from the same model folder, the same tokenized pairs in
 the same order (chosen and rejected padded together into one 2B batch on both sides), same
 optimizer settings, no eval/saving/logging. pairs/s counts the steps after warm-up only.
@@ -45,11 +45,11 @@ def timed_tokens(examples: list[dict], args) -> int:
 
 
 def child_ours(args) -> list[float]:
-    import stages.rm
+    import pipeline.stages.rm as rm_stage
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
 
-    times = C.time_engine_steps(stages.rm)
+    times = C.time_engine_steps(rm_stage)
     run_pipeline(load_config(config(args, Path(args.work) / "runs" / f"ours_rm_{time.time_ns()}")))
     return times
 

@@ -1,9 +1,9 @@
 """How a run gets its processes.
 
-- `launchers.distributed`: `+deployment=single_node|multi_node` re-runs the same command under
+- `pipeline.launchers.distributed`: `+deployment=single_node|multi_node` re-runs the same command under
   torchrun or the DeepSpeed launcher (hostfile) when it is not already inside one.
-- `launchers.slurm`: inside a SLURM job step, torch.distributed comes from SLURM's variables;
+- `pipeline.launchers.slurm`: inside a SLURM job step, torch.distributed comes from SLURM's variables;
   a pre-empted run (exit code 75 after its checkpoint) requeues its job.
-- `launchers.hostfile`: DeepSpeed-style hostfiles (`worker-1 slots=8`).
+- `pipeline.launchers.hostfile`: DeepSpeed-style hostfiles (`worker-1 slots=8`).
 - `conf/hydra/launcher/slurm.yaml`: the Hydra launcher plugin (hydra-submitit-launcher) config.
 """

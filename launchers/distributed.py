@@ -21,7 +21,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from launchers.node_launch import LAUNCH_ENV, launch_payload, write_private
+from pipeline.launchers.node_launch import LAUNCH_ENV, launch_payload, write_private
 from pipeline.config import ConfigError, RunConfig
 
 # Set by the parent for its ranks: they must neither relaunch nor requeue.
@@ -84,7 +84,7 @@ def relaunch_command(cfg: RunConfig, overrides: list[str], env: os._Environ | di
             node_rank = env.get("NODE_RANK", env.get("SLURM_NODEID"))
             nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
             if master in ("127.0.0.1", "localhost") and nodelist:
-                from launchers.slurm import expand_nodelist
+                from pipeline.launchers.slurm import expand_nodelist
 
                 master = expand_nodelist(nodelist)[0]  # a SLURM job: node 0 is the first of its nodes
             if node_rank is None or master in ("127.0.0.1", "localhost"):
@@ -106,7 +106,7 @@ def relaunch_command(cfg: RunConfig, overrides: list[str], env: os._Environ | di
     if dep.launcher == "deepspeed":
         argv = [sys.executable, "-m", "deepspeed.launcher.runner"]
         if dep.hostfile:
-            from launchers.hostfile import HostfileError, read_hostfile
+            from pipeline.launchers.hostfile import HostfileError, read_hostfile
 
             try:
                 hosts = read_hostfile(dep.hostfile)

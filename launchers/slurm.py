@@ -97,7 +97,7 @@ def torch_env_from_slurm(cfg: RunConfig, env: os._Environ | dict = os.environ) -
 
 def export_torch_env(cfg: RunConfig) -> dict[str, str]:
     """Export torch_env_from_slurm into os.environ (unless a launcher already set RANK)."""
-    from launchers.distributed import inside_launcher
+    from pipeline.launchers.distributed import inside_launcher
 
     if inside_launcher():
         return {}
@@ -119,7 +119,7 @@ def requeue_after_preemption(env: os._Environ | dict = os.environ) -> bool:
 
     Not requeued: outside SLURM, on other ranks, in ranks a relaunching parent started (the parent
     requeues), a job being cancelled (scancel), or after PIPELINE_MAX_REQUEUES restarts."""
-    from launchers.distributed import RELAUNCHED_ENV
+    from pipeline.launchers.distributed import RELAUNCHED_ENV
 
     job = env.get("SLURM_JOB_ID")
     if not job or env.get(RELAUNCHED_ENV) or env.get("SLURM_PROCID", "0") != "0":

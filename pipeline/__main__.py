@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import sys
 
-from launchers.node_launch import adopt
+from pipeline.launchers.node_launch import adopt
 
 adopt(sys.argv)  # a rank on another node: its overrides and variables, before any library reads them
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from pipeline import CONF_DIR  # noqa: E402
 from pipeline.config import register_resolvers  # noqa: E402
 from pipeline.cli import execute  # noqa: E402
 
 register_resolvers()
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def main(composed: DictConfig) -> None:
     execute(composed)
 

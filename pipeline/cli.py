@@ -14,8 +14,8 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from launchers.distributed import child_overrides, needs_relaunch, relaunch_command, run_relaunch
-from launchers.slurm import export_torch_env, register_resolvers as register_launcher_resolvers, \
+from pipeline.launchers.distributed import child_overrides, needs_relaunch, relaunch_command, run_relaunch
+from pipeline.launchers.slurm import export_torch_env, register_resolvers as register_launcher_resolvers, \
     requeue_after_preemption
 from pipeline.config import ConfigError, load_config
 from pipeline.data import DataError

@@ -10,7 +10,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "hardware"
+from pipeline import CONF_DIR as PACKAGE_CONF_DIR
+
+CONF_DIR = PACKAGE_CONF_DIR / "hardware"
 
 # Substring of torch's device name -> profile file; checked in order (first match wins).
 # Memory decides between the 40G and 80G A100, so it is matched separately.

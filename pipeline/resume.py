@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from launchers.node_launch import stop_file_present
+from pipeline.launchers.node_launch import stop_file_present
 from pipeline.checkpoint import Checkpointer, any_rank
 from pipeline.config import ConfigError, RunConfig
 

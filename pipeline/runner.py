@@ -123,7 +123,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, dict]:
         barrier()
         seed_everything(cfg.run.seed)
         started = time.time()
-        module = importlib.import_module(f"stages.{stage}")
+        module = importlib.import_module(f"pipeline.stages.{stage}")
         result = module.run(cfg, StageContext(tokenizer=tokenizer, work_dir=out, inputs=inputs))
         result["seconds"] = round(time.time() - started, 1)
         barrier()

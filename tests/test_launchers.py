@@ -15,9 +15,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from launchers.distributed import RELAUNCHED_ENV, child_overrides, inside_launcher, needs_relaunch, relaunch_command
-from launchers.hostfile import HostfileError, read_hostfile
-from launchers.slurm import (expand_nodelist, register_resolvers, requeue_after_preemption, tasks_per_node,
+from pipeline.launchers.distributed import RELAUNCHED_ENV, child_overrides, inside_launcher, needs_relaunch, relaunch_command
+from pipeline.launchers.hostfile import HostfileError, read_hostfile
+from pipeline.launchers.slurm import (expand_nodelist, register_resolvers, requeue_after_preemption, tasks_per_node,
                              torch_env_from_slurm)
 from conftest import run_cli
 from pipeline.config import ConfigError, RunConfig, load_config
@@ -76,7 +76,7 @@ def test_other_nodes_get_overrides_and_variables_through_the_launch_file(tmp_pat
     """On several nodes the command line carries no user text (DeepSpeed pastes it unquoted into
     the remote shell); a rank adopts the launch file: exact overrides, the forwarded variables
     (quotes, spaces, $ kept), this Python first on PATH, and nothing else of the launching shell."""
-    from launchers.node_launch import LAUNCH_ENV, STOP_FILE_ENV, adopt, stop_file_present, write_private
+    from pipeline.launchers.node_launch import LAUNCH_ENV, STOP_FILE_ENV, adopt, stop_file_present, write_private
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("worker-1 slots=1\nworker-2 slots=1\n")
