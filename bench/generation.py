@@ -49,7 +49,8 @@ def child(args, side: str) -> dict:
     model_dir = str(Path(args.work) / "model")
     if side == "ours":
         from pipeline.config import load_config
-        from pipeline.engine import init_distributed, initialize
+        from pipeline.dist import init_distributed
+        from pipeline.engine import initialize
         from pipeline.models import load_causal_lm
         from pipeline.rollout import RolloutEngine
 

@@ -131,7 +131,7 @@ def run(args) -> dict:
     import torch
 
     from pipeline.config import load_config
-    from pipeline.engine import init_distributed
+    from pipeline.dist import init_distributed
     from pipeline.rlhf import PPOTrainer, RLHFEngine
 
     dev = args.device

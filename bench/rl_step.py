@@ -49,7 +49,7 @@ def child_ours(args) -> dict:
     import torch
     from pipeline.config import load_config
     from pipeline.data.collate import collate_prompts
-    from pipeline.engine import init_distributed
+    from pipeline.dist import init_distributed
     from pipeline.rlhf import PPOTrainer, RLHFEngine
 
     work = Path(args.work)

@@ -72,7 +72,7 @@ def relaunch_command(cfg: RunConfig, overrides: list[str], env: os._Environ | di
                      port: int | None = None) -> Relaunch:
     """The launcher command line that runs `python -m pipeline <overrides>` on every rank; on
     several nodes through pdsh the overrides go in the launch file instead (launchers/node_launch.py)."""
-    from pipeline.engine import free_port
+    from pipeline.dist import free_port
 
     dep = cfg.deployment
     nprocs = procs_per_node(cfg)

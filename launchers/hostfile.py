@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.errors import UserError
 
-class HostfileError(ValueError):
+
+class HostfileError(UserError, ValueError):
     pass
 
 

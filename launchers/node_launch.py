@@ -37,13 +37,10 @@ def launch_payload(overrides: list[str], env: dict, python_bin: str, stop_file: 
 def write_private(path: str, text: str) -> None:
     """Write `text` to `path` readable by its owner only, atomically (never briefly world-readable,
     never through a link planted at `path`)."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    from pipeline.files import atomic_write
+
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    atomic_write(path, text, private=True)
 
 
 def adopt(argv: list[str], environ: os._Environ | dict = os.environ) -> bool:

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pipeline.errors import UserError
+
 # Vocabulary of the tiny built-in model; equals the built-in tokenizer's size rounded up.
 BUILTIN_VOCAB = 512
 
@@ -97,7 +99,7 @@ CATALOG: dict[str, ModelSpec] = {
 _BY_HUB_ID = {s.source: s for s in CATALOG.values() if not s.is_builtin}
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError, ValueError):
     pass
 
 

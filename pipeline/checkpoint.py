@@ -24,14 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.engine import collective_device, rank
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+from pipeline.dist import any_rank, barrier, rank
+from pipeline.files import atomic_write, write_json_atomic
 
 
 def read_manifest(stage_dir: Path) -> dict | None:
@@ -42,11 +36,6 @@ def read_manifest(stage_dir: Path) -> dict | None:
 def write_manifest(stage_dir: Path, config_hash: str, result: dict) -> None:
     write_json_atomic(Path(stage_dir) / "manifest.json",
                       {"status": "done", "config_hash": config_hash, "finished_at": time.time(), "result": result})
-
-
-def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def save_rng_state(folder: Path, rank_id: int = 0) -> None:
@@ -77,14 +66,6 @@ def load_rng_state(folder: Path, rank_id: int = 0) -> None:
     np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = plain["python"]
     random.setstate((version, tuple(internal), gauss))
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on any (a decision all ranks must share)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
 
 
 class Checkpointer:
@@ -135,7 +116,7 @@ class Checkpointer:
             final = self.root / name
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            write_json_atomic_text(self.root / "latest", name)
+            atomic_write(self.root / "latest", name)
             self._prune()
         barrier()
         self.last_save = time.time()
@@ -159,9 +140,3 @@ class Checkpointer:
         done = sorted(p for p in self.root.glob("step_*") if p.is_dir())
         for old in done[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -17,12 +17,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pipeline.launchers.distributed import child_overrides, needs_relaunch, relaunch_command, run_relaunch
 from pipeline.launchers.slurm import export_torch_env, register_resolvers as register_launcher_resolvers, \
     requeue_after_preemption
-from pipeline.config import ConfigError, load_config
-from pipeline.data import DataError
-from pipeline.models import ModelUnavailable
+from pipeline.config import load_config
+from pipeline.errors import UserError
 from pipeline.resume import RESUMABLE_EXIT_CODE
 from pipeline.runner import fail, run_pipeline
-from pipeline.training import NonFiniteLossError
 
 register_launcher_resolvers()  # conf/hydra/launcher/slurm.yaml resolves ${slurm_tasks_per_node:...}
 
@@ -78,6 +76,6 @@ def execute(composed: DictConfig) -> dict | None:
             if stop.code == RESUMABLE_EXIT_CODE:
                 requeue_after_preemption()
             raise
-    except (ConfigError, DataError, ModelUnavailable, NonFiniteLossError) as err:
+    except UserError as err:
         fail(str(err))
     return None

@@ -19,12 +19,13 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from pipeline.catalog import UnknownModelError, model_source, resolve_model
 from pipeline.data_schema import DataBlendSection, validate_data_blend
+from pipeline.errors import UserError
 
 STAGES = ("sft", "rm", "ppo")
 DTYPES = ("fp32", "bf16", "fp16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is wrong; the message names the key to fix."""
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -17,14 +16,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.catalog import ModelSpec, resolve_model
-from pipeline.checkpoint import barrier
-from pipeline.engine import activation_checkpointing, rank, set_activation_checkpointing
+from pipeline.dist import barrier, rank
+from pipeline.engine import activation_checkpointing, set_activation_checkpointing
+from pipeline.errors import UserError
+from pipeline.files import atomic_dir
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 REWARD_CONFIG_FILE = "reward_model.json"
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(UserError, RuntimeError):
     """A model or tokenizer is neither local, cached nor downloadable."""
 
 
@@ -68,7 +69,7 @@ def load_tokenizer(source: str, work_dir: Path, trust_remote_code: bool = False)
 
         path = work_dir / "builtin_tokenizer"
         if rank() == 0 and not (path / "tokenizer_config.json").exists():
-            _atomic_dir(path, save_tokenizer)
+            atomic_dir(path, save_tokenizer)
         barrier()
         source = str(path)
     ensure_available(source, "tokenizer")
@@ -76,17 +77,6 @@ def load_tokenizer(source: str, work_dir: Path, trust_remote_code: bool = False)
     if tokenizer.pad_token_id is None:  # GPT-2 and LLaMA: masks come from lengths, so eos can pad
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def _atomic_dir(path: Path, write) -> None:
-    """Write a folder under a temporary name, then rename it into place."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- base weights
@@ -100,7 +90,7 @@ def materialize(name: str, work_dir: Path, vocab_size: int, seed: int) -> str:
     vocab = max(spec.vocab_size, 8 * math.ceil(vocab_size / 8))
     path = work_dir / "base_models" / f"{spec.name}-v{vocab}-s{seed}"
     if rank() == 0 and not (path / "config.json").exists():  # rank 0 writes, the others wait
-        _atomic_dir(path, lambda tmp: _random_init(spec, vocab, seed).save_pretrained(tmp))
+        atomic_dir(path, lambda tmp: _random_init(spec, vocab, seed).save_pretrained(tmp))
     barrier()
     return str(path)
 

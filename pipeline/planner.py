@@ -352,9 +352,11 @@ class Plan:
 
         out = Path(run_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "plan.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from pipeline.files import atomic_write, write_json_atomic
+
+        write_json_atomic(out / "plan.json", self.to_dict())
         notes = [self.table()] + [f"warning: {w}" for w in self.warnings] + [f"would fit: {x}" for x in self.suggestions]
-        (out / "plan.txt").write_text("\n".join(notes) + "\n")
+        atomic_write(out / "plan.txt", "\n".join(notes) + "\n")
 
     def table(self) -> str:
         head = ["stage", "role", "model", "params", "ZeRO", "offload", "LoRA", "grad ckpt",

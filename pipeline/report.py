@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.files import atomic_write
 from pipeline.tracking import read_metrics
 
 STAGES = ("sft", "rm", "ppo")
@@ -297,9 +298,7 @@ def build_report(run: str | Path) -> Path:
                f"python -m pipeline.evaluate compare run={run}",
                f"python -m pipeline.evaluate reward run={run}", "```", ""]
     path = run / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(md))
-    tmp.replace(path)
+    atomic_write(path, "\n".join(md))
     return path
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.engine import (collective_device, inference_engine, initialize, rank, save_hf, unwrap, world_size,
-                             zero3_construction)
+from pipeline.dist import collective_device, gather_rows, rank, world_size
+from pipeline.engine import inference_engine, initialize, unwrap, zero3_construction
+from pipeline.export import save_hf
 from pipeline.models import RewardModel, load_causal_lm
 from pipeline.rl_math import (AdaptiveKLController, FixedKLController, actor_loss, answer_mask, critic_loss,
                               entropy_from_logits, gae_advantages, kl_penalized_rewards, last_index,
@@ -65,15 +66,6 @@ def answer_logits(model, answer_len: int, **inputs) -> torch.Tensor:
 def ptx_enabled(args: RunConfig) -> bool:
     """Mixed training is on: a PTX text source and a positive coefficient."""
     return bool(args.data_blend.ptx_path) and args.stage.ppo.unsup_coef > 0
-
-
-def gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's (B,) tensor: (world * B,); the tensor itself on one rank."""
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return t
-    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
 
 
 class RLHFEngine:

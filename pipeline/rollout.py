@@ -23,11 +23,13 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from pipeline.config import GenerationSection, deepspeed_backend_refusal
-from pipeline.engine import gathered_params, unwrap, world_size
+from pipeline.dist import world_size
+from pipeline.engine import gathered_params, unwrap
+from pipeline.errors import UserError
 from pipeline.tracking import progress, progress_enabled
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(UserError, RuntimeError):
     """The configured generation backend cannot run; the message names the key to change."""
 
 

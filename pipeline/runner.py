@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.checkpoint import barrier, read_manifest, write_json_atomic, write_manifest
+from pipeline.checkpoint import read_manifest, write_manifest
 from pipeline.config import ConfigError, RunConfig
-from pipeline.engine import init_distributed, rank
+from pipeline.dist import barrier, init_distributed, rank
+from pipeline.files import atomic_write, write_json_atomic
 from pipeline.models import ensure_available, load_tokenizer
 from pipeline.planner import plan_run
 from pipeline.resume import install_signal_handlers
@@ -56,7 +57,7 @@ def _prepare_stage_dir(cfg: RunConfig, stage: str, config_hash: str) -> None:
             path = stage_dir / stale
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(config_hash)
+    atomic_write(marker, config_hash)
 
 
 def quiet_libraries() -> None:
@@ -92,7 +93,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, dict]:
     plan.apply(cfg)  # fills only the settings the user left null
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        atomic_write(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         plan.save(out)
         print(plan.table(), flush=True)
         for warning in plan.warnings:

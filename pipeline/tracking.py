@@ -30,6 +30,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
+from pipeline.files import atomic_write
+
 LOGGERS = ("wandb", "tensorboard")
 
 
@@ -37,14 +39,10 @@ LOGGERS = ("wandb", "tensorboard")
 
 
 def _rank() -> int:
-    try:
-        import torch.distributed as dist
+    """This process's rank, from the launcher's RANK before the process group exists."""
+    from pipeline import dist
 
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    except Exception:  # noqa: BLE001
-        pass
-    return int(os.environ.get("RANK", "0") or 0)
+    return dist.rank() if dist.initialized() else int(os.environ.get("RANK", "0") or 0)
 
 
 def progress_enabled(is_main: bool | None = None, stream=None) -> bool:
@@ -273,9 +271,7 @@ class MetricsLogger:
         if not self.is_main or not self.path.exists():
             return
         rows = [r for r in read_metrics(self.path) if r["step"] <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, self.path)  # a crash here leaves the old file or the new one, never half
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def close(self) -> None:
         """Close the bar (the wandb run and tensorboard writers close with finish_loggers / at exit)."""

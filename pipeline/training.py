@@ -10,8 +10,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from pipeline.checkpoint import any_rank
-from pipeline.engine import collective_device, rank, world_size
+from pipeline.dist import any_rank, rank, world_size
+from pipeline.errors import UserError
 
 
 @dataclass
@@ -27,7 +27,7 @@ class StageContext:
         return rank() == 0
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 
@@ -88,14 +88,6 @@ def eval_batches(data, batch: int, collate: Callable) -> Iterator[dict]:
     mine = list(range(rank(), len(data), world_size()))
     for start in range(0, len(mine), batch):
         yield collate([data[i] for i in mine[start: start + batch]])
-
-
-def all_reduce_mean(values: list[float], weight: float) -> list[float]:
-    """Weighted mean of per-rank values across ranks (weight = examples this rank saw)."""
-    t = torch.tensor([v * weight for v in values] + [weight], dtype=torch.float64, device=collective_device())
-    if torch.distributed.is_initialized() and world_size() > 1:
-        torch.distributed.all_reduce(t)
-    return [float(x) / max(float(t[-1]), 1e-12) for x in t[:-1]]
 
 
 def perplexity(loss: float) -> float:

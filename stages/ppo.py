@@ -22,11 +22,12 @@ from pipeline.checkpoint import Checkpointer
 from pipeline.config import RunConfig
 from pipeline.data import load_ptx_data, load_stage_data
 from pipeline.data.collate import collate_prompts, collate_text
-from pipeline.engine import save_hf, world_size
+from pipeline.dist import all_reduce_mean, world_size
+from pipeline.export import save_hf
 from pipeline.resume import resume_stage, stop_requested
 from pipeline.rlhf import PPOTrainer, RLHFEngine, ptx_enabled
 from pipeline.tracking import MetricsLogger
-from pipeline.training import StageContext, all_reduce_mean, epoch_batches, total_steps
+from pipeline.training import StageContext, epoch_batches, total_steps
 
 STAT_KEYS = ("reward", "kl", "entropy", "clip_frac", "approx_kl", "value_error", "answer_length")
 

@@ -16,12 +16,14 @@ from pipeline.checkpoint import Checkpointer
 from pipeline.config import RunConfig
 from pipeline.data import load_stage_data
 from pipeline.data.collate import collate_pairs
-from pipeline.engine import initialize, save_hf, zero3_construction
+from pipeline.dist import all_reduce_mean
+from pipeline.engine import initialize, zero3_construction
+from pipeline.export import save_hf
 from pipeline.models import RewardModel, materialize
 from pipeline.resume import resume_stage, stop_requested
 from pipeline.rl_math import pairwise_ranking_loss
 from pipeline.tracking import MetricsLogger
-from pipeline.training import (NonFiniteGuard, StageContext, accumulation_batches, all_reduce_mean, eval_batches,
+from pipeline.training import (NonFiniteGuard, StageContext, accumulation_batches, eval_batches,
                                steps_per_epoch, total_steps)
 
 

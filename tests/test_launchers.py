@@ -355,7 +355,7 @@ def test_zero3_ema_partitioned_over_two_ranks_saves_what_zero2_saves(two_rank_ru
 
 
 def two_node_args(tmp_path: Path) -> list[str]:
-    from pipeline.engine import free_port
+    from pipeline.dist import free_port
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")

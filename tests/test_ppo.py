@@ -190,7 +190,7 @@ def test_ppo_ema_ptx_adaptive_kl(base_run, ppo_root, capsys):
 
 
 def make_engine(base_run: Path, tmp_path: Path, dtype: str = "fp32", **ppo):
-    from pipeline.engine import init_distributed
+    from pipeline.dist import init_distributed
     from pipeline.models import load_tokenizer
     from pipeline.rlhf import PPOTrainer, RLHFEngine
 
@@ -327,7 +327,8 @@ def test_save_hf_gathers_one_module_at_a_time_and_merges_lora_like_peft(base_run
     import deepspeed
     from safetensors.torch import load_file
 
-    from pipeline.engine import gathered_params, save_hf, unwrap
+    from pipeline.engine import gathered_params, unwrap
+    from pipeline.export import save_hf
 
     lora = {"dim": 4, "target_modules": ["q_proj", "v_proj", "fc1"], "learning_rate": 1e-2, "only_optimize_lora": True}
     cfg, engine, trainer = make_engine(base_run, tmp_path, **zero(3), actor_lora=lora, enable_ema=True, ema_beta=0.5)
@@ -363,7 +364,7 @@ def test_save_hf_refuses_lora_layouts_it_cannot_merge(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import OPTConfig, OPTForCausalLM
 
-    from pipeline.engine import save_hf
+    from pipeline.export import save_hf
 
     for extra, why in (({"use_dora": True}, r"q_proj: cannot write a LoRA layer with a LoRA variant"),
                        ({"lora_bias": True}, r"q_proj: cannot write a LoRA layer with lora_bias"),
@@ -432,7 +433,8 @@ def test_zero3_models_are_built_straight_into_their_partitions(base_run, tmp_pat
     is ever whole outside a gather (DeepSpeed would otherwise move the whole model to the device
     before partitioning it), the vocabulary is kept, and gathered weights equal the file's."""
     from pipeline.config import StrategySection
-    from pipeline.engine import gathered_params, init_distributed, zero3_construction
+    from pipeline.dist import init_distributed
+    from pipeline.engine import gathered_params, zero3_construction
     from pipeline.models import load_causal_lm, load_tokenizer
 
     cfg = load_config(config(tmp_path / "api", ["ppo"]))

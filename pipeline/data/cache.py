@@ -17,25 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.dist import barrier, rank, world_size
+
 CACHE_VERSION = 1
-
-
-def rank_world() -> tuple[int, int]:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except ImportError:  # pragma: no cover
-        pass
-    return 0, 1
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -70,10 +54,10 @@ def build_or_load(entry: Path, build: Callable[[Path], None], load: Callable[[Pa
     """(load(entry), hit). Rank 0 runs build(tmp) when `entry` is missing; every rank then loads it."""
     from pipeline.data.sources import DataError
 
-    rank, world = rank_world()
+    rank_id, world = rank(), world_size()
     hit = entry.exists()
     error_note = entry.with_name(entry.name + ".error")
-    if rank == 0:
+    if rank_id == 0:
         error_note.unlink(missing_ok=True)
         if not hit:
             entry.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +76,6 @@ def build_or_load(entry: Path, build: Callable[[Path], None], load: Callable[[Pa
                 raise
     if world > 1:
         barrier()
-        if rank != 0 and error_note.exists():
+        if rank_id != 0 and error_note.exists():
             raise DataError(error_note.read_text())
-    return load(entry), hit or rank != 0  # other ranks never build: they read rank 0's entry
+    return load(entry), hit or rank_id != 0  # other ranks never build: they read rank 0's entry

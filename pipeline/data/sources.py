@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pipeline.data_schema import DatasetSpec
+from pipeline.errors import UserError
 
 ASSISTANT = "\n\nAssistant:"
 SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".csv", ".arrow")
 EVAL_WORDS = {"test", "validation", "valid", "val", "dev", "eval"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message names the file, line or config key."""
 
 
