@@ -381,6 +381,22 @@ def load_config(cfg: DictConfig | dict) -> RunConfig:
     return run_cfg
 
 
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The typed config of a run folder (its config.yaml, written by the runner with the plan's
+    choices applied): for readers of finished runs (report, chat, evaluate, tracking)."""
+    path = Path(run_dir).expanduser() / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{Path(run_dir)}: no config.yaml there (not a run folder written by python -m pipeline)")
+    try:
+        written = OmegaConf.load(path)
+    except Exception as err:  # noqa: BLE001 - any YAML damage
+        raise ConfigError(f"{path}: not readable YAML ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    try:
+        return load_config(written)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
 STRATEGY_KEYS = ("stage.sft.strategy", "stage.rm.strategy", "stage.ppo.actor_strategy", "stage.ppo.critic_strategy")
 
 
