@@ -170,7 +170,7 @@ def run_relaunch(relaunch: Relaunch) -> int:
     On several nodes the launcher runs in its own session: a SIGTERM to this process group (a
     scheduler, systemd) would otherwise reach DeepSpeed's runner, whose handler kills every rank
     on every node before it can checkpoint. Ctrl-C (SIGINT) is passed on to it: a hard stop."""
-    from pipeline.resume import RESUMABLE_EXIT_CODE
+    from pipeline.errors import RESUMABLE_EXIT_CODE
 
     if relaunch.stop_file and os.path.exists(relaunch.stop_file):
         os.remove(relaunch.stop_file)  # left by a run that was stopped: this one starts afresh

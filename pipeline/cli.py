@@ -19,7 +19,7 @@ from pipeline.launchers.slurm import export_torch_env, register_resolvers as reg
     requeue_after_preemption
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.resume import RESUMABLE_EXIT_CODE
+from pipeline.errors import RESUMABLE_EXIT_CODE
 from pipeline.runner import fail, run_pipeline
 
 register_launcher_resolvers()  # conf/hydra/launcher/slurm.yaml resolves ${slurm_tasks_per_node:...}

@@ -10,9 +10,9 @@ from pathlib import Path
 from pipeline.launchers.node_launch import stop_file_present
 from pipeline.checkpoint import Checkpointer
 from pipeline.dist import any_rank
+from pipeline.errors import RESUMABLE_EXIT_CODE
 from pipeline.config import ConfigError, RunConfig
 
-RESUMABLE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"
 _stop = {"requested": False}
 
 
