@@ -21,17 +21,14 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from pipeline.launchers.node_launch import LAUNCH_ENV, launch_payload, write_private
 from pipeline.config import ConfigError, RunConfig
+from pipeline.dist import free_port
+from pipeline.errors import RESUMABLE_EXIT_CODE
+from pipeline.launchers.hostfile import HostfileError, read_hostfile
+from pipeline.launchers.node_launch import LAUNCH_ENV, launch_payload, write_private
+from pipeline.launchers.process_env import RELAUNCHED_ENV, inside_launcher, job_nodes, rendezvous_port
 
-# Set by the parent for its ranks: they must neither relaunch nor requeue.
-RELAUNCHED_ENV = "PIPELINE_RELAUNCHED"
 MULTI_PROCESS_LAUNCHERS = ("torchrun", "deepspeed")
-
-
-def inside_launcher(env: os._Environ | dict = os.environ) -> bool:
-    """True in a rank started by torchrun, the DeepSpeed launcher, or with SLURM's variables exported."""
-    return "RANK" in env and "WORLD_SIZE" in env
 
 
 def needs_relaunch(cfg: RunConfig, env: os._Environ | dict = os.environ) -> bool:
@@ -72,8 +69,6 @@ def relaunch_command(cfg: RunConfig, overrides: list[str], env: os._Environ | di
                      port: int | None = None) -> Relaunch:
     """The launcher command line that runs `python -m pipeline <overrides>` on every rank; on
     several nodes through pdsh the overrides go in the launch file instead (launchers/node_launch.py)."""
-    from pipeline.dist import free_port
-
     dep = cfg.deployment
     nprocs = procs_per_node(cfg)
     port = port or dep.master_port or free_port()
@@ -82,21 +77,19 @@ def relaunch_command(cfg: RunConfig, overrides: list[str], env: os._Environ | di
         master = dep.master_addr
         if dep.nodes > 1:
             node_rank = env.get("NODE_RANK", env.get("SLURM_NODEID"))
-            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
-            if master in ("127.0.0.1", "localhost") and nodelist:
-                from pipeline.launchers.slurm import expand_nodelist
-
-                master = expand_nodelist(nodelist)[0]  # a SLURM job: node 0 is the first of its nodes
+            nodes = job_nodes(env)
+            if master in ("127.0.0.1", "localhost") and nodes:
+                master = nodes[0]  # a SLURM job: node 0 is the first of its nodes
             if node_rank is None or master in ("127.0.0.1", "localhost"):
                 raise ConfigError(
                     f"deployment.nodes={dep.nodes} with deployment.launcher=torchrun: run the same command on every node "
                     "with NODE_RANK set and deployment.master_addr=<node 0's address>, or use "
                     "+deployment=multi_node (DeepSpeed launcher + hostfile) or the SLURM launcher")
             if not dep.master_port:  # every node must pick the same one
-                if not env.get("SLURM_JOB_ID"):
+                port = rendezvous_port(env)
+                if port is None:
                     raise ConfigError(f"deployment.nodes={dep.nodes} with deployment.launcher=torchrun needs "
                                       "deployment.master_port=<a port free on node 0>, the same on every node")
-                port = 20000 + int(env["SLURM_JOB_ID"]) % 20000  # as launchers/slurm.py derives it
         else:
             node_rank = "0"
         argv = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={dep.nodes}", f"--nproc_per_node={nprocs}",
@@ -106,8 +99,6 @@ def relaunch_command(cfg: RunConfig, overrides: list[str], env: os._Environ | di
     if dep.launcher == "deepspeed":
         argv = [sys.executable, "-m", "deepspeed.launcher.runner"]
         if dep.hostfile:
-            from pipeline.launchers.hostfile import HostfileError, read_hostfile
-
             try:
                 hosts = read_hostfile(dep.hostfile)
             except HostfileError as err:
@@ -170,8 +161,6 @@ def run_relaunch(relaunch: Relaunch) -> int:
     On several nodes the launcher runs in its own session: a SIGTERM to this process group (a
     scheduler, systemd) would otherwise reach DeepSpeed's runner, whose handler kills every rank
     on every node before it can checkpoint. Ctrl-C (SIGINT) is passed on to it: a hard stop."""
-    from pipeline.errors import RESUMABLE_EXIT_CODE
-
     if relaunch.stop_file and os.path.exists(relaunch.stop_file):
         os.remove(relaunch.stop_file)  # left by a run that was stopped: this one starts afresh
     launched: list[subprocess.Popen] = []

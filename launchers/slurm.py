@@ -17,48 +17,17 @@ Pre-emption, end to end:
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 
 from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, RunConfig
+from pipeline.launchers.process_env import (RELAUNCHED_ENV, in_job_step, inside_launcher, job_nodes,
+                                            rendezvous_port, step_tasks, tasks_on_this_node)
 
 MAX_REQUEUES_ENV = "PIPELINE_MAX_REQUEUES"
 DEFAULT_MAX_REQUEUES = 20
-
-
-def in_job_step(env: os._Environ | dict = os.environ) -> bool:
-    """True in a task started by srun (submitit uses srun); false in the batch script itself."""
-    return "SLURM_JOB_ID" in env and "SLURM_STEP_ID" in env and "SLURM_PROCID" in env
-
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """`node[01-03,7],gpu5` -> ['node01', 'node02', 'node03', 'node7', 'gpu5'] (scontrol when present)."""
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split()
-        if out:
-            return out
-    except (OSError, subprocess.SubprocessError):
-        pass
-    hosts = []
-    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
-        if plain:
-            hosts.append(plain)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            for i in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{str(i).zfill(len(lo))}")
-    return hosts
-
-
-def _tasks_on_this_node(value: str) -> int:
-    # SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE look like "2" or "2(x3),1".
-    first = value.split(",")[0]
-    return int(first.split("(")[0])
 
 
 def torch_env_from_slurm(cfg: RunConfig, env: os._Environ | dict = os.environ) -> dict[str, str]:
@@ -69,26 +38,24 @@ def torch_env_from_slurm(cfg: RunConfig, env: os._Environ | dict = os.environ) -
             raise ConfigError("deployment.launcher=slurm: this process is not a SLURM job step; submit it with "
                               "`python -m pipeline -m hydra/launcher=slurm ...` or start it with srun")
         return {}
-    ntasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+    ntasks = step_tasks(env)
     if cfg.deployment.launcher == "deepspeed" and ntasks > 1:
         raise ConfigError(f"deployment.launcher=deepspeed in a SLURM job step of {ntasks} tasks: each task would start "
                           "the DeepSpeed launcher on every host of the hostfile; on SLURM use deployment.launcher=slurm "
                           "(SLURM starts every rank) or torchrun (one task per node)")
     if cfg.deployment.launcher in ("torchrun", "deepspeed") or (cfg.deployment.launcher != "slurm" and ntasks == 1):
         return {}  # one task per node: torchrun (or, alone, the DeepSpeed launcher) starts the ranks
-    nodes = expand_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost"))
+    nodes = job_nodes(env)
     dep = cfg.deployment
     master = dep.master_addr
     if master in ("127.0.0.1", "localhost"):
-        master = "127.0.0.1" if len(nodes) == 1 else nodes[0]
-    # Every task computes the same port from the job id.
-    port = dep.master_port or 20000 + int(env["SLURM_JOB_ID"]) % 20000
-    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+        master = "127.0.0.1" if len(nodes) <= 1 else nodes[0]
+    port = dep.master_port or rendezvous_port(env)
     return {
         "RANK": env["SLURM_PROCID"],
         "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
         "WORLD_SIZE": str(ntasks),
-        "LOCAL_WORLD_SIZE": str(_tasks_on_this_node(per_node)),
+        "LOCAL_WORLD_SIZE": str(tasks_on_this_node(env)),
         "NODE_RANK": env.get("SLURM_NODEID", "0"),
         "MASTER_ADDR": master,
         "MASTER_PORT": str(port),
@@ -97,8 +64,6 @@ def torch_env_from_slurm(cfg: RunConfig, env: os._Environ | dict = os.environ) -
 
 def export_torch_env(cfg: RunConfig) -> dict[str, str]:
     """Export torch_env_from_slurm into os.environ (unless a launcher already set RANK)."""
-    from pipeline.launchers.distributed import inside_launcher
-
     if inside_launcher():
         return {}
     values = torch_env_from_slurm(cfg)
@@ -119,8 +84,6 @@ def requeue_after_preemption(env: os._Environ | dict = os.environ) -> bool:
 
     Not requeued: outside SLURM, on other ranks, in ranks a relaunching parent started (the parent
     requeues), a job being cancelled (scancel), or after PIPELINE_MAX_REQUEUES restarts."""
-    from pipeline.launchers.distributed import RELAUNCHED_ENV
-
     job = env.get("SLURM_JOB_ID")
     if not job or env.get(RELAUNCHED_ENV) or env.get("SLURM_PROCID", "0") != "0":
         return False

@@ -15,10 +15,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.launchers.distributed import RELAUNCHED_ENV, child_overrides, inside_launcher, needs_relaunch, relaunch_command
+from pipeline.launchers.distributed import child_overrides, needs_relaunch, relaunch_command
 from pipeline.launchers.hostfile import HostfileError, read_hostfile
-from pipeline.launchers.slurm import (expand_nodelist, register_resolvers, requeue_after_preemption, tasks_per_node,
-                             torch_env_from_slurm)
+from pipeline.launchers.process_env import RELAUNCHED_ENV, expand_nodelist, inside_launcher
+from pipeline.launchers.slurm import register_resolvers, requeue_after_preemption, tasks_per_node, torch_env_from_slurm
 from conftest import run_cli
 from pipeline.config import ConfigError, RunConfig, load_config
 
@@ -37,6 +37,41 @@ def make_cfg(**deployment) -> RunConfig:
 
 
 # ---------------------------------------------------------------- commands
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports (absolute names, also imports inside functions)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_launchers_import_only_leaves_and_only_the_cli_imports_launchers():
+    """No import circle: distributed and slurm share process_env, not each other; launchers take
+    only pipeline's leaves; of pipeline/, the CLI imports launchers (resume.py: node_launch, a leaf)."""
+    leaves = {"pipeline.config", "pipeline.errors", "pipeline.dist", "pipeline.files"}
+    launcher_modules = {f"pipeline.launchers.{p.stem}" for p in (ROOT / "launchers").glob("*.py")}
+    for path in (ROOT / "launchers").glob("*.py"):
+        ours = {m for m in imported_modules(path) if m.startswith("pipeline")}
+        assert ours <= leaves | launcher_modules, f"launchers/{path.name} imports {sorted(ours - leaves - launcher_modules)}"
+    assert "pipeline.launchers.slurm" not in imported_modules(ROOT / "launchers" / "distributed.py")
+    assert "pipeline.launchers.distributed" not in imported_modules(ROOT / "launchers" / "slurm.py")
+    for leaf in ("process_env", "node_launch"):
+        assert not {m for m in imported_modules(ROOT / "launchers" / f"{leaf}.py")
+                    if m.startswith("pipeline") and m != "pipeline.files"}, leaf
+    importers = {str(p.relative_to(ROOT)) for folder in ("pipeline", "stages") for p in (ROOT / folder).rglob("*.py")
+                 if {m for m in imported_modules(p) if m.startswith("pipeline.launchers")} - {"pipeline.launchers.node_launch"}}
+    assert importers == {"pipeline/cli.py"}, importers
+    node_launch_importers = {str(p.relative_to(ROOT)) for folder in ("pipeline", "stages") for p in (ROOT / folder).rglob("*.py")
+                             if "pipeline.launchers.node_launch" in imported_modules(p)}
+    assert node_launch_importers <= {"pipeline/cli.py", "pipeline/__main__.py", "pipeline/resume.py"}, node_launch_importers
+
 
 
 def test_single_node_relaunches_under_torchrun_with_the_same_overrides():
@@ -324,8 +359,8 @@ def test_zero3_ema_partitioned_over_two_ranks_saves_what_zero2_saves(two_rank_ru
         run = tmp_path / f"zero{stage}"
         shutil.copytree(out, run, ignore=shutil.ignore_patterns("ppo"))
         proc = run_cli(*SMALL, "+deployment=single_node", "deployment.procs_per_node=2", "run.stages=[ppo]",
-                       f"run.output_dir={run}", f"stage.ppo.actor_strategy.zero_stage={stage}",
-                       f"stage.ppo.critic_strategy.zero_stage={stage}", "stage.ppo.enable_ema=true",
+                       f"run.output_dir={run}", f"stage.ppo.actor.strategy.zero_stage={stage}",
+                       f"stage.ppo.critic.strategy.zero_stage={stage}", "stage.ppo.enable_ema=true",
                        "stage.ppo.ema_beta=0.5", "stage.ppo.checkpoint.every_steps=1",
                        # ZeRO-3 also generates module by module: ranks step together (synced_gpus)
                        *(["stage.ppo.generation.gather_weights=false"] if stage == 3 else []), timeout=600)
@@ -436,13 +471,13 @@ def test_local_multirun_gives_each_job_its_own_run_folder(tmp_path: Path):
     sweep = tmp_path / "sweep"
     proc = subprocess.run([sys.executable, "-m", "pipeline", "-m", f"hydra.sweep.dir={sweep}", *SMALL,
                            "stage.sft.max_steps=2", "stage.rm.max_steps=2", "stage.ppo.max_steps=1",
-                           "stage.ppo.actor_optim.learning_rate=1e-4,2e-4"],
+                           "stage.ppo.actor.optim.learning_rate=1e-4,2e-4"],
                           cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for num, lr in ((0, 1e-4), (1, 2e-4)):
         run = sweep / str(num)
         assert f"== run {run} ==" in proc.stdout
-        assert OmegaConf.load(run / "config.yaml").stage.ppo.actor_optim.learning_rate == pytest.approx(lr)
+        assert OmegaConf.load(run / "config.yaml").stage.ppo.actor.optim.learning_rate == pytest.approx(lr)
         assert (run / "ppo" / "manifest.json").exists() and (run / "ppo" / "final" / "actor" / "config.json").exists()
 
 
@@ -523,14 +558,12 @@ def test_sigterm_to_the_process_group_stops_a_two_node_run_through_the_stop_file
 def test_collectives_put_their_tensors_where_the_backend_reduces(monkeypatch):
     """NCCL reduces CUDA tensors only: the per-step flags (any_rank) and metric sums
     (all_reduce_mean) must be made on the current GPU there, on the CPU under gloo."""
-    import torch
+    from pipeline.dist import collective_device
 
-    from pipeline import engine
-
-    assert engine.collective_device() == torch.device("cpu")
+    assert collective_device() == torch.device("cpu")
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "nccl")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    assert engine.collective_device() == torch.device("cuda", 3)
+    assert collective_device() == torch.device("cuda", 3)
     monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "gloo")
-    assert engine.collective_device() == torch.device("cpu")
+    assert collective_device() == torch.device("cpu")

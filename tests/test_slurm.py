@@ -91,7 +91,7 @@ def test_demo_multirun_of_two_values_runs_as_two_slurm_jobs(slurm, tmp_path: Pat
 
     sweep, name = tmp_path / "sweep", f"pl-sweep-{uuid.uuid4().hex[:6]}"
     started = time.time()
-    proc = subprocess.run(submit(slurm, sweep, name, *SMALL, "stage.ppo.actor_optim.learning_rate=1e-4,2e-4"),
+    proc = subprocess.run(submit(slurm, sweep, name, *SMALL, "stage.ppo.actor.optim.learning_rate=1e-4,2e-4"),
                           cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + job_logs(sweep)[-5000:]
     # One array job, two tasks, both finished in SLURM.
@@ -103,7 +103,7 @@ def test_demo_multirun_of_two_values_runs_as_two_slurm_jobs(slurm, tmp_path: Pat
     # Each job in its own run folder, with its own value, every stage done and the models written.
     for num, lr in ((0, 1e-4), (1, 2e-4)):
         run = sweep / str(num)
-        assert OmegaConf.load(run / "config.yaml").stage.ppo.actor_optim.learning_rate == pytest.approx(lr)
+        assert OmegaConf.load(run / "config.yaml").stage.ppo.actor.optim.learning_rate == pytest.approx(lr)
         results = json.loads((run / "results.json").read_text())
         assert set(results) == {"sft", "rm", "ppo"}
         for stage in ("sft", "rm", "ppo"):
@@ -117,7 +117,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path: Path):
     sweep, name = tmp_path / "sweep", f"pl-preempt-{uuid.uuid4().hex[:6]}"
     steps = 120
     cmd = submit(slurm, sweep, name, *SMALL, f"stage.sft.max_steps={steps}", "stage.sft.num_train_epochs=100",
-                 "stage.ppo.actor_optim.learning_rate=1e-4")
+                 "stage.ppo.actor.optim.learning_rate=1e-4")
     driver = subprocess.Popen(cmd, cwd=ROOT, env=slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         metrics = sweep / "0" / "sft" / "metrics.jsonl"
