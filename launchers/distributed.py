@@ -26,7 +26,7 @@ from pipeline.dist import free_port
 from pipeline.errors import RESUMABLE_EXIT_CODE
 from pipeline.launchers.hostfile import HostfileError, read_hostfile
 from pipeline.launchers.node_launch import LAUNCH_ENV, launch_payload, write_private
-from pipeline.launchers.process_env import RELAUNCHED_ENV, inside_launcher, job_nodes, rendezvous_port
+from pipeline.launchers.process_env import RELAUNCHED_ENV, inside_launcher, job_nodes, rendezvous_port, this_node_rank
 
 MULTI_PROCESS_LAUNCHERS = ("torchrun", "deepspeed")
 
@@ -76,7 +76,7 @@ def relaunch_command(cfg: RunConfig, overrides: list[str], env: os._Environ | di
     if dep.launcher == "torchrun":
         master = dep.master_addr
         if dep.nodes > 1:
-            node_rank = env.get("NODE_RANK", env.get("SLURM_NODEID"))
+            node_rank = this_node_rank(env)
             nodes = job_nodes(env)
             if master in ("127.0.0.1", "localhost") and nodes:
                 master = nodes[0]  # a SLURM job: node 0 is the first of its nodes

@@ -47,6 +47,11 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
+def this_node_rank(env: os._Environ | dict = os.environ) -> str | None:
+    """This node's rank in a run of several nodes (NODE_RANK, else SLURM's node id); None when unsaid."""
+    return env.get("NODE_RANK", env.get("SLURM_NODEID"))
+
+
 def job_nodes(env: os._Environ | dict = os.environ) -> list[str]:
     """The hosts of this job step (else of the job), node 0 first; [] outside SLURM."""
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
