@@ -26,8 +26,8 @@ MAX_PROMPT, NEW_TOKENS = 128, 64
 def config(args, out: Path) -> dict:
     stage = {"ppo": {"per_device_generation_batch_size": args.batch, "per_device_training_batch_size": args.batch,
                      "generation": {"max_new_tokens": NEW_TOKENS, "temperature": 1.0, "top_p": 1.0, "top_k": 0},
-                     "actor_lora": C.NO_LORA, "critic_lora": C.NO_LORA, "actor_strategy": C.STRATEGY,
-                     "critic_strategy": C.STRATEGY, "unsup_coef": 0.0}}
+                     "actor": {"lora": C.NO_LORA, "strategy": C.STRATEGY},
+                     "critic": {"lora": C.NO_LORA, "strategy": C.STRATEGY}, "unsup_coef": 0.0}}
     return C.our_config(Path(args.work), out, ["ppo"], stage, MAX_PROMPT, 128)
 
 
@@ -57,8 +57,8 @@ def child(args, side: str) -> dict:
         cfg = load_config(config(args, Path(args.work) / "runs" / "gen"))
         p = cfg.stage.ppo
         init_distributed(cfg)
-        engine = initialize(cfg, load_causal_lm(model_dir, tokenizer, cfg.dtype, 0.0), micro_batch=args.batch, grad_accum=1,
-                            optim=p.actor_optim, lora=p.actor_lora, strategy=p.actor_strategy, total_steps=10)
+        engine = initialize(cfg, load_causal_lm(model_dir, tokenizer, cfg.dtype, 0.0), p.actor, "stage.ppo.actor",
+                            micro_batch=args.batch, grad_accum=1, total_steps=10)
         engine.train()
         rollout = RolloutEngine(engine, tokenizer, p.generation, show_progress=False)
         generate = lambda b: rollout.generate(b["input_ids"], b["attention_mask"])  # noqa: E731

@@ -119,11 +119,10 @@ def config(work: Path, args) -> dict:
             "generation_batches": 1, "ppo_epochs": 1, "unsup_coef": 0.0,
             "generation": {"max_new_tokens": a_len, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "backend": "hf",
                            "merge_lora": True, "cache": args.cache},
-            "actor_optim": {"learning_rate": 9.65e-6, "num_warmup_steps": 0},
-            "critic_optim": {"learning_rate": 5e-6, "num_warmup_steps": 0},
-            "actor_lora": lora, "critic_lora": {"dim": 0},
-            "actor_strategy": {"zero_stage": 0, "offload": False, "gradient_checkpointing": True},
-            "critic_strategy": {"zero_stage": 0, "offload": False, "gradient_checkpointing": False}}},
+            "actor": {"optim": {"learning_rate": 9.65e-6, "num_warmup_steps": 0}, "lora": lora,
+                      "strategy": {"zero_stage": 0, "offload": False, "gradient_checkpointing": True}},
+            "critic": {"optim": {"learning_rate": 5e-6, "num_warmup_steps": 0}, "lora": {"dim": 0},
+                       "strategy": {"zero_stage": 0, "offload": False, "gradient_checkpointing": False}}}},
     }
 
 

@@ -33,10 +33,11 @@ ACTOR_LR, CRITIC_LR = 1e-5, 5e-6
 def config(args, out: Path) -> dict:
     stage = {"ppo": {"per_device_generation_batch_size": args.batch, "per_device_training_batch_size": args.batch,
                      "generation": {"max_new_tokens": NEW_TOKENS, "temperature": 1.0, "top_p": 1.0, "top_k": 0},
-                     "actor_lora": C.NO_LORA, "critic_lora": C.NO_LORA, "actor_strategy": C.STRATEGY,
-                     "critic_strategy": C.STRATEGY, "unsup_coef": 0.0,
-                     "actor_optim": {"learning_rate": ACTOR_LR, "num_warmup_steps": 0},
-                     "critic_optim": {"learning_rate": CRITIC_LR, "num_warmup_steps": 0}}}
+                     "unsup_coef": 0.0,
+                     "actor": {"optim": {"learning_rate": ACTOR_LR, "num_warmup_steps": 0}, "lora": C.NO_LORA,
+                               "strategy": C.STRATEGY},
+                     "critic": {"optim": {"learning_rate": CRITIC_LR, "num_warmup_steps": 0}, "lora": C.NO_LORA,
+                                "strategy": C.STRATEGY}}}
     return C.our_config(Path(args.work), out, ["ppo"], stage, MAX_PROMPT, 128)
 
 

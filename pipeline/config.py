@@ -7,14 +7,15 @@ Errors name the override key, e.g.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from pipeline.catalog import UnknownModelError, model_source, resolve_model
@@ -46,13 +47,28 @@ def deepspeed_backend_refusal() -> str:
             "Use stage.ppo.generation.backend=hf (ZeRO-3 weights are gathered once per generate call, not per token)")
 
 
+class Section:
+    """Base of every config section: read-only once `freeze` has run (after validation and the
+    plan), so no module changes a setting the run was validated and hashed with."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen"):
+            raise FrozenConfigError(f"the config is frozen after validation; {type(self).__name__}.{name} cannot change "
+                                    "(set it on the command line or in a YAML group instead)")
+        object.__setattr__(self, name, value)
+
+
+class FrozenConfigError(AttributeError):
+    """Code tried to change the config after it was validated and frozen (a bug, not a user error)."""
+
+
 # --------------------------------------------------------------------------- run
 
 
 @dataclass
-class RunSection:
-    # Folder name under outputs/ when output_dir is not given.
-    name: str = "default"
+class RunSection(Section):
+    # Folder name under outputs/ when output_dir is not given (default: the actor's name).
+    name: str = "${model.actor}"
     # Where the run lives; each stage writes <output_dir>/<stage>/.
     output_dir: Optional[str] = None
     # Subset of stages to run, in order (DeepSpeed-Chat's --step).
@@ -76,7 +92,7 @@ class RunSection:
 
 
 @dataclass
-class ModelSection:
+class ModelSection(Section):
     # Catalog alias (opt-1.3b, llama-2-7b, tiny-opt), hub id, or local folder.
     actor: str = "opt-1.3b"
     # The reward model / critic base for step 2 (DeepSpeed-Chat's --reward-model).
@@ -96,7 +112,7 @@ class ModelSection:
 
 
 @dataclass
-class LoRASection:
+class LoRASection(Section):
     # 0 = off; null = the planner decides. DeepSpeed-Chat presets use 128 on decoder layers.
     dim: Optional[int] = None
     alpha: float = 16.0
@@ -109,18 +125,20 @@ class LoRASection:
 
 
 @dataclass
-class OptimSection:
+class OptimSection(Section):
     learning_rate: float = 9.65e-6
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    # A transformers scheduler name (get_scheduler): linear, cosine, constant, ...
     lr_scheduler_type: str = "cosine"
     num_warmup_steps: int = 0
+    # Clip the global gradient norm to this (0 = off).
     gradient_clipping: float = 1.0
 
 
 @dataclass
-class StrategySection:
-    """How a model is laid out; null fields are chosen by the planner."""
+class StrategySection(Section):
+    """How a model is laid out on the devices; null fields are chosen by the planner."""
 
     zero_stage: Optional[int] = None
     # Offload optimizer states (ZeRO >= 1) and, with ZeRO-3, parameters to CPU memory.
@@ -129,7 +147,16 @@ class StrategySection:
 
 
 @dataclass
-class CheckpointSection:
+class RoleSection(Section):
+    """One trained model: how it learns (optimizer, LoRA) and how it is laid out (strategy)."""
+
+    optim: OptimSection = field(default_factory=OptimSection)
+    lora: LoRASection = field(default_factory=LoRASection)
+    strategy: StrategySection = field(default_factory=StrategySection)
+
+
+@dataclass
+class CheckpointSection(Section):
     # Save a full resumable checkpoint every N optimizer steps (0 = off) ...
     every_steps: int = 0
     # ... and/or every M minutes of training (0 = off): a long run loses at most this much.
@@ -139,38 +166,34 @@ class CheckpointSection:
 
 
 @dataclass
-class SFTSection:
+class SupervisedSection(RoleSection):
+    """A stage that trains one model on a fixed data set, epoch after epoch (SFT, the reward model)."""
+
     per_device_train_batch_size: int = 16
     per_device_eval_batch_size: int = 16
     gradient_accumulation_steps: int = 1
     num_train_epochs: int = 1
     # Cap on optimizer steps (null = the epochs decide).
     max_steps: Optional[int] = None
+    # Evaluate every N optimizer steps as well (0 = only before and after training).
+    eval_interval: int = 0
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+
+@dataclass
+class SFTSection(SupervisedSection):
+    optim: OptimSection = field(default_factory=lambda: OptimSection(learning_rate=9.65e-6))
     # Leave prompt tokens out of the loss (DeepSpeed-Chat keeps them in).
     mask_prompt: bool = False
-    eval_interval: int = 0  # 0 = at the end of each epoch only
-    optim: OptimSection = field(default_factory=lambda: OptimSection(learning_rate=9.65e-6))
-    lora: LoRASection = field(default_factory=LoRASection)
-    strategy: StrategySection = field(default_factory=StrategySection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
 
 
 @dataclass
-class RMSection:
-    per_device_train_batch_size: int = 16
-    per_device_eval_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    num_train_epochs: int = 1
-    max_steps: Optional[int] = None
-    eval_interval: int = 0
+class RMSection(SupervisedSection):
     optim: OptimSection = field(default_factory=lambda: OptimSection(learning_rate=5e-5, weight_decay=0.1))
-    lora: LoRASection = field(default_factory=LoRASection)
-    strategy: StrategySection = field(default_factory=StrategySection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
 
 
 @dataclass
-class GenerationSection:
+class GenerationSection(Section):
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
@@ -190,7 +213,7 @@ class GenerationSection:
 
 
 @dataclass
-class PPOSection:
+class PPOSection(Section):
     per_device_generation_batch_size: int = 16
     per_device_training_batch_size: int = 16
     generation_batches: int = 1
@@ -224,36 +247,67 @@ class PPOSection:
     # Weight of the pretraining (PTX) loss; used when data_blend.ptx_path is set.
     unsup_coef: float = 27.8
     generation: GenerationSection = field(default_factory=GenerationSection)
-    actor_optim: OptimSection = field(default_factory=lambda: OptimSection(learning_rate=9.65e-6, num_warmup_steps=100))
-    critic_optim: OptimSection = field(default_factory=lambda: OptimSection(learning_rate=5e-6, num_warmup_steps=100))
-    actor_lora: LoRASection = field(default_factory=LoRASection)
-    critic_lora: LoRASection = field(default_factory=LoRASection)
-    actor_strategy: StrategySection = field(default_factory=StrategySection)
-    critic_strategy: StrategySection = field(default_factory=StrategySection)
+    # The two trained models: stage.ppo.actor.{optim,lora,strategy}, stage.ppo.critic.{...}.
+    actor: RoleSection = field(default_factory=lambda: RoleSection(
+        optim=OptimSection(learning_rate=9.65e-6, num_warmup_steps=100)))
+    critic: RoleSection = field(default_factory=lambda: RoleSection(
+        optim=OptimSection(learning_rate=5e-6, num_warmup_steps=100)))
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
 
     def offloads_frozen(self, role: str) -> bool:
         """Whether the frozen `ref` or `reward` model keeps its weights in host RAM: its switch, or
         when that is null (a config the planner never saw) as its partner does under ZeRO-3 + offload."""
-        switch, partner = {"ref": (self.offload_reference_model, self.actor_strategy),
-                           "reward": (self.offload_reward_model, self.critic_strategy)}[role]
+        switch, partner = {"ref": (self.offload_reference_model, self.actor.strategy),
+                           "reward": (self.offload_reward_model, self.critic.strategy)}[role]
         if switch is not None:
             return switch
         return bool(partner.offload and (partner.zero_stage or 0) >= 3)
 
 
 @dataclass
-class StageSection:
+class StageSection(Section):
     sft: SFTSection = field(default_factory=SFTSection)
     rm: RMSection = field(default_factory=RMSection)
     ppo: PPOSection = field(default_factory=PPOSection)
+
+
+# Every trained model: (stage, role, config key of its RoleSection). The planner, validation and
+# the error messages iterate this table instead of spelling the roles out.
+TRAINED_ROLES = (
+    ("sft", "actor", "stage.sft"),
+    ("rm", "reward", "stage.rm"),
+    ("ppo", "actor", "stage.ppo.actor"),
+    ("ppo", "critic", "stage.ppo.critic"),
+)
+# The frozen models of a stage and the key of their offload switch.
+FROZEN_ROLES = (
+    ("ppo", "ref", "stage.ppo.offload_reference_model"),
+    ("ppo", "reward", "stage.ppo.offload_reward_model"),
+)
+
+
+def at(cfg: Any, key: str) -> Any:
+    """The section or value at a dotted key of a config (e.g. at(cfg, "stage.ppo.actor"))."""
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def role_section(cfg: "RunConfig", stage: str, role: str) -> RoleSection:
+    """The RoleSection of a trained model, e.g. role_section(cfg, "ppo", "critic")."""
+    return at(cfg, role_key(stage, role))
+
+
+def role_key(stage: str, role: str) -> str:
+    return next(key for s, r, key in TRAINED_ROLES if (s, r) == (stage, role))
 
 
 # --------------------------------------------------------------------------- hardware / deployment
 
 
 @dataclass
-class HardwareSection:
+class HardwareSection(Section):
     """Facts about one device, not strategy."""
 
     name: str = "cpu"
@@ -273,7 +327,7 @@ class HardwareSection:
 
 
 @dataclass
-class DeploymentSection:
+class DeploymentSection(Section):
     name: str = "local"
     # in_process | torchrun | deepspeed | slurm
     launcher: str = "in_process"
@@ -286,7 +340,7 @@ class DeploymentSection:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Section):
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
     data_blend: DataBlendSection = field(default_factory=DataBlendSection)
@@ -346,33 +400,160 @@ class RunConfig:
 
 
 def register_resolvers() -> None:
-    """The `model_source` resolver and the schema node that conf/config.yaml builds on."""
+    """The resolvers the YAML uses, and the defaults node conf/config.yaml starts from.
+
+    The node holds every key of RunConfig with its default (from the dataclasses: the values are
+    written once), untyped: Hydra then lets every known key be overridden without `+`, and the one
+    typed merge, with its key and type checks, happens in load_config for every source alike (YAML
+    files, `key=value` and `+key=value` overrides)."""
     if not OmegaConf.has_resolver("model_source"):
         OmegaConf.register_new_resolver("model_source", model_source)
         OmegaConf.register_new_resolver("run_dir", lambda output_dir, name: output_dir or f"outputs/{name}")
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="run_config_schema", node=RunConfig)
+    defaults = OmegaConf.to_container(OmegaConf.structured(RunConfig), resolve=False)
+    ConfigStore.instance().store(name="run_config_schema", node=defaults)
 
 
-def _key_of(err: OmegaConfBaseException) -> str:
-    full = getattr(err, "full_key", None)
-    return str(full) if full else "?"
+# Keys renamed since runs were written with them: old config.yaml files are read with the new names;
+# on the command line the old name is refused with the new one.
+RENAMED_KEYS = {f"stage.ppo.{role}_{part}": f"stage.ppo.{role}.{part}"
+                for role in ("actor", "critic") for part in ("optim", "lora", "strategy")}
+
+
+def _schema_children(schema: Any) -> dict[str, Any] | None:
+    """Known child nodes of a schema node; None where any key is allowed (a dict field)."""
+    if not isinstance(schema, DictConfig) or not dataclasses.is_dataclass(OmegaConf.get_type(schema)):
+        return None
+    return {str(k): schema._get_node(k) for k in schema.keys()}
+
+
+def _closest_name(name: str, names: list[str], cutoff: float) -> str:
+    """The known name `name` most likely meant: one it abbreviates (lr: learning_rate) or starts,
+    else the closest spelling."""
+    initials = [n for n in names if "_" in n and "".join(w[0] for w in n.split("_") if w) == name]
+    starts = sorted((n for n in names if n.startswith(name) and len(name) >= 3), key=len)
+    spelled = difflib.get_close_matches(name, names, n=1, cutoff=cutoff)
+    return (initials or starts or spelled or [""])[0]
+
+
+def unknown_key_error(key: str, siblings: list[str]) -> ConfigError:
+    """The one-line refusal of a key the schema does not have, with the closest known key."""
+    for old, new in RENAMED_KEYS.items():
+        if key == old or key.startswith(old + "."):
+            return ConfigError(f"{key}: renamed; use {new + key[len(old):]}")
+    parent, _, leaf = key.rpartition(".")
+    hint = _closest_name(leaf, siblings, 0.6)
+    if hint:
+        hint = f"{parent}.{hint}" if parent else hint
+    else:  # the right name in another section (stage.sft.mask_prompts -> stage.sft.mask_prompt)
+        elsewhere = [k for k in schema_keys() if not key.startswith(k + ".")]
+        leaf_hint = _closest_name(leaf, sorted({k.rsplit(".", 1)[-1] for k in elsewhere}), 0.8)
+        hint = next((k for k in elsewhere if k.rsplit(".", 1)[-1] == leaf_hint), "") if leaf_hint else ""
+    if hint:
+        advice = f"did you mean {hint}?"
+    elif siblings:
+        advice = f"known keys there: {', '.join(siblings)}"
+    else:
+        advice = "every key is documented in pipeline/config.py and pipeline/data_schema.py"
+    return ConfigError(f"unknown config key {key}; {advice}")
+
+
+def _check_known_keys(user: Any, schema: Any, prefix: str = "") -> None:
+    """Raise ConfigError for the first key of `user` (a plain container) that `schema` lacks."""
+    children = _schema_children(schema)
+    if children is None or not isinstance(user, dict):
+        if isinstance(user, list) and isinstance(schema, ListConfig) and len(schema) and user:
+            for i, item in enumerate(user):
+                _check_known_keys(item, schema._get_node(0), f"{prefix}[{i}]")
+        elif isinstance(user, list) and isinstance(schema, ListConfig):
+            element = schema._metadata.element_type
+            if dataclasses.is_dataclass(element):
+                for i, item in enumerate(user):
+                    _check_known_keys(item, OmegaConf.structured(element), f"{prefix}[{i}]")
+        return
+    for key, value in user.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if str(key) not in children:
+            raise unknown_key_error(full, list(children))
+        _check_known_keys(value, children[str(key)], full)
+
+
+def schema_keys() -> list[str]:
+    """Every dotted key of the schema (leaves and sections)."""
+    out: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        children = _schema_children(node)
+        for key, child in (children or {}).items():
+            full = f"{prefix}.{key}" if prefix else key
+            out.append(full)
+            walk(child, full)
+
+    walk(OmegaConf.structured(RunConfig), "")
+    return out
+
+
+def check_command_line(argv: list[str]) -> None:
+    """check_overrides on the overrides of a `python -m pipeline ...` command line (Hydra's flags
+    such as -m, --cfg job, --config-dir are Hydra's)."""
+    from hydra._internal.utils import get_args_parser
+
+    from pipeline import CONF_DIR
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    check_overrides(list(args.overrides), {p.name for p in CONF_DIR.iterdir() if p.is_dir()})
+
+
+def check_overrides(overrides: list[str], group_names: set[str]) -> None:
+    """Refuse command-line overrides of keys the schema lacks (with or without `+`) and values of the
+    wrong type, before Hydra composes (its own refusals are several lines and suggest `+`). Group
+    choices (model=..., +experiment=demo, hydra/launcher=slurm) and hydra.* keys are Hydra's; sweeps
+    and interpolations are checked when the config is loaded."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    schema = OmegaConf.structured(RunConfig)
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            override = parser.parse_override(text)
+        except Exception:  # noqa: BLE001 - a malformed override: Hydra says what is wrong with it
+            continue
+        key = override.key_or_group
+        if key.split(".")[0] == "hydra" or key in group_names or "/" in key:
+            continue
+        node: Any = schema
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            children = _schema_children(node)
+            if children is None:
+                break  # inside a dict field: any key
+            if part not in children:
+                raise unknown_key_error(".".join(parts[: depth + 1]), list(children))
+            node = children[part]
+        if override.is_delete() or override.is_sweep_override() or "${" in str(override.value()):
+            continue
+        try:
+            OmegaConf.update(schema, key, override.value(), merge=True)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{key}={override.get_value_element_as_str()}: {str(err).splitlines()[0]}") from None
 
 
 def load_config(cfg: DictConfig | dict) -> RunConfig:
-    """Merge a composed Hydra config into the schema and validate it; raise ConfigError."""
+    """Merge a composed Hydra config (or a plain dict) into the schema and validate it; raise ConfigError."""
     register_resolvers()
     schema = OmegaConf.structured(RunConfig)
     user = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    user = OmegaConf.masked_copy(user, [k for k in user.keys() if k != "hydra"]) if "hydra" in user else user
-    user = _without_removed_keys(user)
+    plain = OmegaConf.to_container(user, resolve=False)  # Hydra's node may carry types that accept extra keys
+    plain.pop("hydra", None)
+    plain = _migrate(plain)
+    _check_known_keys(plain, schema)
     try:
-        merged = OmegaConf.merge(schema, user)
+        merged = OmegaConf.merge(schema, OmegaConf.create(plain))
         OmegaConf.resolve(merged)
         run_cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except ConfigKeyError as err:
-        raise ConfigError(f"unknown config key {_key_of(err)!r}: {err.msg.splitlines()[0]}") from None
+        raise unknown_key_error(_key_of(err), []) from None
     except ValidationError as err:
         raise ConfigError(f"{_key_of(err)}: {err.msg.splitlines()[0]}") from None
     except OmegaConfBaseException as err:
@@ -381,9 +562,36 @@ def load_config(cfg: DictConfig | dict) -> RunConfig:
     return run_cfg
 
 
+def _key_of(err: OmegaConfBaseException) -> str:
+    full = getattr(err, "full_key", None)
+    return str(full) if full else "?"
+
+
+def _migrate(plain: dict) -> dict:
+    """Old run folders' config.yaml: renamed keys moved to their new place; a tp_degree of null or 1
+    (no tensor parallelism) dropped, any other value refused with the reason."""
+    ppo = plain.get("stage", {}).get("ppo") if isinstance(plain.get("stage"), dict) else None
+    if isinstance(ppo, dict):
+        for old, new in RENAMED_KEYS.items():
+            old_leaf, (role, part) = old.rsplit(".", 1)[1], new.split(".")[2:]
+            if old_leaf in ppo:
+                ppo.setdefault(role, {})[part] = ppo.pop(old_leaf)
+    for stage, _role, key in TRAINED_ROLES:
+        node: Any = plain
+        for part in (key + ".strategy").split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and "tp_degree" in node:
+            value = node.pop("tp_degree")
+            if value not in (None, 1):
+                raise ConfigError(f"{key}.strategy.tp_degree={value}: tensor-parallel generation was removed (it ran only "
+                                  "on DeepSpeed's hybrid engine, which cannot run with transformers >= 4.50; see the "
+                                  "README, PPO section); drop the key: ZeRO-3 shards large actors instead")
+    return plain
+
+
 def load_run_config(run_dir: str | Path) -> RunConfig:
-    """The typed config of a run folder (its config.yaml, written by the runner with the plan's
-    choices applied): for readers of finished runs (report, chat, evaluate, tracking)."""
+    """The typed, frozen config of a run folder (its config.yaml, written by the runner with the
+    plan's choices applied): for readers of finished runs (report, chat, evaluate, tracking)."""
     path = Path(run_dir).expanduser() / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{Path(run_dir)}: no config.yaml there (not a run folder written by python -m pipeline)")
@@ -392,29 +600,32 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     except Exception as err:  # noqa: BLE001 - any YAML damage
         raise ConfigError(f"{path}: not readable YAML ({type(err).__name__}: {str(err).splitlines()[0]})") from None
     try:
-        return load_config(written)
+        return freeze(load_config(written))
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 
 
-STRATEGY_KEYS = ("stage.sft.strategy", "stage.rm.strategy", "stage.ppo.actor_strategy", "stage.ppo.critic_strategy")
+def freeze(cfg: RunConfig) -> RunConfig:
+    """Make every section read-only (see Section); returns cfg."""
+    def walk(node: Any) -> None:
+        if dataclasses.is_dataclass(node) and not isinstance(node, type):
+            for f in dataclasses.fields(node):
+                walk(getattr(node, f.name))
+            object.__setattr__(node, "_frozen", True)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(cfg)
+    return cfg
 
 
-def _without_removed_keys(user: DictConfig) -> DictConfig:
-    """Run folders (config.yaml) and `+`-overrides from before tp_degree was removed: a null or 1 is
-    dropped (it meant no tensor parallelism), anything else is refused with the reason."""
-    user = copy.deepcopy(user)
-    for path in STRATEGY_KEYS:
-        node = OmegaConf.select(user, path, default=None)
-        if isinstance(node, DictConfig) and "tp_degree" in node:
-            value = node.get("tp_degree")
-            if value not in (None, 1):
-                raise ConfigError(f"{path}.tp_degree={value}: tensor-parallel generation was removed (it ran only on "
-                                  "DeepSpeed's hybrid engine, which cannot run with transformers >= 4.50; see the "
-                                  "README, PPO section); drop the key: ZeRO-3 shards large actors instead")
-            with open_dict(node):
-                node.pop("tp_degree")
-    return user
+def finalize(cfg: RunConfig, plan: Any) -> RunConfig:
+    """The run's config: the plan's choices filled in where the user left null, validated again (a
+    choice of the planner can conflict with a user setting), then frozen."""
+    plan.apply(cfg)
+    validate(cfg)
+    return freeze(cfg)
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
@@ -428,6 +639,8 @@ def validate(cfg: RunConfig) -> None:
     for s in r.stages:
         _check(s in STAGES, "run.stages", r.stages, f"has {s!r}; choose from {list(STAGES)}")
     _check(len(set(r.stages)) == len(r.stages), "run.stages", r.stages, "lists a stage twice")
+    _check(list(r.stages) == sorted(r.stages, key=STAGES.index), "run.stages", r.stages,
+           f"is out of order; stages run in the order {list(STAGES)} (each reads the ones before it)")
     _check(r.dtype is None or r.dtype in DTYPES, "run.dtype", r.dtype, f"must be one of {DTYPES}")
     _check(r.device in ("auto", "cpu", "cuda"), "run.device", r.device, "must be auto, cpu or cuda")
     _check(r.log_interval >= 1, "run.log_interval", r.log_interval, "must be >= 1")
@@ -450,16 +663,13 @@ def validate(cfg: RunConfig) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
-    for name in ("sft", "rm"):
-        s = getattr(cfg.stage, name)
-        p = f"stage.{name}"
-        _check(s.per_device_train_batch_size >= 1, f"{p}.per_device_train_batch_size", s.per_device_train_batch_size, "must be >= 1")
-        _check(s.gradient_accumulation_steps >= 1, f"{p}.gradient_accumulation_steps", s.gradient_accumulation_steps, "must be >= 1")
-        _check(s.num_train_epochs >= 1, f"{p}.num_train_epochs", s.num_train_epochs, "must be >= 1")
-        _check(s.max_steps is None or s.max_steps >= 1, f"{p}.max_steps", s.max_steps, "must be >= 1 or null")
-        _check_optim(s.optim, f"{p}.optim")
-        _check_strategy(s.strategy, f"{p}.strategy")
-        _check_lora(s.lora, f"{p}.lora")
+    for stage, _role, key in TRAINED_ROLES:
+        section = at(cfg, key)
+        _check_optim(section.optim, f"{key}.optim")
+        _check_strategy(section.strategy, f"{key}.strategy")
+        _check_lora(section.lora, f"{key}.lora")
+        if isinstance(section, SupervisedSection):
+            _check_loop(section, key)
 
     p = cfg.stage.ppo
     _check(p.per_device_generation_batch_size >= 1, "stage.ppo.per_device_generation_batch_size", p.per_device_generation_batch_size, "must be >= 1")
@@ -468,7 +678,9 @@ def validate(cfg: RunConfig) -> None:
            and p.per_device_generation_batch_size % p.per_device_training_batch_size == 0,
            "stage.ppo.per_device_training_batch_size", p.per_device_training_batch_size,
            f"must divide stage.ppo.per_device_generation_batch_size={p.per_device_generation_batch_size}")
+    _check(p.generation_batches >= 1, "stage.ppo.generation_batches", p.generation_batches, "must be >= 1")
     _check(p.ppo_epochs >= 1, "stage.ppo.ppo_epochs", p.ppo_epochs, "must be >= 1")
+    _check(p.num_train_epochs >= 1, "stage.ppo.num_train_epochs", p.num_train_epochs, "must be >= 1")
     _check(p.max_steps is None or p.max_steps >= 1, "stage.ppo.max_steps", p.max_steps, "must be >= 1 or null")
     _check(0.0 <= p.gamma <= 1.0, "stage.ppo.gamma", p.gamma, "must be in [0, 1]")
     _check(0.0 <= p.lam <= 1.0, "stage.ppo.lam", p.lam, "must be in [0, 1]")
@@ -479,6 +691,7 @@ def validate(cfg: RunConfig) -> None:
     _check(p.kl_target is None or p.kl_target > 0, "stage.ppo.kl_target", p.kl_target, "must be > 0 or null")
     _check(p.unsup_coef >= 0, "stage.ppo.unsup_coef", p.unsup_coef, "must be >= 0 (0 = no PTX loss)")
     _check(0.0 < p.ema_beta < 1.0, "stage.ppo.ema_beta", p.ema_beta, "must be in (0, 1)")
+    _check_checkpoint(p.checkpoint, "stage.ppo.checkpoint")
     g = p.generation
     _check(g.max_new_tokens >= 1, "stage.ppo.generation.max_new_tokens", g.max_new_tokens, "must be >= 1")
     _check(g.temperature > 0, "stage.ppo.generation.temperature", g.temperature, "must be > 0")
@@ -486,14 +699,12 @@ def validate(cfg: RunConfig) -> None:
     _check(g.top_k >= 0, "stage.ppo.generation.top_k", g.top_k, "must be >= 0")
     _check(g.cache in ("dynamic", "static"), "stage.ppo.generation.cache", g.cache, "must be dynamic or static")
     _check(not (g.merge_lora and g.gather_weights is False), "stage.ppo.generation.merge_lora", g.merge_lora,
-           "needs the gathered weights: not with stage.ppo.generation.gather_weights=false")
+           "needs the actor's weights gathered for generation, but stage.ppo.generation.gather_weights=false "
+           "(given, or chosen by the planner because the gathered actor does not fit one device: see the plan); "
+           "set stage.ppo.generation.merge_lora=false")
     if g.backend == "deepspeed":
         raise ConfigError(deepspeed_backend_refusal())
     _check(g.backend == "hf", "stage.ppo.generation.backend", g.backend, "must be hf")
-    for role in ("actor", "critic"):
-        _check_optim(getattr(p, f"{role}_optim"), f"stage.ppo.{role}_optim")
-        _check_strategy(getattr(p, f"{role}_strategy"), f"stage.ppo.{role}_strategy")
-        _check_lora(getattr(p, f"{role}_lora"), f"stage.ppo.{role}_lora")
 
     dep = cfg.deployment
     _check(dep.launcher in ("in_process", "torchrun", "deepspeed", "slurm"), "deployment.launcher",
@@ -501,6 +712,22 @@ def validate(cfg: RunConfig) -> None:
     _check(dep.nodes >= 1, "deployment.nodes", dep.nodes, "must be >= 1")
     _check(dep.procs_per_node is None or dep.procs_per_node >= 1, "deployment.procs_per_node", dep.procs_per_node, "must be >= 1")
     _check(cfg.hardware.device in ("cpu", "cuda"), "hardware.device", cfg.hardware.device, "must be cpu or cuda")
+
+
+def _check_loop(s: SupervisedSection, p: str) -> None:
+    _check(s.per_device_train_batch_size >= 1, f"{p}.per_device_train_batch_size", s.per_device_train_batch_size, "must be >= 1")
+    _check(s.per_device_eval_batch_size >= 1, f"{p}.per_device_eval_batch_size", s.per_device_eval_batch_size, "must be >= 1")
+    _check(s.gradient_accumulation_steps >= 1, f"{p}.gradient_accumulation_steps", s.gradient_accumulation_steps, "must be >= 1")
+    _check(s.num_train_epochs >= 1, f"{p}.num_train_epochs", s.num_train_epochs, "must be >= 1")
+    _check(s.max_steps is None or s.max_steps >= 1, f"{p}.max_steps", s.max_steps, "must be >= 1 or null")
+    _check(s.eval_interval >= 0, f"{p}.eval_interval", s.eval_interval, "must be >= 0 (0 = before and after training only)")
+    _check_checkpoint(s.checkpoint, f"{p}.checkpoint")
+
+
+def _check_checkpoint(c: CheckpointSection, p: str) -> None:
+    _check(c.every_steps >= 0, f"{p}.every_steps", c.every_steps, "must be >= 0 (0 = off)")
+    _check(c.every_minutes >= 0, f"{p}.every_minutes", c.every_minutes, "must be >= 0 (0 = off)")
+    _check(c.keep >= 1, f"{p}.keep", c.keep, "must be >= 1")
 
 
 def _check_optim(o: OptimSection, p: str) -> None:
@@ -521,3 +748,7 @@ def _check_strategy(s: StrategySection, p: str) -> None:
 
 def _check_lora(lora: LoRASection, p: str) -> None:
     _check(lora.dim is None or lora.dim >= 0, f"{p}.dim", lora.dim, "must be >= 0 (0 = off)")
+    _check(lora.alpha > 0, f"{p}.alpha", lora.alpha, "must be > 0")
+    _check(0 <= lora.dropout < 1, f"{p}.dropout", lora.dropout, "must be in [0, 1)")
+    _check(lora.learning_rate > 0, f"{p}.learning_rate", lora.learning_rate, "must be > 0")
+    _check(len(lora.target_modules) > 0, f"{p}.target_modules", lora.target_modules, "must name at least one module")

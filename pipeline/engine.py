@@ -7,7 +7,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from pipeline.config import LoRASection, OptimSection, RunConfig, StrategySection
+from pipeline.config import LoRASection, OptimSection, RoleSection, RunConfig, StrategySection
 from pipeline.dist import device_type, world_size
 from pipeline.errors import UserError
 
@@ -109,13 +109,15 @@ class OffloadUnavailable(UserError, RuntimeError):
     """CPU offload was asked for but cannot run here; the message names the key."""
 
 
-def make_optimizer(cfg: RunConfig, model: nn.Module, optim: OptimSection, lora: LoRASection, strategy: StrategySection,
-                   key: str = "strategy"):
+def make_optimizer(cfg: RunConfig, model: nn.Module, role: RoleSection, key: str):
     """AdamW: torch's fused single-kernel update on CUDA (DeepSpeed's FusedAdam does the same but
     JIT-builds a CUDA op with nvcc on first use); DeepSpeedCPUAdam with offload (a C++ op JIT-built
-    on first use, cached under ~/.cache/torch_extensions; needs a C++ compiler and the Python headers)."""
-    groups = param_groups(model, optim, lora)
+    on first use, cached under ~/.cache/torch_extensions; needs a C++ compiler and the Python headers).
+    key: the config key of `role` for error messages (e.g. "stage.ppo.actor")."""
+    optim, strategy = role.optim, role.strategy
+    groups = param_groups(model, optim, role.lora)
     betas = tuple(optim.betas)
+    key = f"{key}.strategy"
     if strategy.offload:
         if (strategy.zero_stage or 0) < 1:
             raise OffloadUnavailable(f"{key}.offload=true needs {key}.zero_stage >= 1 (ZeRO offloads the optimizer "
@@ -132,30 +134,20 @@ def make_optimizer(cfg: RunConfig, model: nn.Module, optim: OptimSection, lora: 
     return torch.optim.AdamW(groups, lr=optim.learning_rate, betas=betas, fused=device_type(cfg) == "cuda")
 
 
-def initialize(
-    cfg: RunConfig,
-    model: nn.Module,
-    *,
-    micro_batch: int,
-    grad_accum: int,
-    optim: OptimSection,
-    lora: LoRASection,
-    strategy: StrategySection,
-    total_steps: int,
-    key: str = "strategy",
-):
-    """A DeepSpeed engine training `model` (LoRA and gradient checkpointing applied here).
-
-    key: the config prefix of `strategy` for error messages (e.g. "stage.ppo.actor_strategy")."""
+def initialize(cfg: RunConfig, model: nn.Module, role: RoleSection, key: str, *, micro_batch: int, grad_accum: int,
+               total_steps: int):
+    """A DeepSpeed engine training `model` as `role` says (optimizer, LoRA, layout; LoRA and gradient
+    checkpointing are applied here). key: the config key of `role` (e.g. "stage.ppo.actor"), for errors."""
     import deepspeed
     from transformers import get_scheduler
 
-    model = apply_lora(model, lora)
+    optim, strategy = role.optim, role.strategy
+    model = apply_lora(model, role.lora)
     if strategy.gradient_checkpointing:
         set_activation_checkpointing(model, True)
-        if lora.dim and hasattr(model, "enable_input_require_grads"):
+        if role.lora.dim and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    optimizer = make_optimizer(cfg, model, optim, lora, strategy, key)
+    optimizer = make_optimizer(cfg, model, role, key)
     scheduler = get_scheduler(optim.lr_scheduler_type, optimizer, num_warmup_steps=min(optim.num_warmup_steps, total_steps),
                               num_training_steps=max(total_steps, 1))
     engine, *_ = deepspeed.initialize(

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import ConfigError, RunConfig, load_run_config
 from pipeline.files import atomic_write
 from pipeline.tracking import read_metrics
 
@@ -26,15 +27,12 @@ STAGES = ("sft", "rm", "ppo")
 # --------------------------------------------------------------------------- reading the run
 
 
-def _load_yaml(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    from omegaconf import OmegaConf
-
+def _run_config(run: Path) -> tuple[RunConfig | None, str]:
+    """The run's typed config, or None and why not (the report is still written without it)."""
     try:
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
-    except Exception:  # noqa: BLE001
-        return {}
+        return load_run_config(run), ""
+    except ConfigError as err:
+        return None, str(err)
 
 
 def _results(run: Path) -> dict[str, dict]:
@@ -53,14 +51,6 @@ def _results(run: Path) -> dict[str, dict]:
             except json.JSONDecodeError:
                 pass
     return out
-
-
-def _get(d: dict, dotted: str, default: Any = None) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return default
-        d = d[part]
-    return d
 
 
 # --------------------------------------------------------------------------- plots
@@ -168,35 +158,31 @@ def _num(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def _config_summary(cfg: dict) -> list[str]:
+def _config_summary(cfg: RunConfig) -> list[str]:
+    d = cfg.data_blend
     rows = [
-        ("actor", _get(cfg, "model.actor")), ("reward model", _get(cfg, "model.reward")),
-        ("tokenizer", _get(cfg, "model.tokenizer") or "(the actor's)"),
-        ("stages", ", ".join(_get(cfg, "run.stages", []) or [])),
-        ("data", ", ".join(f"{d.get('name')}" + (f" ({d['path']})" if d.get("path") else "")
-                           for d in (_get(cfg, "data_blend.datasets", []) or []))),
-        ("split sft,rm,ppo", _get(cfg, "data_blend.split")), ("prompt format", _get(cfg, "data_blend.prompt_format")),
-        ("hardware", f"{_get(cfg, 'hardware.name')} ({_get(cfg, 'hardware.device')})"),
-        ("deployment", f"{_get(cfg, 'deployment.name', 'local')} ({_get(cfg, 'deployment.launcher', 'in_process')}, "
-                       f"{_get(cfg, 'deployment.nodes', 1)} node(s))"),
-        ("dtype", _get(cfg, "run.dtype") or "auto"), ("seed", _get(cfg, "run.seed")),
-        ("loggers", ", ".join(_get(cfg, "run.loggers", []) or []) or "metrics.jsonl only"),
+        ("actor", cfg.model.actor), ("reward model", cfg.model.reward),
+        ("tokenizer", cfg.model.tokenizer or "(the actor's)"),
+        ("stages", ", ".join(cfg.run.stages)),
+        ("data", ", ".join(ds.name + (f" ({ds.path})" if ds.path else "") for ds in d.datasets)),
+        ("split sft,rm,ppo", d.split), ("prompt format", d.prompt_format),
+        ("hardware", f"{cfg.hardware.name} ({cfg.hardware.device})"),
+        ("deployment", f"{cfg.deployment.name} ({cfg.deployment.launcher}, {cfg.deployment.nodes} node(s))"),
+        ("dtype", cfg.dtype), ("seed", cfg.run.seed),
+        ("loggers", ", ".join(cfg.run.loggers) or "metrics.jsonl only"),
     ]
     lines = ["| setting | value |", "|---|---|"] + [f"| {k} | {_num(v)} |" for k, v in rows if v not in (None, "")]
-    stage_rows = []
-    for stage, batch, optim in (("sft", "per_device_train_batch_size", "optim"), ("rm", "per_device_train_batch_size", "optim"),
-                                ("ppo", "per_device_training_batch_size", "actor_optim")):
-        s = _get(cfg, f"stage.{stage}", {}) or {}
-        if not s:
-            continue
-        extra = ""
-        if stage == "ppo":
-            extra = (f"kl_ctl {_num(s.get('kl_ctl'))}, generation batch {s.get('per_device_generation_batch_size')}, "
-                     f"max_new_tokens {_get(s, 'generation.max_new_tokens')}, critic lr {_num(_get(s, 'critic_optim.learning_rate'))}")
-        stage_rows.append(f"| {stage} | {s.get(batch)} | {_num(_get(s, optim + '.learning_rate'))} | "
-                          f"{s.get('num_train_epochs')} | {s.get('max_steps') if s.get('max_steps') is not None else '-'} | {extra} |")
-    if stage_rows:
-        lines += ["", "| stage | micro-batch | lr | epochs | max steps | other |", "|---|---|---|---|---|---|"] + stage_rows
+    sft, rm, ppo = cfg.stage.sft, cfg.stage.rm, cfg.stage.ppo
+    stage_rows = [
+        ("sft", sft.per_device_train_batch_size, sft.optim.learning_rate, sft.num_train_epochs, sft.max_steps, ""),
+        ("rm", rm.per_device_train_batch_size, rm.optim.learning_rate, rm.num_train_epochs, rm.max_steps, ""),
+        ("ppo", ppo.per_device_training_batch_size, ppo.actor.optim.learning_rate, ppo.num_train_epochs, ppo.max_steps,
+         f"kl_ctl {_num(ppo.kl_ctl)}, generation batch {ppo.per_device_generation_batch_size}, "
+         f"max_new_tokens {ppo.generation.max_new_tokens}, critic lr {_num(ppo.critic.optim.learning_rate)}"),
+    ]
+    lines += ["", "| stage | micro-batch | lr | epochs | max steps | other |", "|---|---|---|---|---|---|"]
+    lines += [f"| {stage} | {batch} | {_num(lr)} | {epochs} | {'-' if steps is None else steps} | {extra} |"
+              for stage, batch, lr, epochs, steps, extra in stage_rows if stage in cfg.run.stages]
     return lines
 
 
@@ -232,14 +218,14 @@ def build_report(run: str | Path) -> Path:
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: no such run folder")
-    cfg = _load_yaml(run / "config.yaml")
+    cfg, why_not = _run_config(run)
     results = _results(run)
     plots = make_plots(run)
-    name = _get(cfg, "run.name") or run.name
+    name = cfg.run.name if cfg else run.name
     md = [f"# Run report: {name}", "", f"Run folder: `{run}`", ""]
 
     md += ["## Configuration", ""]
-    md += _config_summary(cfg) if cfg else ["(no config.yaml)"]
+    md += _config_summary(cfg) if cfg else [f"(configuration not shown: {why_not})"]
     md += ["", "Full config: `config.yaml`.", ""]
 
     md += ["## Plan", ""]

@@ -88,25 +88,22 @@ class RLHFEngine:
             return load_causal_lm(str(actor_model_name_or_path), tokenizer, args.dtype, args.model.dropout, trust)
 
         check_backend(p.generation)  # before any model is loaded: a clear error, early
-        with zero3_construction(args, p.actor_strategy):
+        with zero3_construction(args, p.actor.strategy):
             actor = actor_model()
-        self.actor = initialize(args, actor, micro_batch=p.per_device_training_batch_size, grad_accum=1,
-                                optim=p.actor_optim, lora=p.actor_lora, strategy=p.actor_strategy,
-                                total_steps=num_total_iters, key="stage.ppo.actor_strategy")
-        self.ref = inference_engine(args, actor_model, p.actor_strategy, p.offloads_frozen("ref"))
+        self.actor = initialize(args, actor, p.actor, "stage.ppo.actor", micro_batch=p.per_device_training_batch_size,
+                                grad_accum=1, total_steps=num_total_iters)
+        self.ref = inference_engine(args, actor_model, p.actor.strategy, p.offloads_frozen("ref"))
         self.ema = None
         if p.enable_ema:
-            device = "cpu" if p.actor_strategy.offload or p.offloads_frozen("ref") else self.actor.device
+            device = "cpu" if p.actor.strategy.offload or p.offloads_frozen("ref") else self.actor.device
             self.ema = ActorEMA(self.actor, p.ema_beta, device)
-        with zero3_construction(args, p.critic_strategy):
+        with zero3_construction(args, p.critic.strategy):
             critic = RewardModel.from_pretrained(critic_model_name_or_path, args.dtype, args.model.dropout, trust)
-        self.critic = initialize(
-            args, critic, micro_batch=p.per_device_training_batch_size, grad_accum=1, optim=p.critic_optim,
-            lora=p.critic_lora, strategy=p.critic_strategy, total_steps=num_total_iters // (2 if ptx_enabled(args) else 1),
-            key="stage.ppo.critic_strategy")
+        self.critic = initialize(args, critic, p.critic, "stage.ppo.critic", micro_batch=p.per_device_training_batch_size,
+                                 grad_accum=1, total_steps=num_total_iters // (2 if ptx_enabled(args) else 1))
         reward_path = reward_model_name_or_path or critic_model_name_or_path
         self.reward = inference_engine(args, lambda: RewardModel.from_pretrained(reward_path, args.dtype, None, trust),
-                                       p.critic_strategy, p.offloads_frozen("reward"))
+                                       p.critic.strategy, p.offloads_frozen("reward"))
         self.sizes = {name: model_size(getattr(self, name)) for name in ("actor", "ref", "critic", "reward")}
         # Training layout (from_pretrained returns eval mode): dropout as configured, and gradient
         # checkpointing, which transformers applies only in train mode.
@@ -232,7 +229,7 @@ class PPOTrainer:
 
     def _train_factor(self, role: str) -> float:
         """fwd + bwd = 3 forwards; with gradient checkpointing 4 (DeepSpeed-Chat's convention)."""
-        return 4.0 if getattr(self.p, f"{role}_strategy").gradient_checkpointing else 3.0
+        return 4.0 if getattr(self.p, role).strategy.gradient_checkpointing else 3.0
 
     # ------------------------------------------------------------------ experience
 

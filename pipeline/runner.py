@@ -4,17 +4,19 @@ config, else run (resuming from its last checkpoint when there is one)."""
 from __future__ import annotations
 
 import importlib
+import os
 import random
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from pipeline.checkpoint import read_manifest, write_manifest
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import ConfigError, RunConfig, finalize
 from pipeline.dist import barrier, init_distributed, rank
 from pipeline.files import atomic_write, write_json_atomic
 from pipeline.models import ensure_available, load_tokenizer
@@ -60,6 +62,19 @@ def _prepare_stage_dir(cfg: RunConfig, stage: str, config_hash: str) -> None:
     atomic_write(marker, config_hash)
 
 
+def check_output_dir(path: Path) -> None:
+    """Before anything is written: run.output_dir is, or can become, a folder this process writes to."""
+    path = path.expanduser()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"run.output_dir={path}: {existing} is a file, not a folder; choose another run.output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        raise ConfigError(f"run.output_dir={path}: {existing} is on a read-only file system" if read_only else
+                          f"run.output_dir={path}: {existing} is not writable by this user (permission denied)"
+                          f"; choose another run.output_dir")
+
+
 def quiet_libraries() -> None:
     """Our own lines say what happens; the libraries' per-file progress bars and notices do not."""
     import logging
@@ -85,12 +100,13 @@ def run_pipeline(cfg: RunConfig) -> dict[str, dict]:
     """Run cfg.run.stages; return {stage: result numbers}."""
     install_signal_handlers()
     quiet_libraries()
+    check_output_dir(cfg.output_dir)
     check_sources(cfg)
     out = cfg.output_dir
+    plan = plan_run(cfg)
+    cfg = finalize(cfg, plan)  # the plan fills what the user left null; validated again, then frozen
     init_distributed(cfg)
     is_main = rank() == 0
-    plan = plan_run(cfg)
-    plan.apply(cfg)  # fills only the settings the user left null
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))

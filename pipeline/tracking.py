@@ -191,18 +191,19 @@ atexit.register(finish_loggers)
 
 
 def _run_settings(run_dir: Path) -> tuple[list[str], dict | None, str]:
-    """run.loggers, the whole config and the run name from <run>/config.yaml (if any)."""
-    path = run_dir / "config.yaml"
-    if not path.exists():
+    """run.loggers, the whole config and the run name from <run>/config.yaml (none without one)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.config import ConfigError, load_run_config
+
+    if not (run_dir / "config.yaml").exists():
         return [], None, run_dir.name
     try:
-        from omegaconf import OmegaConf
-
-        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except Exception:  # noqa: BLE001
+        cfg = load_run_config(run_dir)
+    except ConfigError as err:
+        print(f"warning: loggers off: {err}", file=sys.stderr)
         return [], None, run_dir.name
-    run = cfg.get("run", {}) if isinstance(cfg, dict) else {}
-    return list(run.get("loggers") or []), cfg, str(run.get("name") or run_dir.name)
+    return list(cfg.run.loggers), OmegaConf.to_container(OmegaConf.structured(cfg)), cfg.run.name
 
 
 # --------------------------------------------------------------------------- the logger

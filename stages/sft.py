@@ -43,8 +43,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     n_steps = total_steps(len(data.train), s.per_device_train_batch_size, s.gradient_accumulation_steps,
                           s.num_train_epochs, s.max_steps, "stage.sft")
     per_epoch = steps_per_epoch(len(data.train), s.per_device_train_batch_size, s.gradient_accumulation_steps)
-    engine = initialize(cfg, model, micro_batch=s.per_device_train_batch_size, grad_accum=s.gradient_accumulation_steps,
-                        optim=s.optim, lora=s.lora, strategy=s.strategy, total_steps=n_steps)
+    engine = initialize(cfg, model, s, "stage.sft", micro_batch=s.per_device_train_batch_size,
+                        grad_accum=s.gradient_accumulation_steps, total_steps=n_steps)
 
     def evaluate() -> float:
         engine.eval()

@@ -92,11 +92,77 @@ def test_bad_values_name_the_key(override, message):
         load_config(compose_with("hardware=cpu", override))
 
 
-def test_unknown_key_and_wrong_type_fail_at_the_command_line():
-    proc = run_cli("stage.ppo.clip_range=0.3", "--cfg", "job")
-    assert proc.returncode != 0 and "clip_range" in proc.stderr
-    proc = run_cli("stage.ppo.cliprange=abc", "--cfg", "job")
-    assert proc.returncode != 0 and "stage.ppo.cliprange" in proc.stderr
+@pytest.mark.parametrize("override,message", [
+    ("stage.ppo.clip_range=0.3", "error: unknown config key stage.ppo.clip_range; did you mean stage.ppo.cliprange?"),
+    ("+stage.sft.optim.lr=0.5", "error: unknown config key stage.sft.optim.lr; did you mean stage.sft.optim.learning_rate?"),
+    ("+run.foo=1", "error: unknown config key run.foo; known keys there: name, output_dir, stages"),
+    ("stage.ppo.cliprange=abc", "error: stage.ppo.cliprange=abc: Value 'abc' of type 'str' could not be converted to Float"),
+    ("stage.ppo.actor_optim.learning_rate=1e-4", "error: stage.ppo.actor_optim: renamed; use stage.ppo.actor.optim"),
+])
+def test_unknown_key_and_wrong_type_fail_at_the_command_line(override, message):
+    """With or without `+`: one line naming the key and the closest known one, exit 2, before Hydra."""
+    proc = run_cli(override, "--cfg", "job", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(message), proc.stderr
+
+
+def test_unknown_key_in_a_yaml_file_is_refused_naming_it(tmp_path: Path):
+    """A key no section has, written in a config group's YAML, stops the run as one from the command line does."""
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "typo.yaml").write_text(
+        "# @package _global_\nstage:\n  sft:\n    mask_prompts: true\n")
+    proc = run_cli("+experiment=typo", f"hydra.searchpath=[file://{tmp_path}]", "run.dry_run=true", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "error: unknown config key stage.sft.mask_prompts; did you mean stage.sft.mask_prompt?"
+
+
+def test_yaml_groups_hold_only_what_they_change():
+    """Defaults are written once, in pipeline/config.py: no YAML group repeats a default value (hardware,
+    deployment and model options are whole profiles of a device, a topology or an actor/reward pair and
+    state every fact; local.yaml names the field keys so that data_blend.fields.<key>=... needs no `+`)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.config import RunConfig
+
+    defaults = OmegaConf.structured(RunConfig)
+    repeated = []
+    for group, name in conf_files():
+        if group in ("hardware", "deployment", "model", "experiment") or group.startswith("hydra"):
+            continue
+        node = OmegaConf.load(CONF / group / f"{name}.yaml")
+        section = defaults[group] if group in defaults else None
+        for key, value in (OmegaConf.to_container(node, resolve=False) or {}).items():
+            if section is None or key not in section or key in ("name", "fields"):
+                continue
+            if OmegaConf.to_container(OmegaConf.create({"v": value}))["v"] == \
+                    OmegaConf.to_container(OmegaConf.create({"v": section[key]}), resolve=False)["v"]:
+                repeated.append(f"{group}/{name}.yaml: {key}")
+    assert not repeated, repeated
+    assert not (OmegaConf.to_container(OmegaConf.load(CONF / "stage" / "default.yaml")) or {})
+
+
+def test_stages_out_of_order_are_refused_at_validation():
+    with pytest.raises(ConfigError, match=r"run\.stages=\['rm', 'sft'\] is out of order"):
+        load_config(compose_with("hardware=cpu", "run.stages=[rm,sft]"))
+
+
+def test_the_applied_plan_is_validated_again_and_frozen():
+    """A conflict the planner creates fails before any model loads; then the config is read-only."""
+    from pipeline.config import FrozenConfigError, finalize
+
+    class GathersNothing:  # a plan that chose module-by-module generation
+        def apply(self, cfg):
+            cfg.stage.ppo.generation.gather_weights = False
+
+    cfg = load_config(compose_with("hardware=cpu", "stage.ppo.generation.merge_lora=true"))
+    with pytest.raises(ConfigError, match=r"stage\.ppo\.generation\.merge_lora=True needs the actor's weights gathered"):
+        finalize(cfg, GathersNothing())
+    cfg = finalize(load_config(compose_with("hardware=cpu")), GathersNothing())
+    with pytest.raises(FrozenConfigError):
+        cfg.stage.ppo.actor.optim.learning_rate = 1.0
+    with pytest.raises(FrozenConfigError):
+        cfg.run.seed = 1
 
 
 def test_fp16_on_cpu_is_refused():
@@ -139,9 +205,12 @@ def test_run_folders_from_before_tp_degree_was_removed_still_load():
 
     old = OmegaConf.to_container(compose_with("hardware=cpu", "+experiment=demo"), resolve=False)
     old.pop("hydra", None)
-    old["stage"]["ppo"]["actor_strategy"]["tp_degree"] = None
+    ppo = old["stage"]["ppo"]
+    ppo["actor_strategy"] = {**ppo.pop("actor")["strategy"], "tp_degree": None}  # the old key names
+    ppo["critic_optim"] = {**ppo.pop("critic")["optim"], "learning_rate": 3e-6}
     old["stage"]["sft"]["strategy"]["tp_degree"] = 1
-    assert load_config(old).stage.ppo.actor_strategy.zero_stage is None
-    old["stage"]["ppo"]["actor_strategy"]["tp_degree"] = 2
-    with pytest.raises(ConfigError, match=r"stage\.ppo\.actor_strategy\.tp_degree=2: tensor-parallel generation was removed"):
+    cfg = load_config(old)
+    assert cfg.stage.ppo.actor.strategy.zero_stage is None and cfg.stage.ppo.critic.optim.learning_rate == 3e-6
+    ppo["actor_strategy"]["tp_degree"] = 2
+    with pytest.raises(ConfigError, match=r"stage\.ppo\.actor\.strategy\.tp_degree=2: tensor-parallel generation was removed"):
         load_config(old)

@@ -29,8 +29,8 @@ def test_offloaded_frozen_models_and_fp32_ema_on_cuda(tmp_path: Path):
     """Reference and reward models as ZeRO-3 engines with CUDA parameter offload next to a plain
     ZeRO-0 actor and critic; the fp32 EMA (in host RAM with the reference model) saved in bf16."""
     out = tmp_path / "run"
-    proc = run_cli(*TINY_CUDA, f"run.output_dir={out}", "stage.ppo.actor_strategy.zero_stage=0",
-                   "stage.ppo.critic_strategy.zero_stage=0", "stage.ppo.offload_reference_model=true",
+    proc = run_cli(*TINY_CUDA, f"run.output_dir={out}", "stage.ppo.actor.strategy.zero_stage=0",
+                   "stage.ppo.critic.strategy.zero_stage=0", "stage.ppo.offload_reference_model=true",
                    "stage.ppo.offload_reward_model=true", "stage.ppo.enable_ema=true")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["ppo"]["steps"] == 3

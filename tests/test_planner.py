@@ -155,7 +155,7 @@ def test_reward_params_drop_untied_head():
 
 def _strategy_fields(cfg):
     p = cfg.stage
-    return [p.sft.strategy, p.rm.strategy, p.ppo.actor_strategy, p.ppo.critic_strategy]
+    return [p.sft.strategy, p.rm.strategy, p.ppo.actor.strategy, p.ppo.critic.strategy]
 
 
 def test_cpu_natural_choice_and_apply_fills_everything(tmp_path):
@@ -165,7 +165,7 @@ def test_cpu_natural_choice_and_apply_fills_everything(tmp_path):
     plan.apply(cfg)
     for s in _strategy_fields(cfg):
         assert (s.zero_stage, s.offload, s.gradient_checkpointing) == (0, False, False)
-    for lora in (cfg.stage.sft.lora, cfg.stage.rm.lora, cfg.stage.ppo.actor_lora, cfg.stage.ppo.critic_lora):
+    for lora in (cfg.stage.sft.lora, cfg.stage.rm.lora, cfg.stage.ppo.actor.lora, cfg.stage.ppo.critic.lora):
         assert lora.dim == 0
     assert json.loads(json.dumps(plan.to_dict()))["fits"] is True
     plan.save(tmp_path)
@@ -194,7 +194,7 @@ def test_ema_is_an_fp32_average_of_the_trained_parameters():
     assert off.role("ema").strategy.offload
     spec = resolve_model("opt-13b")
     sharded = P.plan_run(make("opt-13b", "a100-80g", procs=8, stage__ppo__enable_ema=True,
-                              stage__ppo__actor_strategy__zero_stage=3, stage__ppo__actor_lora__dim=64)).stages["ppo"]
+                              stage__ppo__actor__strategy__zero_stage=3, stage__ppo__actor__lora__dim=64)).stages["ppo"]
     assert sharded.role("ema").device_gib + sharded.role("ema").host_gib == pytest.approx(4 * P.lora_params(spec, 64) / 8 / P.GIB)
     assert sharded.role("ema").params == P.lora_params(spec, 64)
 
@@ -251,7 +251,7 @@ def test_an_actor_too_large_to_gather_generates_module_by_module():
     forced = P.plan_run(make("opt-66b", "a100-80g", procs=8, stage__ppo__generation__gather_weights=True))
     assert not forced.fits
     assert any("stage ppo with your settings (stage.ppo.generation.gather_weights)" in w for w in forced.warnings)
-    small = make("opt-1.3b", "a100-80g", procs=8, stage__ppo__actor_strategy__zero_stage=3)
+    small = make("opt-1.3b", "a100-80g", procs=8, stage__ppo__actor__strategy__zero_stage=3)
     P.plan_run(small).apply(small)
     assert small.stage.ppo.generation.gather_weights is True  # gathered whenever it fits
 
@@ -259,8 +259,8 @@ def test_an_actor_too_large_to_gather_generates_module_by_module():
 def test_unsized_model_frozen_offload_follows_its_partner_like_the_engine():
     """Without sizes the planner keeps the engine's rule for a null switch: offload when the partner
     runs ZeRO-3 + offload."""
-    cfg = make("someorg/unsized-model", "a100-80g", stage__ppo__actor_strategy__zero_stage=3,
-               stage__ppo__actor_strategy__offload=True)
+    cfg = make("someorg/unsized-model", "a100-80g", stage__ppo__actor__strategy__zero_stage=3,
+               stage__ppo__actor__strategy__offload=True)
     assert cfg.stage.ppo.offloads_frozen("ref") and not cfg.stage.ppo.offloads_frozen("reward")
     plan = P.plan_run(cfg)
     assert plan.stages["ppo"].role("ref").strategy == P.Strategy(3, True)

@@ -50,8 +50,8 @@ BASE = {
         # unsup_coef 0 = no PTX (data_blend.ptx_path is set for every variant: it is part of the SFT/RM hash)
         "ppo": {"per_device_generation_batch_size": 4, "per_device_training_batch_size": 4, "max_steps": 2,
                 "unsup_coef": 0.0, "generation": {"max_new_tokens": 8},
-                "actor_optim": {"learning_rate": 1e-3, "num_warmup_steps": 0},
-                "critic_optim": {"learning_rate": 1e-3, "num_warmup_steps": 0}},
+                "actor": {"optim": {"learning_rate": 1e-3, "num_warmup_steps": 0}},
+                "critic": {"optim": {"learning_rate": 1e-3, "num_warmup_steps": 0}}},
     },
 }
 
@@ -60,8 +60,10 @@ def config(out: Path, stages: list[str], **ppo) -> dict:
     return merge(BASE, {"run": {"output_dir": str(out), "stages": stages}, "stage": {"ppo": ppo}})
 
 
-def zero(stage: int, **extra) -> dict:
-    return {"actor_strategy": {"zero_stage": stage, **extra}, "critic_strategy": {"zero_stage": stage, **extra}}
+def zero(stage: int, actor: dict | None = None, critic: dict | None = None, **strategy) -> dict:
+    """stage.ppo.actor / critic settings: ZeRO `stage` (and `strategy`) for both, plus each one's own."""
+    layout = {"strategy": {"zero_stage": stage, **strategy}}
+    return {"actor": merge(layout, actor or {}), "critic": merge(layout, critic or {})}
 
 
 @pytest.fixture(scope="session")
@@ -140,8 +142,8 @@ def test_sft_and_rm_under_zero3_match_zero0(base_run, tmp_path):
 @pytest.mark.parametrize("stage", [0, 3])
 def test_ppo_lora(base_run, ppo_root, stage):
     lora = {"dim": 4, "target_modules": ["q_proj", "v_proj", "fc1"], "learning_rate": 1e-3, "only_optimize_lora": True}
-    _, rows, ppo_dir = run_ppo(base_run, ppo_root, f"lora{stage}", **zero(stage), actor_lora=lora, critic_lora=lora,
-                               actor_optim={"learning_rate": 1e-3, "num_warmup_steps": 0}, enable_ema=True, ema_beta=0.5)
+    _, rows, ppo_dir = run_ppo(base_run, ppo_root, f"lora{stage}", **zero(stage, actor={"lora": lora}, critic={"lora": lora}),
+                               enable_ema=True, ema_beta=0.5)
     check_outputs(base_run, ppo_dir, rows, 2)
     # The EMA averages the adapters only; saved merged, like the actor: it moved, less than the actor,
     # and only where the adapters act.
@@ -331,7 +333,7 @@ def test_save_hf_gathers_one_module_at_a_time_and_merges_lora_like_peft(base_run
     from pipeline.export import save_hf
 
     lora = {"dim": 4, "target_modules": ["q_proj", "v_proj", "fc1"], "learning_rate": 1e-2, "only_optimize_lora": True}
-    cfg, engine, trainer = make_engine(base_run, tmp_path, **zero(3), actor_lora=lora, enable_ema=True, ema_beta=0.5)
+    cfg, engine, trainer = make_engine(base_run, tmp_path, **zero(3, actor={"lora": lora}), enable_ema=True, ema_beta=0.5)
     trainer.train_rlhf(trainer.generate_experience(prompts(base_run, cfg, engine.tokenizer)))
     trainer.update_ema()
     actor = unwrap(engine.actor)
@@ -384,7 +386,7 @@ def test_zero3_lora_in_bf16_keeps_one_dtype(base_run, tmp_path):
     from pipeline.engine import unwrap
 
     lora = {"dim": 4, "target_modules": ["q_proj", "v_proj"], "learning_rate": 1e-3, "only_optimize_lora": False}
-    cfg, engine, trainer = make_engine(base_run, tmp_path, dtype="bf16", **zero(3), actor_lora=lora, critic_lora=lora,
+    cfg, engine, trainer = make_engine(base_run, tmp_path, dtype="bf16", **zero(3, actor={"lora": lora}, critic={"lora": lora}),
                                        enable_ema=True)
     for model in (engine.actor, engine.critic):
         dtypes = {p.dtype for p in unwrap(model).parameters()}
@@ -480,7 +482,7 @@ def test_zero3_lora_merge_for_generation(base_run, tmp_path):
     from pipeline.rollout import RolloutEngine
 
     lora = {"dim": 4, "target_modules": ["q_proj", "v_proj"], "learning_rate": 1e-2}
-    cfg, engine, trainer = make_engine(base_run, tmp_path, **zero(3), actor_lora=lora)
+    cfg, engine, trainer = make_engine(base_run, tmp_path, **zero(3, actor={"lora": lora}))
     batch = prompts(base_run, cfg, engine.tokenizer)
     trainer.train_rlhf(trainer.generate_experience(batch))  # LoRA B is no longer zero
     actor = unwrap(engine.actor)
@@ -542,7 +544,7 @@ def test_generation_layout_turns_checkpointing_off_and_back_without_leaking_hook
 
     strategy = {"zero_stage": 0, "gradient_checkpointing": True}
     lora = {"dim": 4, "target_modules": ["q_proj", "v_proj"], "learning_rate": 1e-2}
-    cfg, engine, trainer = make_engine(base_run, tmp_path, actor_strategy=strategy, actor_lora=lora)
+    cfg, engine, trainer = make_engine(base_run, tmp_path, actor={"strategy": strategy, "lora": lora})
     actor = unwrap(engine.actor)
     embeddings = actor.get_input_embeddings()
     hooks = len(embeddings._forward_hooks)
@@ -606,13 +608,13 @@ def test_deepspeed_backend_is_refused_with_the_reason(tmp_path):
 
 
 def test_offload_needs_zero():
-    from pipeline.config import LoRASection, OptimSection, StrategySection
+    from pipeline.config import RoleSection, StrategySection
     from pipeline.engine import OffloadUnavailable, make_optimizer
 
     cfg = load_config(config(Path("/tmp/unused"), ["ppo"]))
-    with pytest.raises(OffloadUnavailable, match=r"stage\.ppo\.actor_strategy\.offload=true needs stage\.ppo\.actor_strategy\.zero_stage"):
-        make_optimizer(cfg, torch.nn.Linear(2, 2), OptimSection(), LoRASection(), StrategySection(zero_stage=0, offload=True),
-                       key="stage.ppo.actor_strategy")
+    role = RoleSection(strategy=StrategySection(zero_stage=0, offload=True))
+    with pytest.raises(OffloadUnavailable, match=r"stage\.ppo\.actor\.strategy\.offload=true needs stage\.ppo\.actor\.strategy\.zero_stage"):
+        make_optimizer(cfg, torch.nn.Linear(2, 2), role, "stage.ppo.actor")
 
 
 @pytest.mark.slow

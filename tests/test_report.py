@@ -24,8 +24,8 @@ def fake_run(root: Path, stages=("sft", "rm", "ppo")) -> Path:
         "stage:\n  sft: {per_device_train_batch_size: 16, num_train_epochs: 3, max_steps: null, optim: {learning_rate: 0.002}}\n"
         "  rm: {per_device_train_batch_size: 16, num_train_epochs: 6, max_steps: null, optim: {learning_rate: 0.001}}\n"
         "  ppo: {per_device_training_batch_size: 16, per_device_generation_batch_size: 16, num_train_epochs: 1,"
-        " max_steps: 40, kl_ctl: 0.1, generation: {max_new_tokens: 24}, actor_optim: {learning_rate: 0.0002},"
-        " critic_optim: {learning_rate: 0.0005}}\n"
+        " max_steps: 40, kl_ctl: 0.1, generation: {max_new_tokens: 24}, actor: {optim: {learning_rate: 0.0002}},"
+        " critic: {optim: {learning_rate: 0.0005}}}\n"
         "hardware: {name: cpu, device: cpu}\n")
     (run / "plan.txt").write_text("stage  role   model\nsft    actor  tiny-opt\n")
     (run / "plan.json").write_text(json.dumps({"warnings": ["a made-up warning"], "suggestions": []}))

@@ -1,0 +1,143 @@
+"""Memory planner: per stage and role, the fastest layout that fits the hardware.
+
+Pure arithmetic from the model catalog and the config: loads no weights, imports no deepspeed
+or torch. `plan_run(cfg)` returns a `Plan`; `Plan.apply(cfg)` fills the strategy fields the user
+left null; `dry_run_report(cfg)` is what `run.dry_run=true` prints.
+
+- memory.py: the memory model (bytes per role and layout; formulas with their sources)
+- search.py: the candidates, the search per stage, warnings and suggestions
+- plan.py: the plan as data (Strategy, RolePlan, StagePlan, Plan) and its rendering
+
+Order of preference (fastest first; the first that fits wins)
+-------------------------------------------------------------
+1. ZeRO-0 < ZeRO-1 < ZeRO-2 < ZeRO-3: each stage adds communication (ZeRO-3 re-gathers weights
+   every forward and backward, 1.5x the traffic of data parallelism), so the least sharding
+   that fits is the fastest.
+2. + gradient checkpointing: one extra forward per step (~33% more compute) but no extra traffic.
+3. + LoRA: fewer gradients and optimizer states and a cheaper backward, but it changes what is
+   learned; DeepSpeed-Chat's own single-GPU presets use it (dim 128), and it still beats offload
+   on speed.
+4. + optimizer offload (ZeRO 1/2 + offload): Adam on the CPU and gradients over PCIe every step.
+5. + parameter offload (ZeRO-3 + offload): weights over PCIe every forward and backward too.
+Within an offload level: full fine-tuning before LoRA, then no checkpointing before checkpointing,
+then the lower ZeRO stage first. For PPO, layouts are ranked by, in this order:
+  1. the actor (the larger model, which also generates): generation gathering the whole ZeRO-3
+     actor once per call before module-by-module fetching (which re-gathers every module per token),
+     then its offload level, LoRA and checkpointing as above;
+  2. the critic's offload level, LoRA and checkpointing;
+  3. offloading the frozen reference and reward models (fewest bytes first): one host-to-device
+     copy of their weights per experience batch, no extra compute, so it beats any lever above;
+     never chosen on a CPU device;
+  4. the actor's ZeRO stage, then the critic's: the cheapest levers, so they are raised first.
+Explicit user settings always win: they filter the
+candidates, and when none of the remaining ones fits the planner warns and suggests what would.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pipeline.catalog import ModelSpec
+from pipeline.config import RunConfig
+from pipeline.planner.memory import (
+    DTYPE_BYTES,
+    GIB,
+    HEADROOM,
+    OVERHEAD_GIB,
+    comm_buffer_bytes,
+    forward_transient_bytes,
+    frozen_state_bytes,
+    kv_cache_bytes,
+    layer_activation_bytes,
+    layer_params,
+    lora_params,
+    reward_params,
+    trained_state_bytes,
+    training_activation_bytes,
+)
+from pipeline.planner.plan import Plan, RolePlan, StagePlan, Strategy
+from pipeline.planner.search import (
+    _candidates,
+    _Constraint,
+    _explicit_warnings,
+    _inputs,
+    _offload_level,
+    _plan_stages,
+    _setting_key,
+    _suggest,
+)
+
+__all__ = ["DTYPE_BYTES", "GIB", "HEADROOM", "OVERHEAD_GIB", "Plan", "RolePlan", "StagePlan", "Strategy",
+           "comm_buffer_bytes", "dry_run_report", "forward_transient_bytes", "frozen_state_bytes", "kv_cache_bytes",
+           "layer_activation_bytes", "layer_params", "lora_params", "plan_run", "reward_params",
+           "trained_state_bytes", "training_activation_bytes", "_candidates", "_Constraint", "_inputs",
+           "_offload_level"]
+
+
+def plan_run(cfg: RunConfig) -> Plan:
+    """Plan every stage for `cfg` (RunConfig). Pure arithmetic: no weights, no deepspeed."""
+    inp = _inputs(cfg)
+    active = set(cfg.run.stages)
+    stages = _plan_stages(inp, active)
+    warnings = _explicit_warnings(inp)
+    p = cfg.stage.ppo
+    if not p.enable_ema and p.ema_beta != type(p).ema_beta:
+        warnings.append(f"stage.ppo.ema_beta={p.ema_beta} has no effect: the EMA is off (stage.ppo.enable_ema=false)")
+    for name, spec in (("model.actor", inp.actor), ("model.reward", inp.reward)):
+        if spec is None:
+            warnings.append(f"{name}: size unknown (not in the catalog or local cache); the planner "
+                            f"cannot check memory and chose a conservative layout")
+    if inp.actor is not None and inp.reward is not None and _other_tokenizer(inp.actor, inp.reward):
+        warnings.append(
+            f"model.reward={inp.reward_name} ({inp.reward.family}, vocabulary {inp.reward.vocab_size}) and "
+            f"model.actor={inp.actor_name} ({inp.actor.family}, vocabulary {inp.actor.vocab_size}) look pretrained "
+            f"with different tokenizers; every model here "
+            f"uses one tokenizer (model.tokenizer, default the actor's: the critic scores the actor's tokens), so the "
+            f"reward model's embeddings start out meaning other tokens and step 2 must re-learn them: prefer a "
+            f"reward model of the actor's family")
+    suggestions: list[str] = []
+    for name, sp in stages.items():
+        if sp.fits:
+            continue
+        explicit = [_setting_key(name, r.role, k) for r in sp.roles for k in r.explicit]
+        if name == "ppo" and inp.gather_weights is not None:
+            explicit.append("stage.ppo.generation.gather_weights")
+        who = f" with your settings ({', '.join(explicit)})" if explicit else ""
+        msg = (f"stage {name}{who} will not fit: predicted {sp.peak_gib:.1f} GiB per device > "
+               f"{sp.usable_gib:.1f} GiB usable of {sp.device_gib:.1f} GiB ({HEADROOM:.0%} headroom, "
+               f"{OVERHEAD_GIB.get(inp.device, 1.0)} GiB runtime overhead)")
+        if sp.host_gib > inp.host_gib_per_rank:
+            msg += f"; offload needs {sp.host_gib:.0f} GiB host RAM per rank (~{inp.host_gib_per_rank:.0f} available)"
+        if not sp.active:
+            msg += " (stage not in run.stages)"
+        warnings.append(msg)
+        if sp.active:
+            suggestions += _suggest(inp, name, active)
+    return Plan(hardware=cfg.hardware.name, device=inp.device, world_size=inp.world, dtype=inp.dtype,
+                stages=stages, warnings=warnings, suggestions=suggestions)
+
+
+def _other_tokenizer(a: ModelSpec, b: ModelSpec) -> bool:
+    """Another model family, or vocabularies apart by more than padding (LLaMA-2 32000 vs LLaMA-3 128256;
+    Qwen2.5 0.5B 151936 vs 7B 152064 is padding)."""
+    return a.family != b.family or abs(a.vocab_size - b.vocab_size) > 0.01 * max(a.vocab_size, b.vocab_size)
+
+
+def dry_run_report(cfg: RunConfig, plan: Optional[Plan] = None) -> str:
+    """Plan table + warnings + suggestions: what `run.dry_run=true` prints before exiting."""
+    plan = plan or plan_run(cfg)
+    lines = [
+        f"Memory plan: hardware={plan.hardware} ({plan.device}, {cfg.hardware.memory_gib} GiB per device), "
+        f"world size {plan.world_size}, dtype {plan.dtype}, actor {cfg.model.actor}, reward {cfg.model.reward}",
+        "",
+        plan.table(),
+    ]
+    if plan.stages["ppo"].phases:
+        lines += ["", "PPO phases (GiB/device, peak = resident + the largest phase): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in plan.stages["ppo"].phases.items())]
+    if plan.warnings:
+        lines += ["", "Warnings:"] + [f"  - {w}" for w in plan.warnings]
+    if plan.suggestions:
+        lines += ["", "What would fit:"] + [f"  - {s}" for s in plan.suggestions]
+    lines += ["", "Plan fits." if plan.fits else "Plan does NOT fit.", "(dry run: no weights were loaded)"]
+    return "\n".join(lines)
