@@ -173,7 +173,7 @@ def run(args) -> dict:
         sync(dev)
         t2 = time.perf_counter()
         c = trainer.pop_counters()
-        new = exp["seq"].shape[1] - p_len
+        new = exp.seq.shape[1] - p_len
         print(f"step {s + 1}/{n_steps}: {t2 - t0:.2f} s (generation {c['generation_s']:.2f} s for {new} tokens x {batch}, "
               f"experience {c['experience_s']:.2f} s, training {t2 - t1:.2f} s)", flush=True)
         if s >= args.warmup:

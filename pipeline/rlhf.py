@@ -11,8 +11,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -66,6 +69,35 @@ def answer_logits(model, answer_len: int, **inputs) -> torch.Tensor:
 def ptx_enabled(args: RunConfig) -> bool:
     """Mixed training is on: a PTX text source and a positive coefficient."""
     return bool(args.data_blend.ptx_path) and args.stage.ppo.unsup_coef > 0
+
+
+@dataclass
+class Experience:
+    """A batch of rollouts scored by the four models: what `generate_experience` returns and
+    `train_rlhf` learns from. B = rows, Lp = prompt length (left-padded), T = answer length
+    (right-padded after each answer's end), L = Lp + T."""
+
+    seq: torch.Tensor  # (B, L) prompt + answer token ids
+    attention_mask: torch.Tensor  # (B, L) 1 on real tokens (the eos included)
+    position_ids: torch.Tensor  # (B, L) positions counted over real tokens (left padding skipped)
+    answer_mask: torch.Tensor  # (B, T) 1 on answer tokens up to and including the first eos
+    logprobs: torch.Tensor  # (B, T) the actor's log-probs of the answer tokens when they were sampled
+    ref_logprobs: torch.Tensor  # (B, T) the frozen reference model's
+    values: torch.Tensor  # (B, T) the critic's value before each answer token
+    scores: torch.Tensor  # (B,) the reward model's score at the last answer token
+    train_scores: torch.Tensor  # (B,) the scores PPO learns from (normalised with stage.ppo.normalize_reward)
+    prompt_len: int  # Lp
+
+    @property
+    def answer(self) -> torch.Tensor:
+        """(B, T) the answer tokens."""
+        return self.seq[:, self.prompt_len:]
+
+    def minibatches(self, size: int) -> Iterator["Experience"]:
+        """Consecutive row slices of `size` rows each (PPO's minibatches)."""
+        for start in range(0, self.seq.shape[0], size):
+            yield dataclasses.replace(self, **{f.name: getattr(self, f.name)[start: start + size]
+                                               for f in dataclasses.fields(self) if f.name != "prompt_len"})
 
 
 class RLHFEngine:
@@ -234,12 +266,9 @@ class PPOTrainer:
     # ------------------------------------------------------------------ experience
 
     @torch.no_grad()
-    def generate_experience(self, prompt_batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Sample answers to left-padded prompts (B, Lp) and score them with all four models.
-
-        Returns tensors: seq, attention_mask, position_ids (B, Lp + T); answer_mask, logprobs,
-        ref_logprobs, values (B, T); scores (B,); and prompt_len (int).
-        """
+    def generate_experience(self, prompt_batch: dict[str, torch.Tensor]) -> Experience:
+        """Sample answers to left-padded prompts (input_ids, attention_mask: (B, Lp)) and score them
+        with all four models."""
         e = self.engine
         prompts = prompt_batch["input_ids"].to(e.device)
         prompt_mask = prompt_batch["attention_mask"].to(e.device)
@@ -275,13 +304,10 @@ class PPOTrainer:
                     generation_flops=self._flops("actor", batch, length, answer.shape[1]),
                     experience_flops=sum(self._flops(r, batch, length, answer.shape[1] + 1) for r in ("actor", "ref"))
                     + sum(self._flops(r, batch, length) for r in ("critic", "reward")))
-        return {
-            "seq": seq, "attention_mask": attention, "position_ids": positions, "answer_mask": mask,
-            "logprobs": logprobs_of_labels(logits, answer),
-            "ref_logprobs": logprobs_of_labels(ref_logits, answer),
-            "values": values.float(), "scores": scores, "train_scores": self._train_scores(scores),
-            "prompt_len": prompt_len,
-        }
+        return Experience(seq=seq, attention_mask=attention, position_ids=positions, answer_mask=mask,
+                          logprobs=logprobs_of_labels(logits, answer), ref_logprobs=logprobs_of_labels(ref_logits, answer),
+                          values=values.float(), scores=scores, train_scores=self._train_scores(scores),
+                          prompt_len=prompt_len)
 
     def _train_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """The scores PPO learns from: normalised by running statistics over every rank's batch
@@ -293,27 +319,26 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ training
 
-    def train_rlhf(self, exp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_rlhf(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
         """One PPO update of actor and critic on an experience batch; returns (actor_loss, critic_loss).
 
         The EMA is not touched here: call `update_ema()` after the step (and its PTX step, if any)."""
         p, e = self.p, self.engine
-        mask, start = exp["answer_mask"], exp["prompt_len"]
-        answer = exp["seq"][:, start:]
-        scores = exp["train_scores"]
+        mask, start, answer = exp.answer_mask, exp.prompt_len, exp.answer
+        scores = exp.train_scores
         with torch.no_grad():
-            rewards, kl = kl_penalized_rewards(exp["logprobs"], exp["ref_logprobs"], scores, mask,
+            rewards, kl = kl_penalized_rewards(exp.logprobs, exp.ref_logprobs, scores, mask,
                                                self.kl_ctl.value, p.clip_reward_value)
-            advantages, returns = gae_advantages(exp["values"], rewards, mask, p.gamma, p.lam)
+            advantages, returns = gae_advantages(exp.values, rewards, mask, p.gamma, p.lam)
             if p.whiten_advantages:
                 advantages = masked_whiten(advantages, mask) * mask
 
-        inputs = {"input_ids": exp["seq"], "attention_mask": exp["attention_mask"], "position_ids": exp["position_ids"]}
+        inputs = {"input_ids": exp.seq, "attention_mask": exp.attention_mask, "position_ids": exp.position_ids}
         logits = answer_logits(e.actor, answer.shape[1], **inputs)
         logprobs = logprobs_of_labels(logits, answer)
-        a_loss, a_stats = actor_loss(logprobs, exp["logprobs"], advantages, mask, p.cliprange)
-        values = e.critic(exp["seq"], exp["attention_mask"], exp["position_ids"])[:, start - 1: -1].float()
-        c_loss, c_stats = critic_loss(values, exp["values"], returns, mask, p.cliprange_value)
+        a_loss, a_stats = actor_loss(logprobs, exp.logprobs, advantages, mask, p.cliprange)
+        values = e.critic(exp.seq, exp.attention_mask, exp.position_ids)[:, start - 1: -1].float()
+        c_loss, c_stats = critic_loss(values, exp.values, returns, mask, p.cliprange_value)
         # A non-finite loss skips the whole update on every rank (before any backward: no NaN applied).
         if not self.guard.ok(a_loss + c_loss, "ppo update"):
             self.last_stats = None
@@ -323,12 +348,12 @@ class PPOTrainer:
         e.critic.backward(c_loss)
         e.critic.step()
 
-        batch, length = exp["seq"].shape
+        batch, length = exp.seq.shape
         self._count(training_flops=self._train_factor("actor") * self._flops("actor", batch, length, answer.shape[1] + 1)
                     + self._train_factor("critic") * self._flops("critic", batch, length))
         with torch.no_grad():
             self.last_stats = {
-                "reward": float(exp["scores"].mean()),
+                "reward": float(exp.scores.mean()),
                 "reward_normalized": float(scores.mean()),
                 "kl": float((kl.sum(1)).mean()),
                 "entropy": float(masked_mean(entropy_from_logits(logits.detach()), mask)),

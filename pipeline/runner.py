@@ -3,12 +3,16 @@ config, else run (resuming from its last checkpoint when there is one)."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib
+import json
 import os
 import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +20,10 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.checkpoint import read_manifest, write_manifest
-from pipeline.config import ConfigError, RunConfig, finalize
+from pipeline.config import ConfigError, RunConfig, at, finalize
 from pipeline.dist import barrier, init_distributed, rank
 from pipeline.files import atomic_write, write_json_atomic
-from pipeline.models import ensure_available, load_tokenizer
+from pipeline.models import ensure_available, load_tokenizer, materialize
 from pipeline.planner import plan_run
 from pipeline.resume import install_signal_handlers
 from pipeline.tracking import finish_loggers
@@ -31,7 +35,10 @@ STAGE_KEYS = {
     "rm": ["model.reward", "model.tokenizer", "model.dropout", "data_blend", "stage.rm", "run.seed", "run.dtype"],
     "ppo": ["model", "data_blend", "stage.ppo", "run.seed", "run.dtype"],
 }
-UPSTREAM = {"sft": [], "rm": [], "ppo": ["sft", "rm"]}
+# The models a stage starts from: each is the final model of an earlier stage of this run when that
+# stage is in run.stages or finished with its current config, else the model the config names (a
+# checkpoint given from outside: DeepSpeed-Chat's --actor_model_name_or_path and friends).
+STAGE_INPUTS = {"sft": {}, "rm": {}, "ppo": {"actor": ("sft", "model.actor"), "reward": ("rm", "model.reward")}}
 # Settings only PPO reads (mixed training) must not re-run SFT and RM.
 PPO_ONLY = ("data_blend.ptx_path", "data_blend.ptx_field", "data_blend.ptx_max_blocks")
 # Where the frozen models' weights live changes no number PPO computes: switching it (say, after an
@@ -39,9 +46,49 @@ PPO_ONLY = ("data_blend.ptx_path", "data_blend.ptx_field", "data_blend.ptx_max_b
 FROZEN_LAYOUT = ("stage.ppo.offload_reference_model", "stage.ppo.offload_reward_model")
 
 
+@dataclass(frozen=True)
+class StageInput:
+    """Where one model a stage starts from comes from."""
+
+    path: str  # a folder, or a hub id for a given model
+    stage: str | None  # the stage of this run that wrote it; None when the config names it
+    key: str  # the config key naming it when given (model.actor, model.reward)
+
+    def describe(self) -> str:
+        return f"{self.stage}/final of this run" if self.stage else f"{self.key}={self.path} (given)"
+
+
+def stage_inputs(cfg: RunConfig, stage: str) -> dict[str, StageInput]:
+    """The models `stage` starts from (see STAGE_INPUTS)."""
+    out = {}
+    for name, (upstream, key) in STAGE_INPUTS[stage].items():
+        final = cfg.stage_dir(upstream) / "final"
+        manifest = read_manifest(cfg.stage_dir(upstream))
+        done = bool(manifest) and manifest.get("config_hash") == stage_hash(cfg, upstream) and final.exists()
+        if upstream in cfg.run.stages or done:
+            out[name] = StageInput(str(final), upstream, key)
+        else:
+            out[name] = StageInput(at(cfg, key + "_source"), None, key)
+    return out
+
+
 def stage_hash(cfg: RunConfig, stage: str) -> str:
+    """What shapes a stage's result: its config sections, and each model it starts from (an earlier
+    stage's hash, or a given checkpoint's files)."""
     own = cfg.section_hash(*STAGE_KEYS[stage], exclude=FROZEN_LAYOUT if stage == "ppo" else PPO_ONLY)
-    return "-".join([own] + [stage_hash(cfg, up)[:8] for up in UPSTREAM[stage]])
+    parts = [own]
+    for source in stage_inputs(cfg, stage).values():
+        parts.append(stage_hash(cfg, source.stage)[:8] if source.stage else _fingerprint(source.path))
+    return "-".join(parts)
+
+
+def _fingerprint(source: str) -> str:
+    """A given model's identity: its files' names, sizes and times (a hub id: the id itself)."""
+    path = Path(source)
+    if not path.is_dir():
+        return hashlib.sha256(source.encode()).hexdigest()[:8]
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
+    return hashlib.sha256(json.dumps([str(path.resolve()), files]).encode()).hexdigest()[:8]
 
 
 def seed_everything(seed: int) -> None:
@@ -91,9 +138,13 @@ def check_sources(cfg: RunConfig) -> None:
     """Before anything is printed or written: every hub model the stages will load is reachable."""
     ensure_available(cfg.tokenizer_source, "tokenizer")
     if "sft" in cfg.run.stages:
-        ensure_available(cfg.model.actor_source, "actor model")
+        ensure_available(cfg.model.actor_source, "model.actor")
     if "rm" in cfg.run.stages:
-        ensure_available(cfg.model.reward_source, "reward model")
+        ensure_available(cfg.model.reward_source, "model.reward")
+    for stage in cfg.run.stages:
+        for source in stage_inputs(cfg, stage).values():
+            if source.stage is None:
+                ensure_available(source.path, source.key)
 
 
 def run_pipeline(cfg: RunConfig) -> dict[str, dict]:
@@ -128,20 +179,20 @@ def run_pipeline(cfg: RunConfig) -> dict[str, dict]:
             continue
         if manifest and is_main:
             print(f"[{stage}] config changed since it finished: running {stage} again, and the stages after it", flush=True)
-        inputs = {}
-        for up in UPSTREAM[stage]:
-            up_manifest = read_manifest(cfg.stage_dir(up))
-            if not up_manifest or up_manifest.get("config_hash") != stage_hash(cfg, up):
-                raise ConfigError(f"run.stages={cfg.run.stages}: {stage} reads {cfg.stage_dir(up)}/final, which is missing "
-                                  f"or was made with another config; add {up} to run.stages")
-            inputs[up] = cfg.stage_dir(up) / "final"
+        inputs = stage_inputs(cfg, stage)
         if is_main:
             _prepare_stage_dir(cfg, stage, config_hash)
+            write_json_atomic(cfg.stage_dir(stage) / "inputs.json", {k: dataclasses.asdict(v) for k, v in inputs.items()})
+            for name, source in inputs.items():
+                print(f"[{stage}] {name} from {source.describe()}", flush=True)
         barrier()
         seed_everything(cfg.run.seed)
         started = time.time()
         module = importlib.import_module(f"pipeline.stages.{stage}")
-        result = module.run(cfg, StageContext(tokenizer=tokenizer, work_dir=out, inputs=inputs))
+        paths = {name: source.path if source.stage else materialize(at(cfg, source.key), out, len(tokenizer), cfg.run.seed)
+                 for name, source in inputs.items()}  # a given built-in model is written from its config first
+        context = StageContext(tokenizer=tokenizer, work_dir=out, inputs=paths)
+        result = module.run(cfg, context)
         result["seconds"] = round(time.time() - started, 1)
         barrier()
         if is_main:

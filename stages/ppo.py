@@ -1,12 +1,13 @@
-"""Step 3: RLHF with PPO. The actor starts from sft/final, the critic and the frozen reward model
-from rm/final, the frozen reference is a copy of the starting actor.
+"""Step 3: RLHF with PPO. The actor starts from sft/final (or model.actor when SFT is not part of the
+run), the critic and the frozen reward model from rm/final (or model.reward: a reward-model folder),
+the frozen reference is a copy of the starting actor.
 
 Each step: generate answers for `generation_batches` prompt batches, score them (actor and
 reference log-probs, critic values, reward), then `ppo_epochs` passes of PPO updates over
 minibatches of `per_device_training_batch_size`; after each update an optional PTX step
 (data_blend.ptx_path set and unsup_coef > 0) and the EMA update (enable_ema, beta ema_beta).
 
-Reads: sft/final, rm/final, data_blend (the ppo slice; ptx_path for mixed training), stage.ppo.
+Reads: sft/final or model.actor, rm/final or model.reward, data_blend (the ppo slice; ptx_path for mixed training), stage.ppo.
 Writes: ppo/final/{actor,critic,actor_ema} (Hugging Face format), ppo/metrics.jsonl, ppo/checkpoints/.
 """
 
@@ -16,7 +17,6 @@ import itertools
 import time
 from functools import partial
 
-import torch
 
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import RunConfig
@@ -30,13 +30,6 @@ from pipeline.tracking import MetricsLogger
 from pipeline.training import StageContext, epoch_batches, total_steps
 
 STAT_KEYS = ("reward", "kl", "entropy", "clip_frac", "approx_kl", "value_error", "answer_length")
-
-
-def minibatches(exp: dict, size: int):
-    """Row slices of an experience batch (tensors of batch B) of `size` rows each."""
-    rows = exp["seq"].shape[0]
-    for start in range(0, rows, size):
-        yield {k: (v[start: start + size] if torch.is_tensor(v) else v) for k, v in exp.items()}
 
 
 def endless_batches(data, micro_batch: int, collate, seed: int, start: int = 0):
@@ -88,7 +81,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     per_epoch = len(data.train) // (prompts_per_step * world_size())
     minibatches_per_step = p.ppo_epochs * (prompts_per_step // p.per_device_training_batch_size)
     updates_per_step = minibatches_per_step * (2 if ptx is not None else 1)  # actor optimizer steps (PTX has its own)
-    engine = RLHFEngine(actor_model_name_or_path=ctx.inputs["sft"], critic_model_name_or_path=ctx.inputs["rm"],
+    engine = RLHFEngine(actor_model_name_or_path=ctx.inputs["actor"], critic_model_name_or_path=ctx.inputs["reward"],
                         tokenizer=tokenizer, num_total_iters=n_steps * updates_per_step, args=cfg)
     trainer = PPOTrainer(engine=engine, args=cfg)
 
@@ -119,7 +112,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
             stats, losses, ptx_losses = [], [], []
             for _ in range(p.ppo_epochs):
                 for exp in experiences:
-                    for mb in minibatches(exp, p.per_device_training_batch_size):
+                    for mb in exp.minibatches(p.per_device_training_batch_size):
                         a_loss, c_loss = trainer.train_rlhf(mb)
                         ptx_batch = next(ptx_batches) if ptx_batches is not None else None  # drawn even when skipped
                         if trainer.last_stats is None:  # skipped: a non-finite loss
@@ -146,7 +139,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
                        tflops=flops * world_size() / 1e12 / t_total)
             if ctx.is_main and step % cfg.run.log_interval == 0:
                 print(throughput_line(step, n_steps, counters, t_total, t_total - t_experience, samples,
-                                      experiences[0]["seq"].shape[1]), flush=True)
+                                      experiences[0].seq.shape[1]), flush=True)
             if checkpointer.due(step) or stop_requested():
                 checkpointer.save(step, engines, {"epoch": epoch, "kl_ctl": trainer.kl_ctl.state_dict(),
                                                   "reward_moments": trainer.reward_moments.state_dict()}, rank_states)

@@ -88,10 +88,34 @@ def test_frozen_model_offload_keeps_the_ppo_hash_and_ema_changes_it():
     assert stage_hash(cfg, "ppo") != before["ppo"] and stage_hash(cfg, "rm") == before["rm"]
 
 
-def test_run_stages_subset_and_missing_input(tmp_path: Path):
+def test_ppo_alone_needs_a_reward_model(tmp_path: Path):
+    """Without rm in the run, PPO scores with model.reward, which must be a reward model."""
     proc = run_cli("+experiment=demo", f"run.output_dir={tmp_path}/run", "run.stages=[ppo]")
-    assert proc.returncode == 2
-    assert "add sft to run.stages" in proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "reward model" in last and "Traceback" not in proc.stderr
+
+
+def test_ppo_alone_from_given_checkpoints(demo_run: Path, tmp_path: Path):
+    """DeepSpeed-Chat's step 3 alone: PPO from an actor and a reward model given by path, sized by the
+    plan from their config.json, their origin recorded in the run folder."""
+    out = tmp_path / "step3"
+    proc = run_cli("+experiment=demo", f"run.output_dir={out}", "run.stages=[ppo]", "stage.ppo.max_steps=3",
+                   f"model.actor={demo_run / 'sft' / 'final'}", f"model.reward={demo_run / 'rm' / 'final'}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"[ppo] actor from model.actor={demo_run / 'sft' / 'final'} (given)" in proc.stdout
+    inputs = json.loads((out / "ppo" / "inputs.json").read_text())
+    assert inputs["actor"]["path"] == str(demo_run / "sft" / "final") and inputs["actor"]["stage"] is None
+    assert inputs["reward"]["key"] == "model.reward"
+    plan = json.loads((out / "plan.json").read_text())
+    actor = next(r for r in plan["stages"]["ppo"]["roles"] if r["role"] == "actor")
+    demo_actor = AutoModelForCausalLM.from_pretrained(demo_run / "sft" / "final")
+    assert actor["params"] == sum(p.numel() for p in demo_actor.parameters())
+    assert json.loads((out / "results.json").read_text())["ppo"]["steps"] == 3
+    # The same command again: done, as for any stage.
+    again = run_cli("+experiment=demo", f"run.output_dir={out}", "run.stages=[ppo]", "stage.ppo.max_steps=3",
+                    f"model.actor={demo_run / 'sft' / 'final'}", f"model.reward={demo_run / 'rm' / 'final'}")
+    assert again.returncode == 0 and "[ppo] already done with this config" in again.stdout
 
 
 def test_real_hh_rlhf_with_opt_tokenizer(shared_data: Path, tmp_path: Path):

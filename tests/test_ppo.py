@@ -418,14 +418,14 @@ def test_offloaded_frozen_models_score_like_plain_ones(base_run, tmp_path):
     assert {(value.dtype, value.device.type) for value in engine.ema.values} == {(torch.float32, "cpu")}
 
     exp = trainer.generate_experience(prompts(base_run, cfg, engine.tokenizer))
-    assert exp["answer_mask"].sum() > 0
-    torch.testing.assert_close(exp["ref_logprobs"], exp["logprobs"], atol=1e-5, rtol=0)
+    assert exp.answer_mask.sum() > 0
+    torch.testing.assert_close(exp.ref_logprobs, exp.logprobs, atol=1e-5, rtol=0)
     plain = RewardModel.from_pretrained(base_run / "rm" / "final", "fp32", None).eval()
     with torch.no_grad():
-        values = plain(exp["seq"], exp["attention_mask"], exp["position_ids"])
+        values = plain(exp.seq, exp.attention_mask, exp.position_ids)
     rows = torch.arange(values.shape[0])
-    expected = values[rows, exp["prompt_len"] + last_index(exp["answer_mask"])]
-    torch.testing.assert_close(exp["scores"], expected, atol=1e-5, rtol=0)
+    expected = values[rows, exp.prompt_len + last_index(exp.answer_mask)]
+    torch.testing.assert_close(exp.scores, expected, atol=1e-5, rtol=0)
     a_loss, c_loss = trainer.train_rlhf(exp)
     assert torch.isfinite(a_loss) and torch.isfinite(c_loss)
 
