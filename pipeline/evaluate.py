@@ -6,91 +6,229 @@
             prompts=../shared/data/mt_bench/question.jsonl limit=10 turns=all out=compare.md
     rm       a reward model on preference pairs: accuracy, mean chosen / rejected score, margin (rw_eval.py)
         python -m pipeline.evaluate rm run=outputs/demo                       # the run's held-out RM pairs
-        python -m pipeline.evaluate rm rm=outputs/x/rm/final data=../shared/data/hh-rlhf/helpful-base/test.jsonl.gz
+        python -m pipeline.evaluate rm rm=outputs/x/rm/final data_blend=hh-rlhf \\
+            data_blend.path=../shared/data/hh-rlhf/helpful-base/test.jsonl.gz
+        python -m pipeline.evaluate rm rm=outputs/x/rm/final data_blend.path=prefs.jsonl \\
+            data_blend.fields.answer_a=response_a data_blend.fields.answer_b=response_b data_blend.fields.label=winner
     reward   the reward model's score of policies' answers to held-out prompts
         python -m pipeline.evaluate reward run=outputs/demo                   # sft vs ppo, the run's PPO eval prompts
         python -m pipeline.evaluate reward models=a,b rm=outputs/x/rm/final prompts=questions.jsonl
+    python -m pipeline.evaluate --help                                        # this, and every option
+
+Data: anything the pipeline trains on, described as for training: `data_blend=<group>` and
+`data_blend.*` keys, composed by Hydra from conf/data_blend/ (only `data_blend.*` keys: the
+`local` group), so local files with a field mapping (prompt/chosen/rejected, two answers plus a
+preference label, message lists), hh-rlhf files and the hub datasets' adapters all work. Every
+record is used (train and test files alike; no split between stages). rm tokenizes the pairs as
+the rm stage does; compare and reward take each record's dialogue so far as the prompt. What is
+dropped is counted by reason and printed per dataset, as training does. `data=FILE` is short for
+data_blend=local data_blend.path=FILE, `data=builtin` for data_blend=builtin.
 
 `run=<run folder>` fills what is not given: a/b = sft/final and ppo/final/actor, rm = rm/final,
 and the data = the run's own held-out split (the same pairs / prompts the stages evaluated on).
-Prompt files: .jsonl/.json(.gz) rows with "turns" (MT-Bench), "prompt", "question",
+Prompt files (prompts=): .jsonl/.json(.gz) rows with "turns" (MT-Bench), "prompt", "question",
 "instruction" or an hh-rlhf "chosen" dialogue; or .txt, one prompt a line.
-Pair files (rm): anything data_blend=local reads (prompt/chosen/rejected, hh-rlhf dialogues, ...).
-
-Settings: limit (prompts or pairs; compare 10, reward 64, rm all), max_new_tokens (the run's
-PPO setting or 128), temperature 0 (greedy), top_p, top_k, batch_size 8, turns first|all,
-max_prompt_len / max_answer_len (the run's or 256), prompt_format auto, device, dtype, seed 0,
-out (.jsonl or .md for compare, .json otherwise), trust_remote_code false.
+Prompts are written as the model was trained (prompt_format=auto: its run's data_blend.prompt_format)
+and cut to its run's data_blend.max_prompt_len (or max_prompt_len=); answers as max_answer_len.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import statistics
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.chat import (ChatSession, cut_answer, generate_batch, load_policy, parse_overrides, pick_device,
-                           pick_dtype, resolve_prompt_format, run_config_of)
+from pipeline.chat import (ChatSession, TurnMarkers, cut_answer, generate_batch, load_policy, option, option_args,
+                           options_help, parse_options, pick_device, pick_dtype, resolve_prompt_format, run_config_of)
+from pipeline.config import ConfigError, RunConfig, RunSection, load_run_config
+from pipeline.data_schema import DataBlendSection, DatasetSpec, validate_data_blend
+from pipeline.errors import USER_ERROR_EXIT_CODE, UserError
 from pipeline.tracking import progress
 
 COMMANDS = ("compare", "rm", "reward")
+# Evaluation formats the data as the model was trained; these data_blend keys have options of their own.
+OWN_OPTIONS = {"data_blend.prompt_format": "prompt_format", "data_blend.max_prompt_len": "max_prompt_len",
+               "data_blend.max_answer_len": "max_answer_len"}
 
 
 @dataclass
 class EvalSettings:
-    command: Optional[str] = None
-    run: Optional[str] = None
-    a: Optional[str] = None
-    b: Optional[str] = None
-    models: Optional[str] = None  # comma-separated (reward)
-    rm: Optional[str] = None
-    prompts: Optional[str] = None
-    data: Optional[str] = None
-    limit: Optional[int] = None
-    turns: str = "first"
-    max_new_tokens: Optional[int] = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    batch_size: int = 8
-    max_prompt_len: Optional[int] = None
-    max_answer_len: Optional[int] = None
-    prompt_format: str = "auto"
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: Optional[int] = 0
-    out: Optional[str] = None
-    trust_remote_code: bool = False
+    command: Optional[str] = option(None, "what to measure (the first word)", COMMANDS)
+    run: Optional[str] = option(None, "a run folder: fills a/b, models, rm and the data (its held-out split)")
+    a: Optional[str] = option(None, "compare: the first model (folder or hub id; run: sft/final)")
+    b: Optional[str] = option(None, "compare: the second model (run: ppo/final/actor)")
+    models: Optional[str] = option(None, "reward: the policies to score, comma-separated (run: sft and ppo)")
+    rm: Optional[str] = option(None, "the reward model folder (run: rm/final)")
+    prompts: Optional[str] = option(None, "compare, reward: a prompt file (see the module doc)")
+    data: Optional[str] = option(None, "a data file (short for data_blend=local data_blend.path=FILE) or builtin")
+    data_blend: Optional[DataBlendSection] = option(None, "data_blend=<group> and data_blend.* keys, as for training")
+    limit: Optional[int] = option(None, "prompts or pairs to use; null = compare 10, reward 64, rm all")
+    turns: str = option("first", "compare: ask each prompt's first turn, or all its turns in one conversation",
+                        ("first", "all"))
+    max_new_tokens: Optional[int] = option(None, "longest answer, in tokens; null = 128")
+    temperature: float = option(0.0, "sampling temperature; 0 = greedy")
+    top_p: float = option(1.0, "nucleus sampling share")
+    top_k: int = option(0, "sample from the k likeliest tokens; 0 = off")
+    repetition_penalty: float = option(1.0, "1.0 = off")
+    batch_size: int = option(8, "prompts or sequences per forward pass")
+    max_prompt_len: Optional[int] = option(None, "prompt tokens kept; null = the run's data_blend.max_prompt_len, else 256")
+    max_answer_len: Optional[int] = option(None, "rm: answer tokens kept; null = the run's, else 256")
+    prompt_format: str = option("auto", "auto = the model's run's data_blend.prompt_format, else human_assistant",
+                                ("auto", "human_assistant", "chat_template"))
+    device: str = option("auto", "auto (cuda when there is one), cpu, cuda or cuda:N")
+    dtype: str = option("auto", "auto = bf16 on a GPU that has it, else fp32", ("auto", "fp32", "bf16", "fp16"))
+    seed: Optional[int] = option(0, "sampling seed, and the built-in data's")
+    out: Optional[str] = option(None, "write the result: .json; compare also .jsonl or .md")
+    trust_remote_code: bool = option(False, "run the models' own code from the hub (only for models you trust)")
+
+
+# --------------------------------------------------------------------------- data descriptions
+
+
+def compose_data_blend(overrides: Sequence[str]) -> DataBlendSection:
+    """The data_blend `python -m pipeline <overrides>` would train on: Hydra composes conf/ with the
+    data_blend=<group> and data_blend.* overrides (the `local` group when none is named)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    from pipeline import CONF_DIR
+    from pipeline.config import register_resolvers
+
+    keys = [item.split("=", 1)[0].lstrip("+~") for item in overrides]
+    for key in keys:
+        if key in OWN_OPTIONS:
+            raise ConfigError(f"{key}: evaluation formats the data as the model was trained (its run's value); "
+                              f"set {OWN_OPTIONS[key]}= to change it")
+    if "data_blend" not in keys:
+        overrides = ["data_blend=local", *overrides]
+    register_resolvers()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            composed = compose(config_name="config", overrides=list(overrides))
+        # Resolved where it sits (the groups refer to ${data_blend.path}), then typed.
+        plain = OmegaConf.to_container(composed.data_blend, resolve=True)
+        blend = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataBlendSection), plain))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_one_line(err)) from None
+    try:
+        validate_data_blend(blend)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return blend
+
+
+def _one_line(err: Exception) -> str:
+    """Hydra's message in one line: what failed, why (its cause), the group's options when it names them."""
+    text = str(err)
+    line = text.splitlines()[0]
+    if err.__cause__:
+        line += f" ({str(err.__cause__).splitlines()[0]})"
+    if "Available options" in text:
+        options = text.split("Available options", 1)[1].split("Config search path", 1)[0].split(":", 1)[1].split()
+        line += f"; available: {', '.join(options)}"
+    return line
+
+
+def data_description(s: EvalSettings) -> DataBlendSection | None:
+    """The data to measure on from data_blend or data= (None: neither was given)."""
+    if s.data and s.data_blend:
+        raise ConfigError(f"data={s.data} and data_blend both describe the data; give one of them")
+    if s.data == "builtin":
+        return compose_data_blend(["data_blend=builtin"])
+    if s.data:
+        if not Path(s.data).expanduser().exists():
+            raise ConfigError(f"data={s.data}: no such file or folder")
+        return DataBlendSection(name="local", path=s.data, datasets=[DatasetSpec(name="local", path=s.data)])
+    return s.data_blend
+
+
+def describe(blend: DataBlendSection) -> str:
+    return ", ".join(d.name + (f" ({d.path})" if d.path else "") for d in blend.datasets)
+
+
+def tokenized_examples(blend: DataBlendSection, stage: str, tokenizer, prompt_format: str, max_prompt_len: int,
+                       max_answer_len: int, seed: int) -> tuple[list[dict], list]:
+    """Every example of the blend's datasets for `stage`, tokenized as that stage does (the same
+    drops, counted per dataset in the returned SourceStats): the whole blend goes to the stage's
+    slice, unweighted, cached only for this call."""
+    from pipeline.data import load_stage_data
+
+    shares = {"sft": "1,0,0", "rm": "0,1,0", "ppo": "0,0,1"}[stage]
+    with tempfile.TemporaryDirectory(prefix="evaluate-data-") as scratch:
+        whole = dataclasses.replace(
+            blend, split=shares, sft_only=[], datasets=[dataclasses.replace(d, weight=None) for d in blend.datasets],
+            prompt_format=prompt_format, max_prompt_len=max_prompt_len, max_answer_len=max_answer_len,
+            cache_dir=scratch)
+        cfg = RunConfig(run=RunSection(seed=seed, output_dir=scratch), data_blend=whole)
+        data = load_stage_data(cfg, stage, tokenizer)
+        return list(data.eval) + list(data.train), data.stats
+
+
+def prompt_records(blend: DataBlendSection, seed: int) -> tuple[list[dict[str, Any]], list]:
+    """Prompts from every record of the blend's datasets: {"id", "category" (the dataset),
+    "history" (the dialogue before the last user turn), "turns" ([that turn])}, and per-dataset counts."""
+    from pipeline.data import SourceStats, read_source
+
+    prompts: list[dict[str, Any]] = []
+    stats = []
+    for i, spec in enumerate(blend.datasets):
+        src = read_source(spec, seed, f"data_blend.datasets[{i}]")
+        records = src.train + src.test
+        stats.append(SourceStats(spec.name, read=src.read, kept=len(records), dropped=src.dropped, path=spec.path))
+        prompts += [{"id": f"{i}.{n + 1}" if len(blend.datasets) > 1 else n + 1, "category": spec.name,
+                     "history": r.messages[:-1], "turns": [r.messages[-1]["content"]]} for n, r in enumerate(records)]
+    return prompts, stats
+
+
+def data_summary(stats: list, what: str) -> str:
+    """Per dataset: records read, kept, dropped by reason (the training summary's counts)."""
+    lines = [f"data: {sum(st.kept for st in stats)} {what} from {len(stats)} dataset(s)"]
+    for st in stats:
+        drops = ", ".join(f"{reason} {n}" for reason, n in sorted(st.dropped.items())) or "none"
+        lines.append(f"  {st.name}{f' [{st.path}]' if st.path else ''}: read {st.read}, kept {st.kept}; "
+                     f"dropped {sum(st.dropped.values())}: {drops}")
+    return "\n".join(lines)
+
+
+def stats_json(stats: list) -> list[dict]:
+    return [{"name": st.name, "path": st.path, "read": st.read, "kept": st.kept, "dropped": dict(st.dropped)}
+            for st in stats]
 
 
 # --------------------------------------------------------------------------- inputs
 
 
 def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """[{"id", "category", "turns": [user turn texts]}] from a prompt file (see the module doc)."""
-    from pipeline.data import split_dialogue
+    """[{"id", "category", "history": [], "turns": [user turn texts]}] from a prompt file (see the module doc)."""
+    from pipeline.data import DataError, split_dialogue
 
     path = Path(path).expanduser()
     if not path.exists():
-        raise SystemExit(f"error: prompts={path}: no such file")
+        raise DataError(f"prompts={path}: no such file")
     out: list[dict[str, Any]] = []
     if path.suffix == ".txt":
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
             if line.strip():
-                out.append({"id": i + 1, "category": None, "turns": [line.strip()]})
+                out.append({"id": i + 1, "category": None, "history": [], "turns": [line.strip()]})
     else:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt", encoding="utf-8") as fh:
             text = fh.read()
-        rows = json.loads(text) if path.name.endswith((".json", ".json.gz")) else \
-            [json.loads(line) for line in text.splitlines() if line.strip()]
+        try:
+            rows = json.loads(text) if path.name.endswith((".json", ".json.gz")) else \
+                [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as err:
+            raise DataError(f"prompts={path}: not JSON ({err})") from None
         for i, row in enumerate(rows):
             if isinstance(row, str):
                 turns = [row]
@@ -106,21 +244,11 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
                     turns = [value] if isinstance(value, str) else []
             if turns:
                 out.append({"id": row.get("question_id", row.get("id", i + 1)) if isinstance(row, dict) else i + 1,
-                            "category": row.get("category") if isinstance(row, dict) else None, "turns": turns})
+                            "category": row.get("category") if isinstance(row, dict) else None, "history": [],
+                            "turns": turns})
     if not out:
-        raise SystemExit(f"error: prompts={path}: no prompts found")
+        raise DataError(f"prompts={path}: no prompts found")
     return out[:limit] if limit else out
-
-
-def _run_cfg(run: str | Path):
-    from omegaconf import OmegaConf
-
-    from pipeline.config import load_config
-
-    path = Path(run) / "config.yaml"
-    if not path.exists():
-        raise SystemExit(f"error: run={run}: no config.yaml there (not a run folder)")
-    return load_config(OmegaConf.load(path))
 
 
 def _run_split(run: str | Path, stage: str) -> tuple[list[dict], Any]:
@@ -128,18 +256,23 @@ def _run_split(run: str | Path, stage: str) -> tuple[list[dict], Any]:
     from pipeline.data import load_stage_data
     from pipeline.models import load_tokenizer
 
-    cfg = _run_cfg(run)
+    cfg = load_run_config(run)
+    # The run where it is now (config.yaml may name it relative to where it was started).
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(Path(run).expanduser())))
     tokenizer = load_tokenizer(cfg.tokenizer_source, cfg.output_dir, cfg.model.trust_remote_code)
     data = load_stage_data(cfg, stage, tokenizer)
-    return (data.eval or data.train), tokenizer
+    return list(data.eval or data.train), tokenizer
 
 
-def _lengths(s: EvalSettings, path: str | None) -> tuple[int, int, int]:
-    cfg = run_config_of(s.run or path or "")
-    d = cfg.get("data_blend") or {}
-    gen = ((cfg.get("stage") or {}).get("ppo") or {}).get("generation") or {}
-    return (s.max_prompt_len or d.get("max_prompt_len") or 256, s.max_answer_len or d.get("max_answer_len") or 256,
-            s.max_new_tokens or gen.get("max_new_tokens") or 128)
+def _lengths(s: EvalSettings, model_path: str) -> tuple[int, int]:
+    """(max_prompt_len, max_answer_len): the options, else the run's data_blend, else 256."""
+    cfg = load_run_config(s.run) if s.run else run_config_of(model_path)
+    return (s.max_prompt_len or (cfg.data_blend.max_prompt_len if cfg else 256),
+            s.max_answer_len or (cfg.data_blend.max_answer_len if cfg else 256))
+
+
+def _generation(s: EvalSettings) -> EvalSettings:
+    return dataclasses.replace(s, max_new_tokens=s.max_new_tokens or 128)
 
 
 def _prompt_ids(tokenizer, turns_so_far: list[dict], fmt: str, max_len: int) -> list[int]:
@@ -152,14 +285,16 @@ def _prompt_ids(tokenizer, turns_so_far: list[dict], fmt: str, max_len: int) -> 
 def _write(out: str | None, payload: Any, markdown: str | None = None) -> None:
     if not out:
         return
+    from pipeline.files import atomic_write
+
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".md" and markdown is not None:
-        path.write_text(markdown)
+        atomic_write(path, markdown)
     elif path.suffix == ".jsonl" and isinstance(payload, list):
-        path.write_text("".join(json.dumps(r) + "\n" for r in payload))
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in payload))
     else:
-        path.write_text(json.dumps(payload, indent=2))
+        atomic_write(path, json.dumps(payload, indent=2))
     print(f"written: {path}", file=sys.stderr)
 
 
@@ -171,22 +306,24 @@ def answers_of(path: str, prompts: list[dict], s: EvalSettings, max_prompt_len: 
     model, tokenizer = load_policy(path, s.device, s.dtype, s.trust_remote_code)
     fmt = resolve_prompt_format(path, s.prompt_format)
     if s.turns == "all":
-        session = ChatSession(path, model=model, tokenizer=tokenizer, **_chat_kwargs(s, path))
+        session = ChatSession(path, model=model, tokenizer=tokenizer, **_chat_kwargs(s))
         out = []
         for p in progress(prompts, desc=f"answers {Path(path).name}", unit="prompt"):
             session.clear()
+            session.history = list(p["history"])
             out.append([session.ask(t) for t in p["turns"]])
         return out
+    turns = TurnMarkers(tokenizer, fmt)
     out = []
     for start in progress(range(0, len(prompts), s.batch_size), desc=f"answers {Path(path).name}", unit="batch"):
         chunk = prompts[start: start + s.batch_size]
-        ids = [_prompt_ids(tokenizer, [{"role": "user", "content": p["turns"][0]}], fmt, max_prompt_len) for p in chunk]
-        rows = generate_batch(model, tokenizer, ids, s)
-        out += [[cut_answer(tokenizer.decode(r, skip_special_tokens=True))] for r in rows]
+        ids = [_prompt_ids(tokenizer, p["history"] + [{"role": "user", "content": p["turns"][0]}], fmt, max_prompt_len)
+               for p in chunk]
+        out += [[turns.answer(r)] for r in generate_batch(model, tokenizer, ids, s, turns=turns)]
     return out
 
 
-def _chat_kwargs(s: EvalSettings, path: str) -> dict:
+def _chat_kwargs(s: EvalSettings) -> dict:
     return dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                 repetition_penalty=s.repetition_penalty, prompt_format=s.prompt_format, device=s.device,
                 dtype=s.dtype, trust_remote_code=s.trust_remote_code)
@@ -206,18 +343,26 @@ def compare(s: EvalSettings) -> list[dict]:
     a = s.a or (f"{s.run}/sft/final" if s.run else None)
     b = s.b or (f"{s.run}/ppo/final/actor" if s.run else None)
     if not a or not b:
-        raise SystemExit("error: compare needs a=<model> b=<model> (or run=<run folder>)")
-    max_prompt_len, _, s.max_new_tokens = _lengths(s, b)
+        raise ConfigError("compare needs a=<model> b=<model> (or run=<run folder>)")
+    s = _generation(s)
+    max_prompt_len, _ = _lengths(s, b)
     limit = s.limit or 10
+    blend = data_description(s)
+    if s.prompts and blend:
+        raise ConfigError(f"prompts={s.prompts} and data_blend/data both give prompts; give one of them")
     if s.prompts:
         prompts = read_prompts(s.prompts, limit)
+    elif blend:
+        prompts, stats = prompt_records(blend, s.seed or 0)
+        print(data_summary(stats, "prompts"))
+        prompts = prompts[:limit]
     elif s.run:
         examples, tokenizer = _run_split(s.run, "ppo")
-        prompts = [{"id": i + 1, "category": None,
+        prompts = [{"id": i + 1, "category": None, "history": [],
                     "turns": [cut_answer(_strip_format(tokenizer.decode(e["prompt_input_ids"], skip_special_tokens=True)))]}
                    for i, e in enumerate(examples[:limit])]
     else:
-        raise SystemExit("error: compare needs prompts=<file> (or run=<run folder> for its held-out prompts)")
+        raise ConfigError("compare needs prompts=<file> or data_blend (or run=<run folder> for its held-out prompts)")
     if s.seed is not None:
         torch.manual_seed(s.seed)
     ans_a = answers_of(a, prompts, s, max_prompt_len)
@@ -254,10 +399,8 @@ def _cell(text: str) -> str:
 
 
 def load_reward_model(path: str, s: EvalSettings):
-    from pipeline.chat import load_tokenizer_for
+    from pipeline.chat import load_tokenizer_for, quiet_transformers
     from pipeline.models import RewardModel
-
-    from pipeline.chat import quiet_transformers
 
     quiet_transformers()
     device = pick_device(s.device)
@@ -283,50 +426,36 @@ def score_sequences(rm, seqs: list[list[int]], pad_id: int, batch_size: int = 8,
     return scores
 
 
-def _pairs_from_file(data: str, tokenizer, s: EvalSettings, fmt: str) -> list[dict]:
-    from pipeline.data import read_source
-    from pipeline.data_schema import DatasetSpec
-
-    max_prompt, max_answer, _ = _lengths(s, s.rm)
-    if data == "builtin":
-        spec = DatasetSpec(name="builtin", max_records=s.limit or 1000)
-    else:
-        spec = DatasetSpec(name="local", path=data, max_records=s.limit)
-    src = read_source(spec, s.seed or 0, "data")
-    records = [r for r in src.train + src.test if r.rejected is not None][: s.limit or None]
-    eos = tokenizer.eos_token_id
-    out = []
-    for r in records:
-        p = _prompt_ids(tokenizer, r.messages, fmt, max_prompt)
-        c, j = (tokenizer(" " + t, add_special_tokens=False).input_ids[: max_answer - 1] + [eos] for t in (r.chosen, r.rejected))
-        if c != j:
-            out.append({"chosen_input_ids": p + c, "rejected_input_ids": p + j})
-    return out
-
-
 def rm_eval(s: EvalSettings) -> dict:
     rm_path = s.rm or (f"{s.run}/rm/final" if s.run else None)
     if not rm_path:
-        raise SystemExit("error: rm needs rm=<reward model folder> (or run=<run folder>)")
+        raise ConfigError("rm needs rm=<reward model folder> (or run=<run folder>)")
+    blend = data_description(s)
+    if not blend and not s.run:
+        raise ConfigError("rm needs data_blend (or data=<pairs file | builtin>, or run=<run folder> for its "
+                          "held-out pairs)")
     rm, tokenizer = load_reward_model(rm_path, s)
-    if s.data:
-        pairs = _pairs_from_file(s.data, tokenizer, s, resolve_prompt_format(rm_path, s.prompt_format))
-        source = s.data
-    elif s.run:
-        pairs, _ = _run_split(s.run, "rm")
-        pairs = pairs[: s.limit] if s.limit else pairs
-        source = f"{s.run} (held-out rm split)"
+    stats: list = []
+    if blend:
+        max_prompt_len, max_answer_len = _lengths(s, rm_path)
+        pairs, stats = tokenized_examples(blend, "rm", tokenizer, resolve_prompt_format(rm_path, s.prompt_format),
+                                          max_prompt_len, max_answer_len, s.seed or 0)
+        print(data_summary(stats, "pairs"))
+        source = describe(blend)
     else:
-        raise SystemExit("error: rm needs data=<pairs file | builtin> (or run=<run folder> for its held-out pairs)")
+        pairs, _ = _run_split(s.run, "rm")
+        source = f"{s.run} (held-out rm split)"
+    pairs = pairs[: s.limit] if s.limit else pairs
     if not pairs:
-        raise SystemExit(f"error: no preference pairs in {source}")
+        raise ConfigError(f"no preference pairs in {source}")
     chosen = score_sequences(rm, [p["chosen_input_ids"] for p in pairs], tokenizer.pad_token_id, s.batch_size, "chosen")
     rejected = score_sequences(rm, [p["rejected_input_ids"] for p in pairs], tokenizer.pad_token_id, s.batch_size, "rejected")
     margins = [c - r for c, r in zip(chosen, rejected)]
     result = {"reward_model": rm_path, "data": source, "pairs": len(pairs),
               "accuracy": sum(m > 0 for m in margins) / len(margins),
               "chosen_score": statistics.fmean(chosen), "rejected_score": statistics.fmean(rejected),
-              "margin": statistics.fmean(margins), "margin_std": statistics.pstdev(margins)}
+              "margin": statistics.fmean(margins), "margin_std": statistics.pstdev(margins),
+              "datasets": stats_json(stats)}
     print(f"reward model {rm_path} on {len(pairs)} pairs from {source}:\n"
           f"  accuracy {result['accuracy']:.4f}   mean score chosen {result['chosen_score']:.4f} / "
           f"rejected {result['rejected_score']:.4f}   margin {result['margin']:.4f} (std {result['margin_std']:.4f})")
@@ -343,24 +472,33 @@ def reward_eval(s: EvalSettings) -> dict:
         models = [f"{s.run}/sft/final", f"{s.run}/ppo/final/actor"]
     rm_path = s.rm or (f"{s.run}/rm/final" if s.run else None)
     if not models or not rm_path:
-        raise SystemExit("error: reward needs models=<m1,m2,...> and rm=<reward model> (or run=<run folder>)")
-    max_prompt_len, _, s.max_new_tokens = _lengths(s, models[-1])
+        raise ConfigError("reward needs models=<m1,m2,...> and rm=<reward model> (or run=<run folder>)")
+    s = _generation(s)
+    max_prompt_len, _ = _lengths(s, models[-1])
     limit = s.limit or 64
+    blend = data_description(s)
+    if s.prompts and blend:
+        raise ConfigError(f"prompts={s.prompts} and data_blend/data both give prompts; give one of them")
+    if not (s.prompts or blend or s.run):
+        raise ConfigError("reward needs prompts=<file> or data_blend (or run=<run folder> for its held-out prompts)")
     rm, rm_tok = load_reward_model(rm_path, s)
     fmt = resolve_prompt_format(rm_path, s.prompt_format)
-    if s.prompts:
-        prompts = read_prompts(s.prompts, limit)
-        prompt_msgs = [[{"role": "user", "content": p["turns"][0]}] for p in prompts]
-        source = s.prompts
-    elif s.run:
+    stats: list = []
+    prompt_msgs = prompt_id_rows = run_tok = None
+    if s.prompts or blend:
+        if s.prompts:
+            prompts, source = read_prompts(s.prompts, limit), s.prompts
+        else:
+            prompts, stats = prompt_records(blend, s.seed or 0)
+            print(data_summary(stats, "prompts"))
+            prompts, source = prompts[:limit], describe(blend)
+        prompt_msgs = [p["history"] + [{"role": "user", "content": p["turns"][0]}] for p in prompts]
+    else:
         examples, run_tok = _run_split(s.run, "ppo")
-        prompt_msgs = None
         prompt_id_rows = [e["prompt_input_ids"] for e in examples[:limit]]
         source = f"{s.run} (held-out ppo prompts)"
-    else:
-        raise SystemExit("error: reward needs prompts=<file> (or run=<run folder> for its held-out prompts)")
     results = {"reward_model": rm_path, "prompts": source, "max_new_tokens": s.max_new_tokens,
-               "temperature": s.temperature, "models": {}}
+               "temperature": s.temperature, "models": {}, "datasets": stats_json(stats)}
     samples: list[dict] = []
     for path in models:
         if s.seed is not None:
@@ -377,7 +515,7 @@ def reward_eval(s: EvalSettings) -> dict:
         answers: list[list[int]] = []
         for start in progress(range(0, len(ids_rows), s.batch_size), desc=f"generate {_label(path, s.run)}", unit="batch"):
             # As in PPO: the answer runs to its first eos (no cut at "Human:"), and that is what gets scored.
-            answers += generate_batch(model, tok, ids_rows[start: start + s.batch_size], s, stop_at_turn=False)
+            answers += generate_batch(model, tok, ids_rows[start: start + s.batch_size], s)
         if same_vocab:
             seqs = [p + a for p, a in zip(ids_rows, answers)]
         else:  # another tokenizer: score the text, re-tokenized for the reward model
@@ -408,17 +546,32 @@ def reward_eval(s: EvalSettings) -> dict:
 
 # --------------------------------------------------------------------------- the command
 
+RUN: dict[str, Callable[[EvalSettings], Any]] = {"compare": compare, "rm": rm_eval, "reward": reward_eval}
+
+
+def parse_command_line(argv: Sequence[str]) -> EvalSettings:
+    """EvalSettings from the command line: data_blend=<group> / data_blend.* words go to Hydra
+    (compose_data_blend), the rest are EvalSettings options; the first bare word is the command."""
+    data, own = [], []
+    for item in option_args(argv):
+        (data if item.split("=", 1)[0].lstrip("+~").split(".")[0] == "data_blend" else own).append(item)
+    s = parse_options(own, EvalSettings, positional="command")
+    if s.command is None:
+        raise ConfigError(f"name what to measure first: {', '.join(COMMANDS)} (--help lists the options)")
+    return dataclasses.replace(s, data_blend=compose_data_blend(data)) if data else s
+
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
-        print(__doc__, file=sys.stderr)
-        return 0 if args and args[0] in ("-h", "--help") else 2
-    s = parse_overrides(args[1:], EvalSettings)
-    s.command = args[0]
-    if s.turns not in ("first", "all"):
-        raise SystemExit(f"error: turns={s.turns}: must be first or all")
-    {"compare": compare, "rm": rm_eval, "reward": reward_eval}[s.command](s)
+    if not args or any(a in ("-h", "--help") for a in args):
+        print(options_help(EvalSettings, __doc__.rstrip()), file=sys.stdout if args else sys.stderr)
+        return 0 if args else USER_ERROR_EXIT_CODE
+    try:
+        s = parse_command_line(args)
+        RUN[s.command](s)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT_CODE
     return 0
 
 

@@ -1,5 +1,7 @@
-"""Chat and evaluation on a tiny trained run: piped stdin, the Python API, stop rules, and the
-evaluate commands (compare, rm, reward)."""
+"""Chat: piped stdin, the Python API, options (typed, refused with one line), and where an answer
+ends: generation stops at the next turn marker, the answer is cut before it, and the stream never
+shows it. Models that must write a given answer are tiny random OPTs whose generation config
+biases them (transformers' sequence_bias) towards that text."""
 
 from __future__ import annotations
 
@@ -12,24 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["+experiment=demo", "stage.sft.max_steps=15", "stage.rm.max_steps=10", "stage.ppo.max_steps=1",
-        "stage.ppo.generation.max_new_tokens=8", "data_blend.datasets.0.max_records=800"]
+OPT_TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizers" / "opt"
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_PROGRESS": "0"}
-
-
-def tiny_trained_run(tmp_path_factory) -> Path:
-    """A tiny SFT -> RM -> PPO run, made once per test session (other files reuse the folder)."""
-    out = tmp_path_factory.getbasetemp() / "issue8_tiny_run"
-    if not (out / "results.json").exists():
-        proc = subprocess.run([sys.executable, "-m", "pipeline", *TINY, f"run.output_dir={out}"], cwd=ROOT, env=ENV,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    return tiny_trained_run(tmp_path_factory)
 
 
 def chat_cli(stdin: str, *args: str) -> subprocess.CompletedProcess:
@@ -37,8 +23,47 @@ def chat_cli(stdin: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_chat_over_piped_stdin(run: Path):
-    actor = run / "ppo" / "final" / "actor"
+def scripted_model(tokenizer, prompt_ids: list[int], script: str, out: Path) -> list[int]:
+    """Save to `out` a tiny random OPT (2 layers, hidden 64) that greedily answers `prompt_ids` with
+    `script`: each script token gets +100 after the two tokens before it (generation_config's
+    sequence_bias). Returns the script's token ids."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+                                     num_attention_heads=4, max_position_embeddings=256,
+                                     pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                     eos_token_id=tokenizer.eos_token_id))
+    script_ids = tokenizer(script, add_special_tokens=False).input_ids
+    seq = prompt_ids[-2:] + script_ids
+    model.generation_config.sequence_bias = [[seq[i - 2: i + 1], 100.0] for i in range(2, len(seq))]
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return script_ids
+
+
+def builtin_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    from pipeline.data.builtin import save_tokenizer
+
+    return AutoTokenizer.from_pretrained(save_tokenizer(folder))
+
+
+def opt_tokenizer():
+    from transformers import AutoTokenizer
+
+    if not OPT_TOKENIZER.is_dir():
+        pytest.skip(f"{OPT_TOKENIZER} is not here")
+    return AutoTokenizer.from_pretrained(OPT_TOKENIZER)
+
+
+# --------------------------------------------------------------------------- a trained run
+
+
+def test_chat_over_piped_stdin(demo_run: Path):
+    actor = demo_run / "ppo" / "final" / "actor"
     proc = chat_cli("what color is the cat ?\n\nclear\nwhere does the dog live ?\nquit\nwhat color is the cow ?\n",
                     f"path={actor}", "temperature=0", "max_new_tokens=6")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -56,22 +81,16 @@ def test_chat_over_piped_stdin(run: Path):
     assert all(isinstance(r["answer"], str) for r in rows)
 
 
-def test_chat_errors_are_one_line(tmp_path: Path):
-    proc = chat_cli("", f"path={tmp_path / 'nothing'}")
-    assert proc.returncode == 2 and "no such folder" in proc.stderr and "Traceback" not in proc.stderr
-    proc = chat_cli("", "path=x", "temprature=1")
-    assert proc.returncode != 0 and "unknown setting 'temprature'" in proc.stderr
-
-
-def test_chat_session_api_multi_turn_and_streaming(run: Path):
+def test_chat_session_api_multi_turn_and_streaming(demo_run: Path):
     from pipeline.chat import ChatSession
     from pipeline.data import format_prompt
 
-    chat = ChatSession(run / "ppo" / "final" / "actor", temperature=0, max_new_tokens=5)
+    chat = ChatSession(demo_run / "ppo" / "final" / "actor", temperature=0, max_new_tokens=5)
     assert chat.prompt_format == "human_assistant"  # read from the run's config.yaml
+    assert chat.turns.strings == ("Human:", "Assistant:")
     pieces: list[str] = []
     first = chat.ask("what color is the cat ?", stream=pieces.append)
-    assert isinstance(first, str) and "".join(pieces) == first
+    assert first and "".join(pieces) == first
     second = chat.ask("where does the dog live ?")
     assert [m["role"] for m in chat.history] == ["user", "assistant", "user", "assistant"]
     assert chat.history[1]["content"] == first and chat.history[3]["content"] == second
@@ -84,50 +103,123 @@ def test_chat_session_api_multi_turn_and_streaming(run: Path):
     assert chat.ask("what color is the cat ?") == first  # greedy: same start, same answer
 
 
-def test_answer_stops_at_the_next_human_turn(run: Path):
-    from transformers import AutoTokenizer
+# --------------------------------------------------------------------------- options
 
-    from pipeline.chat import _AnswerStreamer, cut_answer, parse_overrides, ChatSettings
+
+def test_options_are_typed_and_refused_with_one_line(capsys):
+    from pipeline.chat import ChatSession, ChatSettings, main, parse_options
+    from pipeline.config import ConfigError
+
+    s = parse_options(["a/b", "--max_new_tokens", "7", "temperature=0", "seed=null", "stream=false",
+                       "--top-p=0.5", "system=Be brief: one line, no more"], ChatSettings, positional="path")
+    assert (s.path, s.max_new_tokens, s.temperature, s.seed, s.stream, s.top_p) == ("a/b", 7, 0.0, None, False, 0.5)
+    assert isinstance(s.temperature, float) and s.system == "Be brief: one line, no more"
+    refusals = {("temprature=1",): "unknown option 'temprature' (did you mean 'temperature'?)",
+                ("temperature=hot",): "temperature=hot: expected a number",
+                ("max_new_tokens=1.5",): "max_new_tokens=1.5: expected an integer",
+                ("format=xml",): "format=xml: must be one of text, jsonl",
+                ("prompt_format=chatml",): "prompt_format=chatml: must be one of auto, human_assistant, chat_template",
+                ("path=a", "b"): "'b': expected key=value",
+                ("--stream",): "--stream needs a value"}
+    for args, message in refusals.items():
+        with pytest.raises(ConfigError) as err:
+            parse_options(list(args), ChatSettings, positional="path")
+        assert str(err.value).startswith(message), str(err.value)
+        assert "\n" not in str(err.value)
+    # The Python API checks its settings the same way.
+    with pytest.raises(ConfigError, match="unknown option 'max_tokens' \\(did you mean 'max_new_tokens'\\?\\)"):
+        ChatSession("x", max_tokens=3)
+    # --help lists every option with its default.
+    assert main(["--help"]) == 0
+    shown = capsys.readouterr().out
+    for name in ("path", "max_new_tokens", "temperature", "prompt_format", "format", "trust_remote_code"):
+        assert f"\n  {name} " in shown, name
+    assert "auto | human_assistant | chat_template" in shown
+
+
+def test_chat_command_errors_are_one_line(tmp_path: Path):
+    proc = chat_cli("", f"path={tmp_path / 'nothing'}")
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: path={tmp_path / 'nothing'}: no such folder"
+    proc = chat_cli("", "path=x", "temprature=1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: unknown option 'temprature' (did you mean 'temperature'?)"
+    proc = chat_cli("", f"path={tmp_path}")  # a folder with no model in it
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and str(tmp_path) in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- where an answer ends
+
+
+def test_cut_answer_and_streamer_hold_back_the_marker(tmp_path: Path):
+    import torch
+
+    from pipeline.chat import AnswerStreamer, TurnMarkers, cut_answer
 
     assert cut_answer(" Paris is the capital.\n\nHuman: and Spain?") == "Paris is the capital."
     assert cut_answer("the cat is red . Human : what") == "the cat is red ."
-    tok = AutoTokenizer.from_pretrained(run / "ppo" / "final" / "actor")
+    assert cut_answer("no marker here ") == "no marker here"
+    tok = builtin_tokenizer(tmp_path / "tok")
+    turns = TurnMarkers(tok, "human_assistant")
     shown: list[str] = []
-    streamer = _AnswerStreamer(tok, shown.append)
+    streamer = AnswerStreamer(turns, shown.append)
     streamer.put(tok("prompt", return_tensors="pt").input_ids)  # the prompt is not shown
     for word in "the cat is red . Human : what color".split():
-        streamer.put(tok(word, add_special_tokens=False, return_tensors="pt").input_ids[0])
+        streamer.put(torch.tensor(tok(word, add_special_tokens=False).input_ids))
+        assert "H" not in "".join(shown)  # "Human" may start a marker: held back as soon as it comes
     streamer.end()
     assert "".join(shown) == "the cat is red ."
-    s = parse_overrides(["path=a", "--max_new_tokens", "7", "temperature=0", "seed=null", "stream=false"], ChatSettings)
-    assert (s.path, s.max_new_tokens, s.temperature, s.seed, s.stream) == ("a", 7, 0.0, None, False)
+    # Held text that does not become a marker is shown once the next token says so.
+    assert turns.visible("the cat is red . Hu", final=False) == "the cat is red ."
+    assert turns.visible("the cat is red . Hungry", final=False) == "the cat is red . Hungry"
 
 
-def test_evaluate_rm_reward_and_compare(run: Path, tmp_path: Path, shared_data_dir=None):
-    from pipeline.evaluate import EvalSettings, compare, reward_eval, rm_eval
+@pytest.mark.parametrize("vocabulary", ["opt", "builtin"])
+def test_generation_stops_at_the_next_human_turn(vocabulary: str, tmp_path: Path):
+    """OPT's byte-level BPE goes through transformers' stop strings; the built-in word-level
+    vocabulary cannot (transformers builds its stop tables from a probe text it cannot spell) and
+    takes the windowed fallback. Either way generation ends on the marker's last token."""
+    from pipeline.chat import ChatSession, generate_batch
 
-    # The reward model on the run's own held-out pairs reproduces the stage's accuracy.
-    result = rm_eval(EvalSettings(run=str(run), device="cpu"))
-    stage = json.loads((run / "results.json").read_text())["rm"]
-    assert result["accuracy"] == pytest.approx(stage["accuracy_after"])
-    assert result["chosen_score"] == pytest.approx(stage["chosen_score"], abs=1e-4)
-    # Pairs from a file (the same format data_blend=local reads).
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"prompt": f"what color is the {s} ?", "chosen": f"the {s} is red .",
-                                         "rejected": "bee bee bee"}) + "\n" for s in ("cat", "dog", "cow")))
-    result = rm_eval(EvalSettings(rm=str(run / "rm" / "final"), data=str(pairs), device="cpu"))
-    assert result["pairs"] == 3 and 0.0 <= result["accuracy"] <= 1.0
-    # Reward of two policies' answers on the held-out PPO prompts.
-    result = reward_eval(EvalSettings(run=str(run), limit=4, batch_size=4, max_new_tokens=4, device="cpu",
-                                      out=str(tmp_path / "reward.json")))
-    assert set(result["models"]) == {"sft/final", "ppo/final/actor"}
-    assert all(r["n"] == 4 and r["mean_answer_length"] <= 4 for r in result["models"].values())
-    assert json.loads((tmp_path / "reward.json").read_text())["models"]
-    # Side by side answers to prompts from an MT-Bench style file, two turns.
-    questions = tmp_path / "question.jsonl"
-    questions.write_text(json.dumps({"question_id": 7, "category": "animals",
-                                     "turns": ["what color is the cat ?", "where does it live ?"]}) + "\n")
-    rows = compare(EvalSettings(run=str(run), prompts=str(questions), turns="all", max_new_tokens=4, device="cpu",
-                                out=str(tmp_path / "compare.md")))
-    assert len(rows) == 1 and len(rows[0]["a"]) == 2 and len(rows[0]["b"]) == 2
-    assert "| 7.2 |" in (tmp_path / "compare.md").read_text()
+    if vocabulary == "opt":
+        tok = opt_tokenizer()
+        script, answer = " Paris is the capital.\n\nHuman: and Spain? It is Madrid.", "Paris is the capital."
+    else:
+        tok = builtin_tokenizer(tmp_path / "tok")
+        script, answer = " the cat is red . Human : what color is the dog ?", "the cat is red ."
+    prompt = tok("\n\nHuman: hi\n\nAssistant:").input_ids
+    script_ids = scripted_model(tok, prompt, script, tmp_path / "model")
+    chat = ChatSession(tmp_path / "model", temperature=0, max_new_tokens=30)
+    assert chat.prompt_ids([{"role": "user", "content": "hi"}]) == prompt
+    assert chat.turns.native == (vocabulary == "opt")
+    pieces: list[str] = []
+    assert chat.ask("hi", stream=pieces.append) == answer
+    assert "".join(pieces) == answer and not any("Human" in p or ":" in p for p in pieces)
+    # Generation stopped on the ":" of "Human:", 20-odd tokens before max_new_tokens.
+    generated = generate_batch(chat.model, chat.tokenizer, [prompt], chat.settings, turns=chat.turns)[0]
+    colon = tok.convert_ids_to_tokens(script_ids).index(":")
+    assert generated == script_ids[: colon + 1]
+    # Without turn markers (reward scoring, as in PPO) the model writes on, past "Human:".
+    assert generate_batch(chat.model, chat.tokenizer, [prompt], chat.settings)[0][: len(script_ids)] == script_ids
+
+
+def test_chat_template_turn_marker_stops_and_cuts(tmp_path: Path):
+    """prompt_format=chat_template: the marker is the template's end-of-turn token (a special token,
+    so answers are decoded with special tokens kept, cut there, and the rest taken out)."""
+    from pipeline.chat import ChatSession, generate_batch
+
+    tok = opt_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    prompt = tok("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    script_ids = scripted_model(tok, prompt, "Paris is the capital.<|im_end|>\n<|im_start|>user\nAnd Spain?",
+                                tmp_path / "model")
+    chat = ChatSession(tmp_path / "model", temperature=0, max_new_tokens=30, prompt_format="chat_template")
+    assert chat.turns.strings == ("<|im_end|>",)
+    assert chat.prompt_ids([{"role": "user", "content": "hi"}]) == prompt
+    pieces: list[str] = []
+    assert chat.ask("hi", stream=pieces.append) == "Paris is the capital."
+    assert "".join(pieces) == "Paris is the capital."
+    generated = generate_batch(chat.model, chat.tokenizer, [prompt], chat.settings, turns=chat.turns)[0]
+    assert generated == script_ids[: script_ids.index(tok.convert_tokens_to_ids("<|im_end|>")) + 1]
