@@ -202,3 +202,68 @@ class FixedKLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = state["value"]
+
+
+# --------------------------------------------------------------------------- DPO / IPO
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                      average: bool = False) -> torch.Tensor:
+    """Log-probability of each row's answer: log p(label) summed over mask == 1 (or, with
+    `average`, divided by the number of those tokens, as IPO uses it).
+
+    logits: (B, T, V) where logits[:, t] predicts labels[:, t] (already shifted); labels, mask:
+    (B, T), mask 1 on answer tokens (prompt and padding 0). Returns (B,) in fp32.
+    """
+    per_token = logprobs_of_labels(logits, labels) * mask
+    total = per_token.sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct preference optimisation over a batch of pairs.
+
+    All inputs (B,): the answers' log-probabilities (sequence_logprobs) under the trained policy
+    and the frozen reference model. With h = (policy_chosen - reference_chosen) -
+    (policy_rejected - reference_rejected), the per-pair loss is
+      sigmoid (Rafailov et al. 2023; with label_smoothing e, conservative DPO):
+          -(1 - e) * logsigmoid(beta * h) - e * logsigmoid(-beta * h)
+      ipo (Azar et al. 2023): (h - 1 / (2 * beta))^2
+    and the loss is its mean. Returns (loss scalar, chosen_rewards (B,), rejected_rewards (B,)),
+    the implicit rewards beta * (policy - reference), detached.
+    """
+    chosen_ratio = policy_chosen - reference_chosen
+    rejected_ratio = policy_rejected - reference_rejected
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type must be sigmoid or ipo, got {loss_type!r}")
+    return losses.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def preference_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Share of pairs whose chosen value beats the rejected one, a tie counting one half (a policy
+    equal to its reference ties every pair: 0.5, chance, not 0). chosen, rejected: (B,) -> scalar."""
+    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean()
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion successes / n (95% for the default z); (0, 1) for n = 0.
+    Unlike p +- z * sqrt(p(1-p)/n) it stays inside [0, 1] and is not empty at p = 0 or 1."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
