@@ -22,7 +22,10 @@ from pipeline.catalog import UnknownModelError, model_source, resolve_model
 from pipeline.data_schema import DataBlendSection, validate_data_blend
 from pipeline.errors import UserError
 
-STAGES = ("sft", "rm", "ppo")
+# Every stage, in the order they run (each reads the ones before it); dpo replaces rm + ppo.
+STAGES = ("sft", "rm", "ppo", "dpo")
+# What a run does when run.stages is not given: InstructGPT's three steps.
+DEFAULT_STAGES = ("sft", "rm", "ppo")
 DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -71,8 +74,8 @@ class RunSection(Section):
     name: str = "${model.actor}"
     # Where the run lives; each stage writes <output_dir>/<stage>/.
     output_dir: Optional[str] = None
-    # Subset of stages to run, in order (DeepSpeed-Chat's --step).
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    # Subset of stages to run, in order (DeepSpeed-Chat's --step); [sft, dpo] replaces RM + PPO with DPO.
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     seed: int = 1234
     # auto: continue from the last checkpoint; never: start over; or a checkpoint path.
     resume: str = "auto"
@@ -265,10 +268,36 @@ class PPOSection(Section):
 
 
 @dataclass
+class DPOSection(SupervisedSection):
+    """Direct preference optimisation (Rafailov et al. 2023) of the policy that starts from sft/final (or
+    model.actor) on the rm slice's preference pairs, against a frozen copy of its start (the reference)."""
+
+    # TRL's DPOTrainer default; DPO moves a fine-tuned model with small steps.
+    optim: OptimSection = field(default_factory=lambda: OptimSection(learning_rate=1e-6))
+    # Strength of the pull to the reference (DeepSpeed-Chat's and TRL's 0.1): smaller lets the policy move further.
+    beta: float = 0.1
+    # Share of preference labels taken as flipped (conservative DPO; sigmoid only); 0 = plain DPO.
+    label_smoothing: float = 0.0
+    # sigmoid: DPO's loss; ipo: IPO's squared loss (Azar et al. 2023) on per-token mean log-probs.
+    loss_type: str = "sigmoid"
+    # The frozen reference's weights in host RAM, streamed to the device a module at a time (a ZeRO-3
+    # inference engine with parameter offload), as stage.ppo.offload_reference_model. null = the planner
+    # decides (on when DPO fits only so); without the planner, as the policy: on under ZeRO-3 + offload.
+    offload_reference_model: Optional[bool] = None
+
+    def offloads_reference(self) -> bool:
+        """Whether the reference keeps its weights in host RAM (see offload_reference_model)."""
+        if self.offload_reference_model is not None:
+            return self.offload_reference_model
+        return bool(self.strategy.offload and (self.strategy.zero_stage or 0) >= 3)
+
+
+@dataclass
 class StageSection(Section):
     sft: SFTSection = field(default_factory=SFTSection)
     rm: RMSection = field(default_factory=RMSection)
     ppo: PPOSection = field(default_factory=PPOSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
 
 
 # Every trained model: (stage, role, config key of its RoleSection). The planner, validation and
@@ -278,11 +307,13 @@ TRAINED_ROLES = (
     ("rm", "reward", "stage.rm"),
     ("ppo", "actor", "stage.ppo.actor"),
     ("ppo", "critic", "stage.ppo.critic"),
+    ("dpo", "actor", "stage.dpo"),
 )
 # The frozen models of a stage and the key of their offload switch.
 FROZEN_ROLES = (
     ("ppo", "ref", "stage.ppo.offload_reference_model"),
     ("ppo", "reward", "stage.ppo.offload_reward_model"),
+    ("dpo", "ref", "stage.dpo.offload_reference_model"),
 )
 
 
@@ -380,6 +411,11 @@ class RunConfig(Section):
 
     def section_hash(self, *keys: str, exclude: tuple[str, ...] = ()) -> str:
         """Stable hash of the named dotted sections (what shapes a stage's result), less `exclude`."""
+        picked = self.sections(*keys, exclude=exclude)
+        return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def sections(self, *keys: str, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+        """{dotted key: its plain value} for the named sections, less the `exclude` keys."""
         plain = OmegaConf.to_container(OmegaConf.structured(self), resolve=True)
         for key in exclude:
             *parents, leaf = key.split(".")
@@ -393,7 +429,7 @@ class RunConfig(Section):
             for part in key.split("."):
                 node = node[part]
             picked[key] = node
-        return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return picked
 
 
 # --------------------------------------------------------------------------- loading + validation
@@ -705,6 +741,14 @@ def validate(cfg: RunConfig) -> None:
     if g.backend == "deepspeed":
         raise ConfigError(deepspeed_backend_refusal())
     _check(g.backend == "hf", "stage.ppo.generation.backend", g.backend, "must be hf")
+
+    d = cfg.stage.dpo
+    _check(d.beta > 0, "stage.dpo.beta", d.beta, "must be > 0")
+    _check(d.loss_type in ("sigmoid", "ipo"), "stage.dpo.loss_type", d.loss_type, "must be sigmoid or ipo")
+    _check(0.0 <= d.label_smoothing < 0.5, "stage.dpo.label_smoothing", d.label_smoothing,
+           "must be in [0, 0.5) (the share of labels taken as flipped)")
+    _check(d.label_smoothing == 0.0 or d.loss_type == "sigmoid", "stage.dpo.label_smoothing", d.label_smoothing,
+           "applies to stage.dpo.loss_type=sigmoid only (IPO has no label smoothing); set it to 0")
 
     dep = cfg.deployment
     _check(dep.launcher in ("in_process", "torchrun", "deepspeed", "slurm"), "deployment.launcher",

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.checkpoint import read_manifest, write_manifest
+from pipeline.checkpoint import ConfigRecord, read_manifest, write_manifest
 from pipeline.config import ConfigError, RunConfig, at, finalize
 from pipeline.dist import barrier, init_distributed, rank
 from pipeline.files import atomic_write, write_json_atomic
@@ -34,16 +34,18 @@ STAGE_KEYS = {
     "sft": ["model.actor", "model.tokenizer", "model.dropout", "data_blend", "stage.sft", "run.seed", "run.dtype"],
     "rm": ["model.reward", "model.tokenizer", "model.dropout", "data_blend", "stage.rm", "run.seed", "run.dtype"],
     "ppo": ["model", "data_blend", "stage.ppo", "run.seed", "run.dtype"],
+    "dpo": ["model.actor", "model.tokenizer", "model.dropout", "data_blend", "stage.dpo", "run.seed", "run.dtype"],
 }
 # The models a stage starts from: each is the final model of an earlier stage of this run when that
 # stage is in run.stages or finished with its current config, else the model the config names (a
 # checkpoint given from outside: DeepSpeed-Chat's --actor_model_name_or_path and friends).
-STAGE_INPUTS = {"sft": {}, "rm": {}, "ppo": {"actor": ("sft", "model.actor"), "reward": ("rm", "model.reward")}}
+STAGE_INPUTS = {"sft": {}, "rm": {}, "ppo": {"actor": ("sft", "model.actor"), "reward": ("rm", "model.reward")},
+                "dpo": {"actor": ("sft", "model.actor")}}
 # Settings only PPO reads (mixed training) must not re-run SFT and RM.
 PPO_ONLY = ("data_blend.ptx_path", "data_blend.ptx_field", "data_blend.ptx_max_blocks")
-# Where the frozen models' weights live changes no number PPO computes: switching it (say, after an
-# out-of-memory error) resumes the stage instead of starting it over.
-FROZEN_LAYOUT = ("stage.ppo.offload_reference_model", "stage.ppo.offload_reward_model")
+# Where the frozen models' weights live changes no number PPO or DPO computes: switching it (say, after
+# an out-of-memory error) resumes the stage instead of starting it over.
+FROZEN_LAYOUT = ("stage.ppo.offload_reference_model", "stage.ppo.offload_reward_model", "stage.dpo.offload_reference_model")
 
 
 @dataclass(frozen=True)
@@ -75,11 +77,26 @@ def stage_inputs(cfg: RunConfig, stage: str) -> dict[str, StageInput]:
 def stage_hash(cfg: RunConfig, stage: str) -> str:
     """What shapes a stage's result: its config sections, and each model it starts from (an earlier
     stage's hash, or a given checkpoint's files)."""
-    own = cfg.section_hash(*STAGE_KEYS[stage], exclude=FROZEN_LAYOUT if stage == "ppo" else PPO_ONLY)
+    own = cfg.section_hash(*STAGE_KEYS[stage], exclude=FROZEN_LAYOUT + (() if stage == "ppo" else PPO_ONLY))
     parts = [own]
     for source in stage_inputs(cfg, stage).values():
         parts.append(stage_hash(cfg, source.stage)[:8] if source.stage else _fingerprint(source.path))
     return "-".join(parts)
+
+
+def stage_record(cfg: RunConfig, stage: str) -> ConfigRecord:
+    """What a stage's checkpoints record: its hash and every setting behind it (its own sections, those
+    of the stages of this run it reads from, and the identity of the models it starts from), so that a
+    resume under another config names the key that changed."""
+    sections = cfg.sections(*STAGE_KEYS[stage], exclude=FROZEN_LAYOUT + (() if stage == "ppo" else PPO_ONLY))
+    inputs = {}
+    for name, source in stage_inputs(cfg, stage).items():
+        if source.stage:
+            sections = {**stage_record(cfg, source.stage).sections, **sections}
+            inputs[name] = f"{source.stage}:{stage_hash(cfg, source.stage)}"
+        else:
+            inputs[name] = f"{source.key}={source.path}:{_fingerprint(source.path)}"
+    return ConfigRecord(stage_hash(cfg, stage), {**sections, "inputs": inputs} if inputs else sections)
 
 
 def _fingerprint(source: str) -> str:
@@ -191,7 +208,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, dict]:
         module = importlib.import_module(f"pipeline.stages.{stage}")
         paths = {name: source.path if source.stage else materialize(at(cfg, source.key), out, len(tokenizer), cfg.run.seed)
                  for name, source in inputs.items()}  # a given built-in model is written from its config first
-        context = StageContext(tokenizer=tokenizer, work_dir=out, inputs=paths)
+        context = StageContext(tokenizer=tokenizer, work_dir=out, inputs=paths, config=stage_record(cfg, stage))
         result = module.run(cfg, context)
         result["seconds"] = round(time.time() - started, 1)
         barrier()
@@ -229,6 +246,12 @@ def summary(cfg: RunConfig, results: dict[str, dict]) -> str:
         lines.append(f"PPO   mean reward {r['reward_first']:.3f} (first steps) -> {r['reward_last']:.3f} (last steps), "
                      f"KL {r['kl_last']:.4f}, answer length {r['answer_length_last']:.1f}, {r['steps']} steps, "
                      f"{r.get('seconds', 0):.0f} s")
+    if "dpo" in results:
+        r = results["dpo"]
+        lines.append(f"DPO   held-out preference accuracy {r['accuracy_before']:.3f} -> {r['accuracy_after']:.3f} "
+                     f"(95% interval {r['accuracy_low_after']:.3f}-{r['accuracy_high_after']:.3f}, {r['eval_pairs']} pairs), "
+                     f"reward margin {r['margin_before']:.3f} -> {r['margin_after']:.3f}, loss {r['loss_before']:.3f} -> "
+                     f"{r['loss_after']:.3f}, {r['steps']} steps, {r.get('seconds', 0):.0f} s")
     for stage in results:
         lines.append(f"{stage.upper():5} model: {cfg.stage_dir(stage) / 'final'}")
     return "\n".join(lines)

@@ -10,17 +10,21 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from pipeline.config import ConfigError
+from pipeline.checkpoint import ConfigRecord
 from pipeline.dist import any_rank, rank, world_size
 from pipeline.errors import UserError
 
 
 @dataclass
 class StageContext:
-    """What the runner hands a stage: the tokenizer and the previous stages' final folders."""
+    """What the runner hands a stage: the tokenizer, the models it starts from (name -> folder or hub
+    id) and the config record its checkpoints are written under."""
 
     tokenizer: Any
     work_dir: Path
-    inputs: dict[str, Path] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)
+    config: ConfigRecord | None = None
 
     @property
     def is_main(self) -> bool:
@@ -54,13 +58,27 @@ def steps_per_epoch(n_examples: int, micro_batch: int, grad_accum: int) -> int:
     return n_examples // (micro_batch * grad_accum * world_size())
 
 
+# The micro-batch key of a stage section, where it is not per_device_train_batch_size (a PPO step
+# is counted in generation batches).
+MICRO_BATCH_KEY = {"stage.ppo": "per_device_generation_batch_size"}
+
+
 def total_steps(n_examples: int, micro_batch: int, grad_accum: int, epochs: int, max_steps: int | None, where: str) -> int:
+    """Optimizer steps of a stage; `where` is its config section (stage.sft); ConfigError naming
+    the micro-batch key when the data is smaller than one step."""
     per_epoch = steps_per_epoch(n_examples, micro_batch, grad_accum)
     if per_epoch == 0:
-        raise ValueError(f"{where}: {n_examples} training examples are fewer than one step "
-                         f"({micro_batch} x {grad_accum} x {world_size()} ranks); lower the batch size")
+        key = f"{where}.{MICRO_BATCH_KEY.get(where, 'per_device_train_batch_size')}"
+        raise ConfigError(f"{key}={micro_batch}: {n_examples} training examples are fewer than one step "
+                          f"({micro_batch} x {grad_accum} x {world_size()} ranks); lower it or add data")
     steps = per_epoch * epochs
     return min(steps, max_steps) if max_steps else steps
+
+
+def _rows(data, indices: list[int]) -> list[dict]:
+    """data[i] for i in indices; in one read where `data` can (pipeline.data.Examples.rows)."""
+    rows = getattr(data, "rows", None)
+    return rows(indices) if rows else [data[i] for i in indices]
 
 
 def epoch_batches(data, micro_batch: int, collate: Callable, seed: int, epoch: int, skip: int = 0) -> Iterator[dict]:
@@ -72,7 +90,7 @@ def epoch_batches(data, micro_batch: int, collate: Callable, seed: int, epoch: i
     per_rank = len(order) // world_size()
     mine = order[rank() * per_rank: (rank() + 1) * per_rank]
     for start in range(skip * micro_batch, len(mine) - micro_batch + 1, micro_batch):
-        yield collate([data[i] for i in mine[start: start + micro_batch]])
+        yield collate(_rows(data, mine[start: start + micro_batch]))
 
 
 def accumulation_batches(data, micro_batch: int, accumulation: int, collate: Callable, seed: int, epoch: int,
@@ -87,7 +105,7 @@ def eval_batches(data, batch: int, collate: Callable) -> Iterator[dict]:
     """Evaluation batches in order, this rank's share (the last ragged batch kept)."""
     mine = list(range(rank(), len(data), world_size()))
     for start in range(0, len(mine), batch):
-        yield collate([data[i] for i in mine[start: start + batch]])
+        yield collate(_rows(data, mine[start: start + batch]))
 
 
 def perplexity(loss: float) -> float:

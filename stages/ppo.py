@@ -86,7 +86,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     trainer = PPOTrainer(engine=engine, args=cfg)
 
     # ---- resume
-    checkpointer = Checkpointer(out, p.checkpoint.every_steps, p.checkpoint.every_minutes, p.checkpoint.keep)
+    checkpointer = Checkpointer(out, p.checkpoint.every_steps, p.checkpoint.every_minutes, p.checkpoint.keep,
+                                ctx.config)
     engines = {"actor": engine.actor, "critic": engine.critic}
     rank_states = {"actor_ema": engine.ema} if engine.ema is not None else {}
     state = resume_stage(cfg, checkpointer, "ppo", logger, engines, rank_states)

@@ -77,7 +77,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
         return {"accuracy": acc, "chosen_score": mc, "rejected_score": mr, "loss": ml}
 
     # ---- resume
-    checkpointer = Checkpointer(out, s.checkpoint.every_steps, s.checkpoint.every_minutes, s.checkpoint.keep)
+    checkpointer = Checkpointer(out, s.checkpoint.every_steps, s.checkpoint.every_minutes, s.checkpoint.keep,
+                                ctx.config)
     state = resume_stage(cfg, checkpointer, "rm", logger, {"reward": engine})
     step = state["step"]
     before = state.get("eval_before")

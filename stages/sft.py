@@ -59,7 +59,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
         return all_reduce_mean([total / max(tokens, 1)], tokens)[0]
 
     # ---- resume
-    checkpointer = Checkpointer(out, s.checkpoint.every_steps, s.checkpoint.every_minutes, s.checkpoint.keep)
+    checkpointer = Checkpointer(out, s.checkpoint.every_steps, s.checkpoint.every_minutes, s.checkpoint.keep,
+                                ctx.config)
     state = resume_stage(cfg, checkpointer, "sft", logger, {"actor": engine})
     step = state["step"]
     eval_before = state.get("eval_loss_before")

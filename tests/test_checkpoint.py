@@ -333,3 +333,24 @@ def test_a_damaged_manifest_reads_as_unfinished(tmp_path: Path, capsys):
     assert read_manifest(tmp_path) is None and "UnicodeDecodeError" in capsys.readouterr().err
     (tmp_path / "manifest.json").write_text("[1, 2]")
     assert read_manifest(tmp_path) is None and "(not a JSON object)" in capsys.readouterr().err
+
+
+def test_the_run_refuses_a_checkpoint_written_under_another_stage_config(finished: Path, tmp_path: Path):
+    """As when another run wrote into this folder: the stage's marker says the new config, its checkpoints
+    were written under the old one. The resume is refused naming the key, and nothing is deleted."""
+    from pipeline.config import finalize, load_config
+    from pipeline.planner import plan_run
+    from pipeline.runner import stage_hash
+    from test_config import compose_with
+
+    run = copy_unfinished(finished, tmp_path / "run")
+    changed = ["stage.sft.optim.learning_rate=0.001"]
+    cfg = load_config(compose_with("hardware=cpu", *ARGS, f"run.output_dir={run}", *changed))
+    cfg = finalize(cfg, plan_run(cfg))  # the run hashes its config with the plan's choices in
+    (run / "sft" / "config_hash").write_text(stage_hash(cfg, "sft"))
+    before = sorted(p.name for p in (run / "sft" / "checkpoints").iterdir())
+    proc = run_cli(*ARGS, f"run.output_dir={run}", *changed)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = last_line(proc.stderr)
+    assert line.startswith("error: ") and "stage.sft.optim.learning_rate" in line and "run.resume=never" in line, line
+    assert sorted(p.name for p in (run / "sft" / "checkpoints").iterdir()) == before
