@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 from pipeline.launchers.node_launch import adopt
 
@@ -22,7 +21,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from pipeline import CONF_DIR  # noqa: E402
 from pipeline.config import register_resolvers  # noqa: E402
-from pipeline.cli import DEBUG_ENV, execute, fail, one_line  # noqa: E402
+from pipeline.cli import execute, fail, one_line  # noqa: E402
 
 register_resolvers()
 
@@ -32,35 +31,22 @@ def main(composed: DictConfig) -> None:
     execute(composed)
 
 
-def hydra_run_folder() -> Path | None:
-    """The run folder of a single run whose Hydra output folder (hydra.run.dir, <run>/.hydra) failed."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN:
-        return None
-    return Path(os.path.abspath(HydraConfig.get().run.dir)).parent
-
-
 def run() -> None:
-    """main(), with the errors raised before execute() runs (a bad override; Hydra creating
-    <run>/.hydra in an unusable place) also as one line and exit 2. Hydra prints those itself, with
-    a traceback, unless HYDRA_FULL_ERROR=1, when it re-raises them: so it is set here."""
+    """main(), with the errors raised before execute() runs (an override Hydra cannot use; Hydra
+    creating <run>/.hydra in an unusable place) also as one line and exit 2. Hydra would print
+    those itself, with a traceback; with HYDRA_FULL_ERROR=1 it re-raises them to here instead."""
     from hydra.errors import CompactHydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0") or os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
     except CompactHydraException as err:  # Hydra's own: an override it cannot parse, a missing option
-        if debug:
-            raise
         cause = f"\n{err.__cause__}" if isinstance(err.__cause__, OmegaConfBaseException) else ""
         fail(f"{err}{cause}")
     except Exception as err:  # noqa: BLE001 - only the foreseen ones become one line
-        line = one_line(err, hydra_run_folder())
-        if line is None or debug:
+        line = one_line(err, None)  # the run folder is not known yet
+        if line is None:
             raise
         fail(line)
 

@@ -51,8 +51,8 @@ OS_CONDITIONS = {
     errno.EPERM: ("operation not permitted", _WRITABLE),
     errno.ENOSPC: ("no space left on device", _FREE_SPACE_THEN_RESUME),
     errno.EDQUOT: ("disk quota exceeded", _FREE_SPACE_THEN_RESUME),
-    errno.ENOTDIR: ("a file is where a folder should be", "move that file away or choose another path"),
-    errno.EEXIST: ("a file is where a folder should be", "move that file away or choose another path"),
+    errno.ENOTDIR: ("a file, not a folder", "move it away or choose another path (run.output_dir, or the path's own setting)"),
+    errno.EEXIST: ("a file, not a folder", "move it away or choose another path (run.output_dir, or the path's own setting)"),
     errno.EISDIR: ("a folder is where a file should be", "move that folder away or choose another path"),
     errno.ENAMETOOLONG: ("file name too long", "choose a shorter path"),
 }
@@ -111,15 +111,15 @@ def os_error_line(err: OSError, run_dir: Path | None) -> str | None:
     condition, todo = OS_CONDITIONS[err.errno]
     path = Path(os.path.abspath(os.fsdecode(err.filename))) if err.filename else None
     if err.errno in (errno.ENOTDIR, errno.EEXIST):
-        blocker = _file_in_the_way(path) if path else None
-        if blocker is None:
-            return None  # not a file in the way (an existing folder, say): not one we foresee
-        condition = f"{blocker} is a file, not a folder"
+        path = _file_in_the_way(path) if path else None  # the file standing where a folder should be
+        if path is None:
+            return None  # an existing folder, say: not one we foresee
     if path is None:
-        if run_dir is None or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             return None
         # A write on an open file: Python names no path. The run folder is where a run writes.
-        culprit = f"run.output_dir={run_dir} ({shutil.disk_usage(_existing(run_dir)).free / 2**20:.0f} MiB free)"
+        culprit = (f"run.output_dir={run_dir} ({shutil.disk_usage(_existing(run_dir)).free / 2**20:.0f} MiB free)"
+                   if run_dir else "the run folder or a cache (the file is not named)")
     elif run_dir is not None and path.is_relative_to(run_dir):
         culprit = f"run.output_dir={run_dir}" + ("" if path == run_dir else f" ({path})")
     else:
@@ -128,6 +128,24 @@ def os_error_line(err: OSError, run_dir: Path | None) -> str | None:
         kept = [str(p.parent / p.read_text().strip()) for p in sorted(run_dir.glob("*/checkpoints/latest"))]
         todo += f" ({', '.join(kept)})" if kept else " (none was written yet)"
     return f"{culprit}: {condition}; {todo}"
+
+
+def one_line(err: BaseException, run_dir: Path | None) -> str | None:
+    """The one line to print for an error the user can fix; None for a bug (it keeps its traceback).
+    An OSError counts also as the explicit cause of another error (logging raises ValueError from
+    the OSError of a log file it cannot open)."""
+    if isinstance(err, UserError):
+        return str(err)
+    while err is not None:
+        if isinstance(err, OSError) and (line := os_error_line(err, run_dir)):
+            return line
+        # A full disk seen by a library that raises its own error type (safetensors: "I/O error: No
+        # space left on device (os error 28)").
+        for code in (errno.ENOSPC, errno.EDQUOT):
+            if os.strerror(code) in str(err):
+                return os_error_line(OSError(code, os.strerror(code)), run_dir)
+        err = err.__cause__
+    return None
 
 
 def _existing(path: Path) -> Path:
@@ -192,10 +210,8 @@ def execute(composed: DictConfig) -> dict | None:
                 if stop.code == RESUMABLE_EXIT_CODE:
                     requeue_after_preemption()
                 raise
-    except UserError as err:
-        fail(str(err))
-    except OSError as err:
-        line = os_error_line(err, run_dir)
+    except Exception as err:  # noqa: BLE001 - only the foreseen ones become one line
+        line = one_line(err, run_dir)
         if line is None:
             raise
         fail(line)
