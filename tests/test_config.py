@@ -80,7 +80,7 @@ def test_promised_multi_node_command_resolves_actor():
 @pytest.mark.parametrize("override,message", [
     ("stage.ppo.per_device_training_batch_size=7", "stage.ppo.per_device_training_batch_size=7"),
     ("stage.ppo.cliprange=-1", "stage.ppo.cliprange=-1.0 must be > 0"),
-    ("run.stages=[sft,dpo]", "run.stages"),
+    ("run.stages=[sft,kto]", "run.stages"),
     ("data_blend.split='1,2'", "data_blend.split"),
     ("model.actor=gpt-17", "model.actor=gpt-17"),
     ("stage.sft.strategy.zero_stage=4", "stage.sft.strategy.zero_stage=4"),

@@ -33,6 +33,8 @@ __all__ = ["DataError", "Record", "SourceStats", "StageData", "load_stage_data",
            "format_prompt", "blend_counts", "read_source", "split_dialogue", "ADAPTERS", "cache_dir"]
 
 STAGE_INDEX = {"sft": 0, "rm": 1, "ppo": 2}
+# A stage that trains on another stage's slice: DPO learns from step 2's preference pairs (as DeepSpeed-Chat's).
+SLICE_OF = {"dpo": "rm"}
 
 
 @dataclass
@@ -255,6 +257,7 @@ def _build_stage(cfg: RunConfig, stage: str, tokenizer) -> tuple[list[dict], lis
 
 def load_stage_data(cfg: RunConfig, stage: str, tokenizer) -> StageData:
     """Train and eval examples of `stage` from every dataset of the blend (cached)."""
+    stage = SLICE_OF.get(stage, stage)
     if stage not in STAGE_INDEX:
         raise ValueError(f"stage must be one of {list(STAGE_INDEX)}, got {stage!r}")
     entry = cache_dir(cfg) / f"{stage}-{_stage_key(cfg, stage, tokenizer)}"

@@ -29,6 +29,9 @@ then the lower ZeRO stage first. For PPO, layouts are ranked by, in this order:
      copy of their weights per experience batch, no extra compute, so it beats any lever above;
      never chosen on a CPU device;
   4. the actor's ZeRO stage, then the critic's: the cheapest levers, so they are raised first.
+DPO (a trained policy beside its frozen reference, chosen and rejected answers in one forward of
+2 x batch rows) is ranked the same way: the policy's offload level, LoRA and checkpointing, then
+offloading the reference, then the policy's ZeRO stage.
 Explicit user settings always win: they filter the
 candidates, and when none of the remaining ones fits the planner warns and suggests what would.
 """
@@ -135,6 +138,9 @@ def dry_run_report(cfg: RunConfig, plan: Optional[Plan] = None) -> str:
     if plan.stages["ppo"].phases:
         lines += ["", "PPO phases (GiB/device, peak = resident + the largest phase): "
                   + ", ".join(f"{k} {v:.1f}" for k, v in plan.stages["ppo"].phases.items())]
+    if plan.stages["dpo"].active:
+        lines += ["", "DPO phases (GiB/device, peak = resident + the larger phase): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in plan.stages["dpo"].phases.items())]
     if plan.warnings:
         lines += ["", "Warnings:"] + [f"  - {w}" for w in plan.warnings]
     if plan.suggestions:

@@ -64,6 +64,7 @@ class _Inputs:
     ema: bool
     gather_weights: Optional[bool] = None  # stage.ppo.generation.gather_weights
     constraints: tuple = ()  # ((stage, role), _Constraint) pairs
+    dpo_batch: int = 1  # stage.dpo.per_device_train_batch_size (pairs: 2 x this many rows per forward)
 
     def constraint(self, stage: str, role: str) -> _Constraint:
         return dict(self.constraints).get((stage, role), _Constraint())
@@ -116,6 +117,7 @@ def _inputs(cfg: RunConfig) -> _Inputs:
         new_tokens=cfg.stage.ppo.generation.max_new_tokens, ema=cfg.stage.ppo.enable_ema,
         gather_weights=cfg.stage.ppo.generation.gather_weights,
         constraints=tuple(cons),
+        dpo_batch=cfg.stage.dpo.per_device_train_batch_size,
     )
 
 
@@ -362,6 +364,50 @@ def _ppo_stage(inp: _Inputs, active: bool) -> StagePlan:
                      generation_gathers_params=(gather if a.zero_stage >= 3 else None))
 
 
+def _dpo_stage(inp: _Inputs, active: bool) -> StagePlan:
+    """The policy, trained on chosen and rejected answers in one forward (2 x batch rows of prompt +
+    answer), beside its frozen reference (a no-grad forward over the same rows first, so the two
+    transients do not overlap). Layouts are ranked as PPO's: the policy's offload level, LoRA and
+    checkpointing, then the reference's offload (one host-to-device copy of its weights per step),
+    then the policy's ZeRO stage."""
+    if inp.actor is None:
+        sp = _unknown_stage(inp, "dpo", active, [("actor", inp.actor_name, True)])
+        policy, given = sp.role("actor").strategy, inp.constraint("dpo", "ref")
+        offload = given.offload if given.offload is not None else (policy.offload and policy.zero_stage >= 3)
+        sp.roles.append(RolePlan("ref", inp.actor_name, 0, False, _frozen_strategy(policy, offload), 0.0, 0.0, {},
+                                 given.given()))
+        return sp
+    A, rows, seq = inp.actor, 2 * inp.dpo_batch, inp.prompt_len + inp.answer_len
+    c, cref = inp.constraint("dpo", "actor"), inp.constraint("dpo", "ref")
+    reference_forward = forward_transient_bytes(A, rows, seq, inp.dtype, lm_head=True)
+    layouts = []
+    for a in _candidates(inp, c):
+        am = _trained_mem(inp, A, a, lm=True, batch=rows, seq=seq)
+        for ref_off in _frozen_offload_options(inp, cref):
+            rank = (_offload_level(a), a.lora_dim > 0, a.gradient_checkpointing, ref_off, a.zero_stage)
+            layouts.append((rank, a, am, ref_off, _frozen_mem(inp, A, _frozen_strategy(a, ref_off), lm=True)))
+    layouts.sort(key=lambda layout: layout[0])
+
+    def peak(layout) -> float:
+        return layout[2].state + layout[4].state + max(layout[2].act, reference_forward)
+
+    def host(layout) -> float:
+        return layout[2].host + layout[4].host
+
+    chosen = next((x for x in layouts if peak(x) <= inp.usable_gib * GIB and host(x) <= inp.host_gib_per_rank * GIB), None)
+    fits = chosen is not None
+    if not fits:  # the layout with the smallest peak, reported as not fitting
+        chosen = min(layouts, key=peak)
+    _, a, am, ref_off, rm = chosen
+    n = A.num_params()
+    roles = [RolePlan("actor", inp.actor_name, n, True, a, (am.state + am.act) / GIB, am.host / GIB, am.breakdown, c.given()),
+             RolePlan("ref", inp.actor_name, n, False, _frozen_strategy(a, ref_off), (rm.state + reference_forward) / GIB,
+                      rm.host / GIB, rm.breakdown, cref.given())]
+    phases = {"resident": (am.state + rm.state) / GIB, "reference forward": reference_forward / GIB, "train": am.act / GIB}
+    return StagePlan("dpo", roles, peak(chosen) / GIB, inp.usable_gib, inp.device_gib, host(chosen) / GIB, fits, active,
+                     phases)
+
+
 def _plan_stage(inp: _Inputs, stage: str, active: set[str]) -> StagePlan:
     full = inp.prompt_len + inp.answer_len
     if stage == "sft":
@@ -370,16 +416,20 @@ def _plan_stage(inp: _Inputs, stage: str, active: set[str]) -> StagePlan:
     if stage == "rm":  # chosen and rejected go through the model in one forward: 2 x batch
         return _single_stage(inp, "rm", "reward", inp.reward, inp.reward_name, lm=False, batch=2 * inp.rm_batch,
                              seq=full, active="rm" in active)
+    if stage == "dpo":
+        return _dpo_stage(inp, "dpo" in active)
     return _ppo_stage(inp, "ppo" in active)
 
 
 def _plan_stages(inp: _Inputs, active: set[str]) -> dict[str, StagePlan]:
-    return {stage: _plan_stage(inp, stage, active) for stage in ("sft", "rm", "ppo")}
+    return {stage: _plan_stage(inp, stage, active) for stage in ("sft", "rm", "ppo", "dpo")}
 
 
 _BATCH_KEY = {"sft": ["stage.sft.per_device_train_batch_size"], "rm": ["stage.rm.per_device_train_batch_size"],
-              "ppo": ["stage.ppo.per_device_generation_batch_size", "stage.ppo.per_device_training_batch_size"]}
-_BATCH_FIELD = {"sft": ["sft_batch"], "rm": ["rm_batch"], "ppo": ["ppo_gen_batch", "ppo_train_batch"]}
+              "ppo": ["stage.ppo.per_device_generation_batch_size", "stage.ppo.per_device_training_batch_size"],
+              "dpo": ["stage.dpo.per_device_train_batch_size"]}
+_BATCH_FIELD = {"sft": ["sft_batch"], "rm": ["rm_batch"], "ppo": ["ppo_gen_batch", "ppo_train_batch"],
+                "dpo": ["dpo_batch"]}
 
 
 def _setting_key(stage: str, role: str, name: str) -> str:
