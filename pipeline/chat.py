@@ -498,13 +498,10 @@ def _stdout_writer(text: str) -> None:
 
 # --------------------------------------------------------------------------- the command
 
-USAGE = "python -m pipeline.chat path=<model folder> [key=value ...]   (see the module docstring: pydoc pipeline.chat)"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in args):
-        print(options_help(ChatSettings, USAGE))
+        print(options_help(ChatSettings, __doc__.rstrip()))
         return 0
     try:
         s = parse_options(args, ChatSettings, positional="path")
