@@ -8,6 +8,7 @@ partial run, or a run copied from another machine. Plots (matplotlib, Agg backen
   plots/sft_loss.png      SFT train loss per step (and eval loss)
   plots/rm_accuracy.png   RM train accuracy per step, smoothed (and held-out accuracy)
   plots/ppo.png           PPO reward, KL and answer length per step
+  plots/dpo.png           DPO loss, implicit reward margin and preference accuracy per step (and held-out)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pipeline.config import ConfigError, RunConfig, load_run_config
 from pipeline.files import atomic_write
 from pipeline.tracking import read_metrics
 
-STAGES = ("sft", "rm", "ppo")
+STAGES = ("sft", "rm", "ppo", "dpo")
 
 
 # --------------------------------------------------------------------------- reading the run
@@ -144,6 +145,18 @@ def make_plots(run: Path) -> dict[str, Path]:
         p = _plot(plots / "ppo.png", panels, "PPO")
         if p:
             made["ppo"] = p
+    dpo = read_metrics(run / "dpo" / "metrics.jsonl")
+    if dpo:
+        panels = []
+        for key, label in (("loss", "loss"), ("margin", "reward margin"), ("accuracy", "preference accuracy")):
+            x, y = _series(dpo, "train", key)
+            ex, ey = _series(dpo, "eval", key)
+            w = max(1, len(x) // 25)
+            panels.append({"ylabel": label, "lines": [(x, _smooth(y, w), f"train (mean of {w})", "-"),
+                                                      (ex, ey, "held-out", "o-")]})
+        p = _plot(plots / "dpo.png", panels, "DPO")
+        if p:
+            made["dpo"] = p
     return made
 
 
@@ -172,13 +185,15 @@ def _config_summary(cfg: RunConfig) -> list[str]:
         ("loggers", ", ".join(cfg.run.loggers) or "metrics.jsonl only"),
     ]
     lines = ["| setting | value |", "|---|---|"] + [f"| {k} | {_num(v)} |" for k, v in rows if v not in (None, "")]
-    sft, rm, ppo = cfg.stage.sft, cfg.stage.rm, cfg.stage.ppo
+    sft, rm, ppo, dpo = cfg.stage.sft, cfg.stage.rm, cfg.stage.ppo, cfg.stage.dpo
     stage_rows = [
         ("sft", sft.per_device_train_batch_size, sft.optim.learning_rate, sft.num_train_epochs, sft.max_steps, ""),
         ("rm", rm.per_device_train_batch_size, rm.optim.learning_rate, rm.num_train_epochs, rm.max_steps, ""),
         ("ppo", ppo.per_device_training_batch_size, ppo.actor.optim.learning_rate, ppo.num_train_epochs, ppo.max_steps,
          f"kl_ctl {_num(ppo.kl_ctl)}, generation batch {ppo.per_device_generation_batch_size}, "
          f"max_new_tokens {ppo.generation.max_new_tokens}, critic lr {_num(ppo.critic.optim.learning_rate)}"),
+        ("dpo", dpo.per_device_train_batch_size, dpo.optim.learning_rate, dpo.num_train_epochs, dpo.max_steps,
+         f"{dpo.loss_type} loss, beta {_num(dpo.beta)}, label smoothing {_num(dpo.label_smoothing)}"),
     ]
     lines += ["", "| stage | micro-batch | lr | epochs | max steps | other |", "|---|---|---|---|---|---|"]
     lines += [f"| {stage} | {batch} | {_num(lr)} | {epochs} | {'-' if steps is None else steps} | {extra} |"
@@ -196,6 +211,19 @@ def _stage_numbers(stage: str, r: dict) -> list[str]:
     if stage == "ppo" and "reward_last" in r:
         return [f"- mean reward {_num(r.get('reward_first'))} (first steps) -> **{_num(r['reward_last'])}** (last steps)",
                 f"- KL to reference (last steps) {_num(r.get('kl_last'))}, answer length {_num(r.get('answer_length_last'))}"]
+    if stage == "dpo" and "accuracy_after" in r:
+        def interval(key: str, when: str) -> str:
+            return f"95% interval {_num(r.get(f'{key}_low_{when}'))}-{_num(r.get(f'{key}_high_{when}'))}"
+
+        return [f"- held-out preference accuracy (implicit reward of chosen above rejected; a tie counts 1/2) "
+                f"{_num(r.get('accuracy_before'))} -> **{_num(r['accuracy_after'])}** ({interval('accuracy', 'after')}, "
+                f"Wilson, {r.get('eval_pairs')} pairs)",
+                f"- held-out implicit reward margin {_num(r.get('margin_before'))} -> **{_num(r.get('margin_after'))}** "
+                f"(chosen {_num(r.get('chosen_reward_after'))}, rejected {_num(r.get('rejected_reward_after'))}); "
+                f"loss {_num(r.get('loss_before'))} -> {_num(r.get('loss_after'))}",
+                f"- the policy alone ranks the chosen answer more likely: {_num(r.get('policy_accuracy_before'))} "
+                f"({interval('policy_accuracy', 'before')}) -> {_num(r.get('policy_accuracy_after'))} "
+                f"({interval('policy_accuracy', 'after')})"]
     return []
 
 
@@ -247,8 +275,10 @@ def build_report(run: str | Path) -> Path:
     md.append("")
 
     md += ["## Results", ""]
-    titles = {"sft": "Step 1: supervised fine-tuning", "rm": "Step 2: reward model", "ppo": "Step 3: PPO"}
-    plot_of = {"sft": ("sft_loss", "SFT loss"), "rm": ("rm_accuracy", "RM accuracy"), "ppo": ("ppo", "PPO reward, KL, answer length")}
+    titles = {"sft": "Step 1: supervised fine-tuning", "rm": "Step 2: reward model", "ppo": "Step 3: PPO",
+              "dpo": "DPO (in place of steps 2 and 3)"}
+    plot_of = {"sft": ("sft_loss", "SFT loss"), "rm": ("rm_accuracy", "RM accuracy"), "ppo": ("ppo", "PPO reward, KL, answer length"),
+               "dpo": ("dpo", "DPO loss, reward margin, preference accuracy")}
     any_stage = False
     for stage in STAGES:
         r = results.get(stage)
@@ -276,9 +306,8 @@ def build_report(run: str | Path) -> Path:
     if not any_stage:
         md += ["(no stage has written metrics yet)", ""]
 
-    actor = run / "ppo" / "final" / "actor"
-    if actor.exists() or (run / "sft" / "final").exists():
-        target = actor if actor.exists() else run / "sft" / "final"
+    target = next((p for p in (run / "ppo" / "final" / "actor", run / "dpo" / "final", run / "sft" / "final") if p.exists()), None)
+    if target is not None:
         md += ["## Next", "", "```",
                f"python -m pipeline.chat path={target}",
                f"python -m pipeline.evaluate compare run={run}",
