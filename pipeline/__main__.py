@@ -20,7 +20,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from pipeline import CONF_DIR  # noqa: E402
-from pipeline.config import register_resolvers  # noqa: E402
+from pipeline.config import ConfigError, check_command_line, register_resolvers  # noqa: E402
 from pipeline.cli import execute, fail, one_line  # noqa: E402
 
 register_resolvers()
@@ -39,6 +39,10 @@ def run() -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:  # unknown keys and mistyped values: one line naming the key, before Hydra composes
+        sys.argv[1:] = check_command_line(sys.argv[1:])
+    except ConfigError as err:
+        fail(str(err))
     try:
         main()
     except CompactHydraException as err:  # Hydra's own: an override it cannot parse, a missing option
