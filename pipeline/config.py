@@ -198,6 +198,8 @@ class RMSection(SupervisedSection):
 @dataclass
 class GenerationSection(Section):
     max_new_tokens: int = 256
+    # false = greedy decoding (evaluation runs, like-for-like comparisons); temperature 0 means greedy too.
+    do_sample: bool = True
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -213,6 +215,11 @@ class GenerationSection(Section):
     # model whole for the call), or leave DeepSpeed to fetch each module at every decode step (slow;
     # for actors no single device can hold). null = the planner decides (gathered when it fits).
     gather_weights: Optional[bool] = None
+
+    @property
+    def greedy(self) -> bool:
+        """Decode by argmax: do_sample=false, or temperature 0 (sampling's limit)."""
+        return not self.do_sample or self.temperature == 0
 
 
 @dataclass
@@ -530,26 +537,31 @@ def schema_keys() -> list[str]:
     return out
 
 
-def check_command_line(argv: list[str]) -> None:
-    """check_overrides on the overrides of a `python -m pipeline ...` command line (Hydra's flags
-    such as -m, --cfg job, --config-dir are Hydra's)."""
+def check_command_line(argv: list[str]) -> list[str]:
+    """The arguments of `python -m pipeline ...` with every override checked (check_overrides) and
+    every override of a known key made a `++` one, so that no key of the schema needs a `+` (Hydra
+    wants one for keys its composed YAML lacks, such as a list item's unlisted fields). Hydra's flags
+    (-m, --cfg job, --config-dir ...) pass as they are."""
     from hydra._internal.utils import get_args_parser
 
     from pipeline import CONF_DIR
 
     args, _ = get_args_parser().parse_known_args(argv)
-    check_overrides(list(args.overrides), {p.name for p in CONF_DIR.iterdir() if p.is_dir()})
+    known = set(check_overrides(list(args.overrides), {p.name for p in CONF_DIR.iterdir() if p.is_dir()}))
+    return [f"++{a.lstrip('+')}" if a in known else a for a in argv]
 
 
-def check_overrides(overrides: list[str], group_names: set[str]) -> None:
+def check_overrides(overrides: list[str], group_names: set[str]) -> list[str]:
     """Refuse command-line overrides of keys the schema lacks (with or without `+`) and values of the
     wrong type, before Hydra composes (its own refusals are several lines and suggest `+`). Group
     choices (model=..., +experiment=demo, hydra/launcher=slurm) and hydra.* keys are Hydra's; sweeps
-    and interpolations are checked when the config is loaded."""
+    and interpolations are checked when the config is loaded. Returns the overrides of schema keys
+    that set a single value (those a `++` can carry)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     schema = OmegaConf.structured(RunConfig)
     parser = OverridesParser.create()
+    settable = []
     for text in overrides:
         try:
             override = parser.parse_override(text)
@@ -561,6 +573,12 @@ def check_overrides(overrides: list[str], group_names: set[str]) -> None:
         node: Any = schema
         parts = key.split(".")
         for depth, part in enumerate(parts):
+            if isinstance(node, ListConfig):  # a list item: its index, then the item's own keys
+                element = node._metadata.element_type
+                if not part.isdigit() or not dataclasses.is_dataclass(element):
+                    break
+                node = OmegaConf.structured(element)
+                continue
             children = _schema_children(node)
             if children is None:
                 break  # inside a dict field: any key
@@ -569,10 +587,13 @@ def check_overrides(overrides: list[str], group_names: set[str]) -> None:
             node = children[part]
         if override.is_delete() or override.is_sweep_override() or "${" in str(override.value()):
             continue
-        try:
-            OmegaConf.update(schema, key, override.value(), merge=True)
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"{key}={override.get_value_element_as_str()}: {str(err).splitlines()[0]}") from None
+        if not any(part.isdigit() for part in parts):
+            try:
+                OmegaConf.update(schema, key, override.value(), merge=True)
+            except OmegaConfBaseException as err:
+                raise ConfigError(f"{key}={override.get_value_element_as_str()}: {str(err).splitlines()[0]}") from None
+        settable.append(text)
+    return settable
 
 
 def load_config(cfg: DictConfig | dict) -> RunConfig:
@@ -730,7 +751,13 @@ def validate(cfg: RunConfig) -> None:
     _check_checkpoint(p.checkpoint, "stage.ppo.checkpoint")
     g = p.generation
     _check(g.max_new_tokens >= 1, "stage.ppo.generation.max_new_tokens", g.max_new_tokens, "must be >= 1")
-    _check(g.temperature > 0, "stage.ppo.generation.temperature", g.temperature, "must be > 0")
+    _check(g.temperature >= 0, "stage.ppo.generation.temperature", g.temperature, "must be >= 0 (0 = greedy decoding)")
+    _check(g.do_sample or g.temperature in (0, 1), "stage.ppo.generation.temperature", g.temperature,
+           "applies only when sampling, but stage.ppo.generation.do_sample=false (greedy); drop one of the two")
+    for key, value, neutral in (("top_k", g.top_k, 0), ("top_p", g.top_p, 1.0)):
+        _check(not g.greedy or value == neutral, f"stage.ppo.generation.{key}", value,
+               "applies only when sampling, but decoding is greedy (stage.ppo.generation.do_sample=false or "
+               f"temperature=0); drop one of the two")
     _check(0 < g.top_p <= 1, "stage.ppo.generation.top_p", g.top_p, "must be in (0, 1]")
     _check(g.top_k >= 0, "stage.ppo.generation.top_k", g.top_k, "must be >= 0")
     _check(g.cache in ("dynamic", "static"), "stage.ppo.generation.cache", g.cache, "must be dynamic or static")
