@@ -65,13 +65,14 @@ def write_opt(path: Path, shape: dict | None = None, seed: int = 0, dtype=None, 
 
 
 def write_reward(path: Path, base_dir: Path) -> Path:
-    """The pipeline's reward-model format (base + value_head.safetensors) from a causal-LM folder."""
+    """The pipeline's reward model (transformers' sequence classifier) from a causal-LM folder."""
+    from pipeline.files import atomic_dir
     from pipeline.models import RewardModel
 
     path = Path(path)
-    if not (path / "value_head.safetensors").exists():
+    if not (path / "config.json").exists():
         tokenizer = load_tokenizer()
-        RewardModel.from_base(str(base_dir), tokenizer).save_pretrained(path)
+        atomic_dir(path, RewardModel.from_base(str(base_dir), tokenizer).save_pretrained)
     return path
 
 

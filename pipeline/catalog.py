@@ -5,6 +5,8 @@ The planner needs sizes before any weight is fetched, and users want to write
   1. a catalog alias (below),
   2. a local folder holding a Hugging Face `config.json`,
   3. a hub id (`org/name`), whose numbers are read from the local HF cache when present.
+A name that can only be a path (see looks_like_path) is never sent to the hub: when it does not
+exist, or holds no model, that is said in one line.
 """
 
 from __future__ import annotations
@@ -103,6 +105,60 @@ class UnknownModelError(UserError, ValueError):
     pass
 
 
+class ModelPathError(UserError, FileNotFoundError):
+    """A model or tokenizer given as a local path that does not exist, or a folder that holds none.
+    Not an UnknownModelError: an unsized hub id may be fine, a missing folder never is."""
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether `name` can only mean a local path: it starts with /, ./, ../ or ~, has more than one
+    '/' (a hub id is `org/name`), or its first part exists here (`outputs/run` beside `outputs/`)."""
+    if name.startswith(("/", "./", "../", "~")) or name in (".", ".."):
+        return True
+    if name.count("/") > 1:
+        return True
+    return "/" in name and Path(name.split("/", 1)[0]).exists()
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+VOCABULARY_FILES = ("vocab.json", "merges.txt", "tokenizer.model", "vocab.txt", "spiece.model")
+
+
+def local_folder(name: str, who: str, tokenizer: bool = False) -> Path | None:
+    """The local folder `name` names (~ expanded), or None when it names no local path (an alias or a
+    hub id). Raise ModelPathError, one line starting with `who`, when it is clearly a path that does
+    not exist, is not a folder, or holds no model (config.json) or, with `tokenizer`, no tokenizer."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        if looks_like_path(name):
+            raise ModelPathError(f"{who}: no such folder (a local path, so it is not looked up on the Hugging "
+                                 f"Face hub); check the path")
+        return None
+    needs = TOKENIZER_FILES if tokenizer else ("config.json",)
+    if not path.is_dir():
+        raise ModelPathError(f"{who}: a file, not a folder; give the folder that holds {needs[0]}")
+    if any((path / need).is_file() for need in needs):
+        return path
+    if tokenizer and any((path / vocab).is_file() for vocab in VOCABULARY_FILES):
+        # DeepSpeed-Chat's save_hf_format writes tokenizer.save_vocabulary() only: loaded from that,
+        # transformers guesses the special tokens (OPT's bos, eos and pad all come out wrong).
+        trained_with = _config_name_or_path(path)
+        raise ModelPathError(
+            f"{who}: the folder holds vocabulary files but no {' or '.join(TOKENIZER_FILES)} (as DeepSpeed-Chat "
+            f"saves models), so its special tokens are unknown; set model.tokenizer to the tokenizer it was "
+            f"trained with{f' ({trained_with!r}, per its config.json)' if trained_with else ''}")
+    raise ModelPathError(f"{who}: the folder holds no {' or '.join(needs)}, so no Hugging Face "
+                         f"{'tokenizer' if tokenizer else 'model'}; check the path")
+
+
+def _config_name_or_path(folder: Path) -> str | None:
+    """The `_name_or_path` a folder's config.json records (the model it started from), if any."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_name_or_path") or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _spec_from_config_json(name: str, source: str, path: Path) -> ModelSpec:
     cfg = json.loads(path.read_text())
     heads = cfg.get("num_attention_heads") or cfg.get("n_head")
@@ -128,14 +184,14 @@ def _cached_config_json(hub_id: str) -> Path | None:
     return Path(found) if isinstance(found, (str, os.PathLike)) else None
 
 
-def resolve_model(name: str) -> ModelSpec:
-    """Resolve an alias, local folder or hub id to its spec; raise UnknownModelError if unsized."""
+def resolve_model(name: str, key: str | None = None) -> ModelSpec:
+    """Resolve an alias, local folder or hub id to its spec; raise UnknownModelError if unsized, and
+    ModelPathError for a path that is missing or holds no model. `key`: the config key that gave
+    `name` (e.g. model.actor), named in the ModelPathError."""
     if name in CATALOG:
         return CATALOG[name]
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UnknownModelError(f"{name!r} is a folder without config.json (not a Hugging Face model)")
+    path = local_folder(name, f"{key}={name}" if key else f"model {name!r}")
+    if path is not None:
         return _spec_from_config_json(name, str(path.resolve()), path / "config.json")
     if name in _BY_HUB_ID:
         return replace(_BY_HUB_ID[name], name=name)
@@ -154,8 +210,10 @@ def resolve_model(name: str) -> ModelSpec:
 
 
 def model_source(name: str) -> str:
-    """Hub id, absolute local path or builtin:<name> for `name` (an OmegaConf resolver)."""
+    """Hub id, absolute local path or builtin:<name> for `name` (an OmegaConf resolver). A path stays a
+    path even when missing (resolve_model and models.ensure_available say so in one line), never a
+    hub id."""
     if name in CATALOG:
         return CATALOG[name].source
     path = Path(name).expanduser()
-    return str(path.resolve()) if path.is_dir() else name
+    return str(path.resolve()) if path.is_dir() or looks_like_path(name) else name

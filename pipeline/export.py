@@ -28,6 +28,9 @@ def save_hf(model: nn.Module, path, tokenizer, override=None) -> None:
     base = module.get_base_model() if hasattr(module, "get_base_model") else module  # peft: the wrapped model
     state = whole_state_dict(base, override or (lambda param: None))
     if rank() == 0:
+        # The config's pad id is that of the tokenizer saved beside it: transformers' sequence-classifier
+        # pooling finds the last real token by it (a DeepSpeed-Chat OPT config says eos).
+        base.config.pad_token_id = tokenizer.pad_token_id
         base.save_pretrained(Path(path), state_dict=state)
         tokenizer.save_pretrained(Path(path))
 

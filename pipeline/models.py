@@ -1,28 +1,27 @@
 """Loading and saving models: tokenizer, causal LM (actor), reward model / critic (value head).
 
 Everything loads through `from_pretrained`. The built-in tiny model is first written to the
-run folder from its config (random init, seeded) and then loaded like any other folder.
+run folder from its config (random init, seeded) and then loaded like any other folder. Reward
+models are saved as transformers' own sequence classifiers (AutoModelForSequenceClassification
+loads them); the layout this pipeline wrote before and DeepSpeed-Chat's are read too.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import math
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from pipeline.catalog import ModelSpec, resolve_model
+from pipeline.catalog import ModelSpec, local_folder, resolve_model
 from pipeline.dist import barrier, rank
-from pipeline.engine import activation_checkpointing, set_activation_checkpointing
+from pipeline.engine import activation_checkpointing, gathered_params, set_activation_checkpointing
 from pipeline.errors import UserError
 from pipeline.files import atomic_dir
-
-VALUE_HEAD_FILE = "value_head.safetensors"
-REWARD_CONFIG_FILE = "reward_model.json"
 
 
 class ModelUnavailable(UserError, RuntimeError):
@@ -33,8 +32,10 @@ class ModelUnavailable(UserError, RuntimeError):
 
 
 def ensure_available(source: str, what: str) -> None:
-    """Fail at once, with one line, when a hub id is not cached and the hub cannot be reached."""
-    if source.startswith("builtin") or Path(source).expanduser().exists():
+    """Fail at once, with one line naming `what` (a config key or a kind of model; a tokenizer when it
+    says "tokenizer") and `source`, when a local path is missing or holds no model (or no tokenizer),
+    or a hub id is not cached and the hub cannot be reached."""
+    if source.startswith("builtin") or local_folder(source, f"{what} {source!r}", tokenizer="tokenizer" in what):
         return
     from huggingface_hub import try_to_load_from_cache
 
@@ -145,22 +146,84 @@ def load_causal_lm(source: str, tokenizer, dtype: str = "fp32", dropout: float |
 
 # --------------------------------------------------------------------------- reward model / critic
 
+VALUE_HEAD_FILE = "value_head.safetensors"  # the layout this pipeline wrote before: base + this file
+# DeepSpeed-Chat's RewardModel keeps the transformer as `rwtranrsformer` (so spelled in its
+# training/ tree, which wrote the checkpoints in circulation; its later dschat/ package spells it
+# rwtransformer) beside `v_head`, all in one torch.save'd pytorch_model.bin.
+DEEPSPEED_CHAT_WEIGHTS = "pytorch_model.bin"
+DEEPSPEED_CHAT_PREFIXES = ("rwtranrsformer.", "rwtransformer.")
+
+
+class NotARewardModel(UserError, ValueError):
+    """A folder given as a reward model or critic holds some other kind of model."""
+
+
+def _deepspeed_chat_prefix(folder: Path | None) -> str | None:
+    """The transformer's key prefix when `folder` holds a DeepSpeed-Chat reward model, else None.
+    Reads only the keys (tensors on the meta device), with torch.load's weights_only unpickler."""
+    weights = folder / DEEPSPEED_CHAT_WEIGHTS if folder else None
+    if weights is None or not weights.is_file():
+        return None
+    keys = torch.load(weights, map_location="meta", weights_only=True).keys()
+    if "v_head.weight" not in keys:
+        return None
+    return next((p for p in DEEPSPEED_CHAT_PREFIXES if any(k.startswith(p) for k in keys)), None)
+
+
+def _load_classifier(source: str, config, dtype: str, trust_remote_code: bool, fresh_head: bool):
+    """transformers' sequence classifier from `source` in any of the three layouts, and whether its
+    score head came from the files (else transformers initialised it; with `fresh_head` any head in
+    the files is dropped). Every other weight must be in the files: a layout read wrong would
+    otherwise run on random weights."""
+    from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, AutoModelForSequenceClassification
+
+    what = f"reward model {source!r}"
+    if fresh_head or not any(a.endswith("ForSequenceClassification") for a in config.architectures or ()):
+        config.num_labels = 1  # a causal LM's or a bare transformer's config says 2 (transformers' default)
+    if not trust_remote_code and type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        raise NotARewardModel(f"{what}: transformers has no sequence-classification model for model_type "
+                              f"{config.model_type!r}, which reward models here are built on")
+    folder = local_folder(source, what)
+    kwargs = {"ignore_mismatched_sizes": True} if fresh_head else {}
+    prefix = _deepspeed_chat_prefix(folder)
+    if prefix:
+        base_prefix = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)].base_model_prefix
+        kwargs["key_mapping"] = {f"^{prefix.replace('.', '[.]')}": f"{base_prefix}.", r"^v_head[.]": "score."}
+    classifier, info = AutoModelForSequenceClassification.from_pretrained(
+        source, config=config, dtype=TORCH_DTYPES[dtype], trust_remote_code=trust_remote_code,
+        weights_only=True, output_loading_info=True, **kwargs)
+    missing = [key for key in info["missing_keys"] if key != "score.weight"]
+    if missing:
+        raise NotARewardModel(f"{what}: {len(missing)} weights are not in its files (e.g. {missing[0]}); not a "
+                              f"{type(classifier).__name__} checkpoint in a layout read here")
+    head = getattr(classifier, "score", None)
+    if not isinstance(head, nn.Linear) or head.bias is not None or config.num_labels != 1:
+        raise NotARewardModel(f"{what}: {type(classifier).__name__} with {config.num_labels} labels"
+                              f"{' and a biased head' if getattr(head, 'bias', None) is not None else ''}; a reward "
+                              f"model has one score from a bias-free Linear head named score")
+    head_loaded = not fresh_head and "score.weight" not in info["missing_keys"]
+    if not head_loaded and not fresh_head and folder is not None and (folder / VALUE_HEAD_FILE).is_file():
+        with gathered_params(classifier, [head.weight], modifier_rank=0):  # ZeRO-3: into its partition
+            head.weight.data.copy_(load_file(folder / VALUE_HEAD_FILE)["weight"])
+        head_loaded = True
+    return classifier, head_loaded
+
 
 class RewardModel(nn.Module):
     """A transformer without LM head plus a scalar value head: a value per token.
 
-    The sequence score is the value at the last real token (see pipeline.rl_math). Saved as
-    the base model's Hugging Face folder plus `value_head.safetensors`; reload with
-    `RewardModel.from_pretrained(path)`.
+    The sequence score is the value at the last real token (see pipeline.rl_math). Built from and
+    saved as transformers' XForSequenceClassification (`base` is its base model, `v_head` its
+    `score`): `AutoModelForSequenceClassification.from_pretrained(path)` loads what
+    `save_pretrained` writes, and pools the same score when the tokenizer's pad differs from eos.
     """
 
-    def __init__(self, base: nn.Module):
+    def __init__(self, classifier: nn.Module):
         super().__init__()
-        self.base = base
-        config = base.config
-        width = getattr(config, "word_embed_proj_dim", None) or config.hidden_size
-        self.v_head = nn.Linear(width, 1, bias=False, dtype=base.dtype)
-        self.config = config
+        self.base = classifier.base_model
+        self.v_head = classifier.score
+        self.config = classifier.config
+        self.classifier_class = type(classifier)  # what save_pretrained writes
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, attention_mask: (B, L) -> values (B, L)."""
@@ -180,38 +243,45 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_base(cls, source: str, tokenizer, dtype: str = "fp32", dropout: float | None = 0.0, trust_remote_code: bool = False) -> "RewardModel":
-        """A fresh value head on a pretrained transformer (the start of step 2)."""
-        from transformers import AutoModel
-
+        """A fresh value head on a pretrained transformer (the start of step 2): a causal LM, or a
+        reward model in any layout from_pretrained reads (its head is not kept)."""
         ensure_available(source, "reward model")
         config = _model_config(source, dropout, trust_remote_code)
-        base = AutoModel.from_pretrained(source, config=config, dtype=TORCH_DTYPES[dtype], trust_remote_code=trust_remote_code)
-        _fit_vocab(base, tokenizer)
-        model = cls(base)
-        nn.init.normal_(model.v_head.weight, std=1.0 / math.sqrt(model.v_head.in_features + 1))
+        config.pad_token_id = tokenizer.pad_token_id  # transformers' pooling finds the last real token by it
+        classifier, _ = _load_classifier(source, config, dtype, trust_remote_code, fresh_head=True)
+        model = cls(classifier)
+        _fit_vocab(model.base, tokenizer)
+        weight = model.v_head.weight
+        with gathered_params(model, [weight], modifier_rank=0):
+            nn.init.normal_(weight, std=1.0 / math.sqrt(weight.shape[1] + 1))
         return model
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str = "fp32", dropout: float | None = 0.0, trust_remote_code: bool = False) -> "RewardModel":
-        """Reload a reward model written by `save_pretrained` (weights as safetensors)."""
-        from transformers import AutoModel
-
-        path = Path(path)
-        if not (path / VALUE_HEAD_FILE).is_file():
-            raise FileNotFoundError(f"{path} has no {VALUE_HEAD_FILE}: not a reward model written by this pipeline")
+        """Reload a reward model or critic: a sequence classifier with one label (what save_pretrained
+        writes), the base + value_head.safetensors this pipeline wrote before, or DeepSpeed-Chat's
+        step-2/3 folder (pytorch_model.bin with rwtranrsformer.* and v_head.weight, read with
+        torch.load's weights_only unpickler)."""
+        ensure_available(str(path), "reward model")
         config = _model_config(str(path), dropout, trust_remote_code)
-        base = AutoModel.from_pretrained(path, config=config, dtype=TORCH_DTYPES[dtype], trust_remote_code=trust_remote_code)
-        model = cls(base)
-        model.v_head.load_state_dict({"weight": load_file(path / VALUE_HEAD_FILE)["weight"].to(base.dtype)})
-        return model
+        classifier, head_loaded = _load_classifier(str(path), config, dtype, trust_remote_code, fresh_head=False)
+        if not head_loaded:
+            raise NotARewardModel(
+                f"reward model {str(path)!r}: a {config.model_type} model without a value head: neither a "
+                f"sequence classifier's score, {VALUE_HEAD_FILE}, nor DeepSpeed-Chat's v_head.weight in "
+                f"{DEEPSPEED_CHAT_WEIGHTS}; train one with step 2 (run.stages=[rm])")
+        return cls(classifier)
 
     def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """The base's Hugging Face folder plus the value head; `state_dict` (this module's keys) in
-        place of the current weights, as transformers' save_pretrained takes one."""
-        path = Path(path)
+        """Write transformers' sequence classifier (config.json with num_labels 1 and the pad id, and
+        safetensors); `state_dict` (this module's keys) in place of the current weights, as
+        transformers' save_pretrained takes one. The classifier is built on the meta device: it only
+        carries the config and names, the weights come from the state dict."""
         if state_dict is None:
             state_dict = self.state_dict()
-        self.base.save_pretrained(path, state_dict={k[len("base."):]: v for k, v in state_dict.items() if k.startswith("base.")})
-        save_file({"weight": state_dict["v_head.weight"].detach().cpu().contiguous()}, path / VALUE_HEAD_FILE)
-        (path / REWARD_CONFIG_FILE).write_text(json.dumps(
-            {"score": "value_head(last_hidden_state) at the last real token", "value_head": VALUE_HEAD_FILE}, indent=2))
+        prefix = self.classifier_class.base_model_prefix
+        weights = {f"{prefix}.{k[len('base.'):]}": v for k, v in state_dict.items() if k.startswith("base.")}
+        weights["score.weight"] = state_dict["v_head.weight"]
+        with torch.device("meta"):
+            shell = self.classifier_class(copy.deepcopy(self.config)).to(weights["score.weight"].dtype)
+        shell.save_pretrained(Path(path), state_dict=weights)
