@@ -20,12 +20,18 @@ class DatasetSpec:
     # Field mapping for `local` files; null values are ignored; empty = auto-detect. Keys:
     #   prompt, chosen, rejected          direct columns (prompt may be a message list; chosen/
     #                                     rejected may be full conversations ending in the answer)
-    #   answer_a, answer_b, label, a_wins, b_wins
+    #   answer_a, answer_b, label, a_wins, b_wins, tie
     #                                     two answers + a column saying which won: a label equal
     #                                     to a_wins (default "0") or "a" means answer_a won,
-    #                                     b_wins (default "1") or "b" answer_b; others are dropped
+    #                                     b_wins (default "1") or "b" answer_b; a label equal to
+    #                                     tie or "tie" is dropped and counted as "tie"; any other
+    #                                     label stops the run (see on_unmapped_label)
     #   messages (+ optional rejected)    a conversation; its last assistant turn is the chosen answer
     fields: dict[str, Optional[str]] = field(default_factory=dict)
+    # A preference label that is neither fields.a_wins, fields.b_wins nor fields.tie: "error"
+    # stops the run naming the value, file and line (a mapping that does not match the data
+    # would otherwise drop or flip rows silently); "drop" drops such rows as "unmapped label".
+    on_unmapped_label: str = "error"
     # Records to generate (builtin) or to read at most per pool, train and eval (others); null = all.
     max_records: Optional[int] = None
 
@@ -60,6 +66,17 @@ class DataBlendSection:
     ptx_max_blocks: Optional[int] = None
 
 
+FIELD_KEYS = ("prompt", "chosen", "rejected", "answer_a", "answer_b", "label", "a_wins", "b_wins", "tie", "messages")
+
+
+def label_values(fields: dict) -> tuple[set[str], set[str], set[str]]:
+    """The label texts (lower case) meaning A won, B won, and a tie, from a field mapping."""
+    a_wins = {str(fields.get("a_wins") or "0").lower(), "a", "answer_a"}
+    b_wins = {str(fields.get("b_wins") or "1").lower(), "b", "answer_b"}
+    tie = {"tie"} | ({str(fields["tie"]).lower()} if fields.get("tie") is not None else set())
+    return a_wins, b_wins, tie
+
+
 def _require(ok: bool, key: str, value, why: str) -> None:
     if not ok:
         raise ValueError(f"{key}={value} {why}")
@@ -81,6 +98,9 @@ def validate_data_blend(d: DataBlendSection) -> None:
             _require(ds.weight is None or ds.weight > 0, f"data_blend.{group}[{i}].weight", ds.weight, "must be > 0")
             _require(ds.max_records is None or ds.max_records > 0, f"data_blend.{group}[{i}].max_records",
                      ds.max_records, "must be > 0 or null")
+            _require(ds.on_unmapped_label in ("error", "drop"), f"data_blend.{group}[{i}].on_unmapped_label",
+                     ds.on_unmapped_label, "must be error or drop")
+            _validate_fields(ds.fields or {}, f"data_blend.{group}[{i}].fields")
     every = d.datasets + d.sft_only
     weighted = [ds.weight is not None for ds in every]
     if any(weighted) and not all(weighted):
@@ -95,3 +115,12 @@ def validate_data_blend(d: DataBlendSection) -> None:
     _require(d.max_answer_len > 1, "data_blend.max_answer_len", d.max_answer_len, "must be > 1 (answer + eos)")
     _require(d.ptx_max_blocks is None or d.ptx_max_blocks > 0, "data_blend.ptx_max_blocks", d.ptx_max_blocks,
              "must be > 0 or null")
+
+
+def _validate_fields(fields: dict, key: str) -> None:
+    for name in fields:
+        _require(name in FIELD_KEYS, f"{key}.{name}", fields[name], f"is not a field key; known: {', '.join(FIELD_KEYS)}")
+    a_wins, b_wins, tie = label_values(fields)
+    _require(not (a_wins & b_wins), f"{key}.b_wins", fields.get("b_wins"), "is also a value that means answer_a won")
+    _require(not (tie & (a_wins | b_wins)), f"{key}.tie", fields.get("tie"),
+             "is also a value that means a win; set fields.a_wins and fields.b_wins to the winning labels")

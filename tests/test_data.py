@@ -1,4 +1,4 @@
-"""Data layer: adapters, stage splits, weighted blends, cache, errors, PTX blocks.
+"""Data layer: adapters, stage splits, weighted blends, cache (memory-mapped), errors, PTX blocks.
 
 Real-file tests read ../shared/data (hh-rlhf, OPT tokenizer, tinyshakespeare) and skip when it
 is absent; hub-format adapters are tested on local files written in each hub dataset's columns.
@@ -7,15 +7,20 @@ is absent; hub-format adapters are tested on local files written in each hub dat
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import re
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
 
+import pipeline.data
+from conftest import run_cli
 from pipeline.config import ConfigError, load_config
-from pipeline.data import (DataError, blend_counts, format_prompt, load_ptx_data, load_stage_data, read_source,
-                           split_indices)
+from pipeline.data import (DataError, Examples, blend_counts, format_prompt, load_ptx_data, load_stage_data,
+                           read_source, split_indices)
 from pipeline.data.sources import Record
 from pipeline.data_schema import DatasetSpec
 
@@ -94,17 +99,17 @@ def test_stage_slices_disjoint_deterministic_on_hh(tmp_path, opt_tok):
         s = data.stats[0]
         assert s.read == 400 and s.read == sum(s.dropped.values()) + s.other_stages + s.kept
         key = {"sft": "input_ids", "rm": "chosen_input_ids", "ppo": "prompt_input_ids"}[stage]
-        prompts[stage] = {tuple(e[key][: e.get("prompt_len", len(e[key]))]) for e in data.train + data.eval}
+        prompts[stage] = {tuple(e[key][: e.get("prompt_len", len(e[key]))]) for e in [*data.train, *data.eval]}
     # 2,4,4 of the 400 valid-ish records; disjoint up to prompts that hh-rlhf repeats.
     assert len(prompts["sft"]) > 60 and len(prompts["rm"]) > 130
     assert len(prompts["sft"] & prompts["rm"]) <= 2 and len(prompts["rm"] & prompts["ppo"]) <= 2
     # Same seed, fresh cache: the same examples in the same order; another seed: a different split.
     again = load_stage_data(cfg_of(tmp_path / "b", spec, max_prompt_len=1024), "rm", opt_tok)
     first = load_stage_data(cfg, "rm", opt_tok)
-    assert again.cache == "built" and first.cache == "hit" and again.train == first.train
+    assert again.cache == "built" and first.cache == "hit" and list(again.train) == list(first.train)
     other = load_config({"run": {"output_dir": str(tmp_path / "c"), "seed": 99},
                          "data_blend": {"datasets": spec, "max_prompt_len": 1024}})
-    assert load_stage_data(other, "rm", opt_tok).train != first.train
+    assert list(load_stage_data(other, "rm", opt_tok).train) != list(first.train)
 
 
 @needs_hh
@@ -137,7 +142,7 @@ def test_cache_hit_miss_and_no_pickle(tmp_path, opt_tok, builtin_tok):
     first = load_stage_data(cfg, "rm", opt_tok)
     assert first.cache == "built"
     second = load_stage_data(cfg, "rm", opt_tok)
-    assert second.cache == "hit" and second.cache_path == first.cache_path and second.train == first.train
+    assert second.cache == "hit" and second.cache_path == first.cache_path and list(second.train) == list(first.train)
     assert "cache hit" in second.summary("rm")
     files = [p for p in Path(first.cache_path).rglob("*") if p.is_file()]
     assert files and all(p.suffix in (".arrow", ".json") for p in files)  # Arrow + JSON, no pickle
@@ -201,9 +206,140 @@ def test_hh_chosen_equal_rejected_dropped_and_counted(tmp_path, opt_tok, part):
     assert s.read == {"helpful-base": 2354, "helpful-online": 1137}[part]
     assert s.dropped["chosen == rejected"] == 2
     assert s.read == sum(s.dropped.values()) + s.other_stages + s.kept
-    assert all(e["chosen_input_ids"] != e["rejected_input_ids"] for e in data.train + data.eval)
+    assert all(e["chosen_input_ids"] != e["rejected_input_ids"] for e in [*data.train, *data.eval])
     summary = data.summary("rm")
     assert "chosen == rejected 2" in summary and f"read {s.read}" in summary and len(summary.splitlines()) <= 24
+
+
+PREF_FIELDS = {"prompt": "q", "answer_a": "x", "answer_b": "y", "label": "pref"}
+
+
+def prefs(path: Path, labels) -> Path:
+    return write_jsonl(path, [{"q": f"what color is the cat {i} ?", "x": f"the cat is red {i} .",
+                               "y": f"the dog {i}", "pref": label} for i, label in enumerate(labels)])
+
+
+def test_unmapped_label_stops_with_value_file_and_line(tmp_path):
+    # -1/+1 labels with a_wins/b_wins left at their defaults (0/1): the first -1 stops the run.
+    path = prefs(tmp_path / "pref.jsonl", [1, 1.0, -1, 0])
+    with pytest.raises(DataError) as err:
+        read_source(DatasetSpec("local", path=str(path), fields=PREF_FIELDS), 0, "data_blend.datasets[0]")
+    msg = str(err.value)
+    assert msg.startswith(f"{path}:3: label pref=-1 is not mapped") and "\n" not in msg
+    assert "set data_blend.datasets[0].fields.a_wins" in msg and "data_blend.datasets[0].on_unmapped_label=drop" in msg
+    # Mapped to the data: -1 = answer_a won, 1 (1.0 in a float column) = answer_b, 0 = a tie, dropped as such.
+    src = read_source(DatasetSpec("local", path=str(path), fields={**PREF_FIELDS, "a_wins": "-1", "b_wins": "1",
+                                                                    "tie": "0"}), 0)
+    assert [(r.chosen, r.rejected) for r in src.train] == [("the dog 0", "the cat is red 0 ."),
+                                                           ("the dog 1", "the cat is red 1 ."),
+                                                           ("the cat is red 2 .", "the dog 2")]
+    assert src.dropped == {"tie": 1}
+    # Asked to drop what is not mapped: counted under its own reason.
+    src = read_source(DatasetSpec("local", path=str(path), fields=PREF_FIELDS, on_unmapped_label="drop"), 0)
+    assert len(src.train) == 3 and src.dropped == {"unmapped label": 1}
+
+
+def test_ties_counted_in_the_stage_summary(tmp_path, builtin_tok):
+    path = prefs(tmp_path / "pref.jsonl", ["a", "b", "draw"] * 40)
+    cfg = cfg_of(tmp_path, [{"name": "local", "path": str(path), "fields": {**PREF_FIELDS, "tie": "draw"}}])
+    data = load_stage_data(cfg, "rm", builtin_tok)
+    s = data.stats[0]
+    assert s.dropped == {"tie": 40} and s.read == 120 and s.kept + s.other_stages == 80
+    assert "dropped 40: tie 40" in data.summary("rm")
+
+
+def test_label_mapping_checked_with_the_config(tmp_path):
+    spec = {"name": "local", "path": str(tmp_path / "p.jsonl")}
+    with pytest.raises(ConfigError, match=r"^data_blend.datasets\[0\].fields.tie=0 is also a value that means a win"):
+        cfg_of(tmp_path, [{**spec, "fields": {**PREF_FIELDS, "tie": "0"}}])  # a_wins defaults to 0
+    with pytest.raises(ConfigError, match=r"^data_blend.datasets\[0\].fields.ties=0 is not a field key; known: "):
+        cfg_of(tmp_path, [{**spec, "fields": {**PREF_FIELDS, "ties": "0"}}])
+    with pytest.raises(ConfigError, match=r"^data_blend.datasets\[0\].on_unmapped_label=skip must be error or drop"):
+        cfg_of(tmp_path, [{**spec, "on_unmapped_label": "skip"}])
+
+
+def test_non_utf8_line_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good, bad = hh_row("hi", "hello", "go"), hh_row("café ?", "oui", "non")
+    path.write_bytes((json.dumps(good) + "\n\n").encode() + json.dumps(bad, ensure_ascii=False).encode("latin-1") + b"\n")
+    with pytest.raises(DataError) as err:
+        read_source(DatasetSpec("hh-rlhf", path=str(path)), 0)
+    assert re.fullmatch(rf"{re.escape(str(path))}:3: not UTF-8 text \(byte 0xe9 at byte \d+ of the line\); "
+                        r"save the file as UTF-8", str(err.value))
+
+
+def test_cut_gzip_names_file_and_last_line(tmp_path):
+    from pipeline.data.sources import jsonl_rows
+
+    text = "".join(json.dumps(hh_row(f"question {i} " + "word " * 30, "yes", "no")) + "\n" for i in range(3000))
+    whole = gzip.compress(text.encode())
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    read: list[str] = []
+    with pytest.raises(DataError) as err:
+        for where, _ in jsonl_rows(path):
+            read.append(where)
+    m = re.fullmatch(rf"{re.escape(str(path))}: the gzip data is cut off or corrupt after line (\d+) \(.+\); "
+                     r"download or compress the file again", str(err.value))
+    assert m and 0 < int(m.group(1)) < 3000 and read[-1] == f"{path}:{m.group(1)}"  # the last line handed on
+    with pytest.raises(DataError, match=rf"after line {m.group(1)} "):  # every line before it was read whole
+        read_source(DatasetSpec("hh-rlhf", path=str(path)), 0)
+    (tmp_path / "whole.jsonl.gz").write_bytes(whole)
+    assert len(list(jsonl_rows(tmp_path / "whole.jsonl.gz"))) == 3000
+
+
+def test_record_of_the_wrong_shape_names_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "webgpt.jsonl", [
+        {"question": {"full_text": "why?"}, "answer_0": "a", "answer_1": "b", "score_0": 1.0, "score_1": 0.0},
+        {"question": {"full_text": "how?"}, "answer_0": "a", "answer_1": "b", "score_0": "high", "score_1": 0.0}])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: cannot read this record as "
+                                        r"openai/webgpt_comparisons \(ValueError: could not convert string to float"):
+        read_source(DatasetSpec("openai/webgpt_comparisons", path=str(path)), 0)
+
+
+def test_batch_larger_than_the_data_names_the_key():
+    from pipeline.training import total_steps
+
+    with pytest.raises(ConfigError) as err:
+        total_steps(40, 64, 1, 3, None, "stage.sft")
+    assert str(err.value) == ("stage.sft.per_device_train_batch_size=64: 40 training examples are fewer than one "
+                              "step (64 x 1 x 1 ranks); lower it or add data")
+    with pytest.raises(ConfigError, match=r"^stage.ppo.per_device_generation_batch_size=16: 20 training examples"):
+        total_steps(20, 16, 2, 1, None, "stage.ppo")
+    assert total_steps(40, 8, 2, 3, None, "stage.rm") == 6
+
+
+def cli_error(proc) -> str:
+    """The CLI's one-line error: exit status 2, the last stderr line, no traceback."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    return last
+
+
+def test_cli_unmapped_label_one_line_and_nothing_lost(tmp_path):
+    path = prefs(tmp_path / "pref.jsonl", [1, 0] * 30 + [-1] * 20)
+    out = tmp_path / "run"
+    (out / "data_cache").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    line = cli_error(run_cli("+experiment=demo", f"run.output_dir={out}", "run.stages=[sft]", "data_blend=local",
+                             f"data_blend.path={path}", "data_blend.fields.prompt=q", "data_blend.fields.answer_a=x",
+                             "data_blend.fields.answer_b=y", "data_blend.fields.label=pref"))
+    assert line.startswith(f"error: {path}:61: label pref=-1 is not mapped")
+    assert (out / "notes.txt").read_text() == "mine" and not list((out / "data_cache").iterdir())  # no half entry
+
+
+def test_cli_batch_larger_than_the_data_one_line(tmp_path):
+    path = write_jsonl(tmp_path / "small.jsonl", [{"prompt": f"where does the cat {i} live ?",
+                                                   "chosen": "in the city .", "rejected": "no"} for i in range(100)])
+    out = tmp_path / "run"
+    line = cli_error(run_cli("+experiment=demo", f"run.output_dir={out}", "run.stages=[sft]", "data_blend=local",
+                             f"data_blend.path={path}", "stage.sft.per_device_train_batch_size=64"))
+    assert line == ("error: stage.sft.per_device_train_batch_size=64: 18 training examples are fewer than one step "
+                    "(64 x 1 x 1 ranks); lower it or add data")
+    entries = list((out / "data_cache").iterdir())  # the data built before the error stays, whole, for the next run
+    assert [e.name[:4] for e in entries] == ["sft-"] and (entries[0] / "train" / "state.json").exists()
 
 
 # --------------------------------------------------------------------------- adapters
@@ -309,7 +445,7 @@ def test_local_field_mappings(tmp_path, builtin_tok):
     spec = DatasetSpec("local", path=str(csv), fields={"prompt": "q", "answer_a": "x", "answer_b": "y",
                                                        "label": "win", "a_wins": "x", "b_wins": "y"})
     src = read_source(spec, 0)
-    assert len(src.train) == 20 and src.dropped == {"label neither a nor b": 10}
+    assert len(src.train) == 20 and src.dropped == {"tie": 10}  # "tie" is a tie without fields.tie
     assert src.train[0].chosen == "the cat is red ." and src.train[1].chosen == "the dog"
     # Multi-turn message lists (ShareGPT keys too), jsonl; the last assistant turn is chosen.
     msgs = write_jsonl(tmp_path / "chat.jsonl", [
@@ -346,11 +482,54 @@ def test_sft_only_and_rm_without_rejected(tmp_path, builtin_tok):
         load_stage_data(only, "rm", builtin_tok)
 
 
+def digest(rows) -> str:
+    return hashlib.sha256(json.dumps(list(rows)).encode()).hexdigest()[:16]
+
+
 def test_builtin_demo_blend_unchanged(tmp_path, builtin_tok):
+    """The demo's examples: sizes, and every token id in order as the list-based builder (before
+    the memory-mapped cache) gave them (train digest, eval digest)."""
     cfg = cfg_of(tmp_path, [{"name": "builtin", "max_records": 4000}], max_prompt_len=32, max_answer_len=24)
-    sizes = {st: (len(d.train), len(d.eval)) for st in ("sft", "rm", "ppo")
-             for d in [load_stage_data(cfg, st, builtin_tok)]}
-    assert sizes == {"sft": (720, 80), "rm": (1440, 160), "ppo": (1440, 160)}
+    seen = {st: (len(d.train), len(d.eval), digest(d.train), digest(d.eval)) for st in ("sft", "rm", "ppo")
+            for d in [load_stage_data(cfg, st, builtin_tok)]}
+    assert seen == {"sft": (720, 80, "847d75fe3e45e5ba", "179374253b8b3375"),
+                    "rm": (1440, 160, "039171518728f394", "d580f2541e820248"),
+                    "ppo": (1440, 160, "bcc14c185be7f865", "df34b607c4b08f69")}
+
+
+def test_stage_data_memory_mapped_and_batches_as_from_a_list(tmp_path, builtin_tok, monkeypatch):
+    import datasets
+    import torch
+
+    from pipeline.data.collate import collate_pairs
+    from pipeline.training import accumulation_batches, epoch_batches, eval_batches
+
+    cfg = cfg_of(tmp_path, [{"name": "builtin", "max_records": 600}], max_prompt_len=32, max_answer_len=24)
+    data = load_stage_data(cfg, "rm", builtin_tok)
+    assert isinstance(data.train, Examples) and isinstance(data.train.table, datasets.Dataset)
+    mapped = [f["filename"] for part in (data.train, data.eval) for f in part.table.cache_files]
+    assert len(mapped) == 2 and all(f.startswith(data.cache_path) for f in mapped)  # Arrow files of the entry
+    rows, eval_rows = data.train.table.to_list(), data.eval.table.to_list()  # the old list path
+    assert len(rows) == 216 and list(data.train) == rows and list(data.eval) == eval_rows
+    assert data.train[5] == rows[5] and data.train[-1] == rows[-1] and data.train[3:6] == rows[3:6]
+
+    def same(batches, from_list):
+        batches, from_list = list(batches), list(from_list)
+        assert len(batches) == len(from_list) > 0
+        for a, b in zip(batches, from_list):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    collate = partial(collate_pairs, pad_id=builtin_tok.pad_token_id)
+    same(epoch_batches(data.train, 8, collate, 3, 1, skip=2), epoch_batches(rows, 8, collate, 3, 1, skip=2))
+    same(accumulation_batches(data.train, 4, 2, collate, 3, 1, step=30, per_epoch=27),
+         accumulation_batches(rows, 4, 2, collate, 3, 1, step=30, per_epoch=27))
+    same(eval_batches(data.eval, 7, collate), eval_batches(eval_rows, 7, collate))
+    # Tokenized by two processes (the path of large sets): the same examples in the same order.
+    monkeypatch.setattr(pipeline.data, "MAP_ROWS_PER_PROC", 50)
+    assert pipeline.data._map_procs(216) == min(2, pipeline.data._map_procs(10**9))
+    two = load_stage_data(cfg_of(tmp_path / "two", [{"name": "builtin", "max_records": 600}], max_prompt_len=32,
+                                 max_answer_len=24), "rm", builtin_tok)
+    assert two.cache == "built" and list(two.train) == rows and list(two.eval) == eval_rows
 
 
 # --------------------------------------------------------------------------- PTX
@@ -358,12 +537,15 @@ def test_builtin_demo_blend_unchanged(tmp_path, builtin_tok):
 
 @pytest.mark.skipif(not (SHARED / "tinyshakespeare" / "input.txt").exists(), reason="tinyshakespeare not found")
 def test_ptx_blocks_cached(tmp_path, opt_tok):
+    import numpy as np
+
     cfg = load_config({"run": {"output_dir": str(tmp_path)},
                        "data_blend": {"ptx_path": str(SHARED / "tinyshakespeare" / "input.txt"), "ptx_max_blocks": 50}})
     blocks = load_ptx_data(cfg, opt_tok, 128)
+    assert isinstance(blocks.blocks, np.memmap)  # read from the cache file, not held in memory
     assert len(blocks) == 50 and all(len(b["input_ids"]) == 128 for b in blocks)
     assert opt_tok.decode(blocks[0]["input_ids"][:3]).startswith("First Citizen")
-    assert load_ptx_data(cfg, opt_tok, 128) == blocks
+    assert list(load_ptx_data(cfg, opt_tok, 128)) == list(blocks)
     assert len(list((tmp_path / "data_cache").glob("ptx-*/blocks.npy"))) == 1
     assert len(load_ptx_data(cfg, opt_tok, 64)) == 50
     table = write_jsonl(tmp_path / "t.jsonl", [{"body": "hello world " * 50}] * 3)
@@ -411,7 +593,7 @@ def _two_rank_worker(rank: int, tmp: str, port: int) -> None:
         cfg = load_config({"run": {"output_dir": f"{tmp}/run"}, "data_blend": {
             "datasets": [{"name": "builtin", "max_records": 300}], "max_prompt_len": 32, "max_answer_len": 24}})
         data = load_stage_data(cfg, "rm", tok)
-        Path(f"{tmp}/rank{rank}.json").write_text(json.dumps({"cache": data.cache, "train": data.train}))
+        Path(f"{tmp}/rank{rank}.json").write_text(json.dumps({"cache": data.cache, "train": list(data.train)}))
         bad = cfg_of(Path(tmp), [{"name": "hh-rlhf", "path": f"{tmp}/bad.jsonl"}])
         try:
             load_stage_data(bad, "sft", tok)

@@ -4,37 +4,53 @@
 dataset is split between sft/rm/ppo by `data_blend.split` (disjoint, deterministic for the
 seed and the dataset's name); each stage's slice is split into train/eval (or, when the
 source has its own eval split, e.g. hub "test" or a local test file, that split's stage
-slice is the eval set); records are tokenized; the train sets are blended by weight:
+slice is the eval set); records are tokenized (`Dataset.map`, in several processes for large
+sets); the train sets are blended by weight:
 
   sft: {"input_ids": prompt + answer + eos, "prompt_len": int}
   rm:  {"chosen_input_ids": ..., "rejected_input_ids": ..., "prompt_len": int}
   ppo: {"prompt_input_ids": ...}
 
 Results are cached (Arrow, never pickle) under a hash of everything that shapes them;
-see pipeline.data.cache. `load_ptx_data` gives fixed-size text blocks for PPO's PTX loss.
+see pipeline.data.cache. Every rank memory-maps the cached tables (`Examples`) instead of
+holding the examples as Python objects: a node keeps one copy, in its page cache, and a batch
+reads just its rows. `load_ptx_data` gives fixed-size text blocks for PPO's PTX loss, also
+memory-mapped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import random
+import shutil
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from pipeline.config import RunConfig
 from pipeline.data.cache import build_or_load, file_fingerprint, key_of, tokenizer_fingerprint
 from pipeline.data.sources import ADAPTERS, DataError, Record, SourceData, read_source, source_files, split_dialogue
 from pipeline.data_schema import DatasetSpec
 
-__all__ = ["DataError", "Record", "SourceStats", "StageData", "load_stage_data", "load_ptx_data", "split_indices",
-           "format_prompt", "blend_counts", "read_source", "split_dialogue", "ADAPTERS", "cache_dir"]
+__all__ = ["DataError", "Examples", "Record", "SourceStats", "StageData", "TextBlocks", "load_stage_data",
+           "load_ptx_data", "split_indices", "format_prompt", "blend_counts", "read_source", "split_dialogue",
+           "ADAPTERS", "cache_dir"]
 
 STAGE_INDEX = {"sft": 0, "rm": 1, "ppo": 2}
 # A stage that trains on another stage's slice: DPO learns from step 2's preference pairs (as DeepSpeed-Chat's).
 SLICE_OF = {"dpo": "rm"}
+# Tokenizing runs in one process below 2 x this many rows (starting a pool costs seconds), else in
+# one process per this many rows, up to the usable cores and at most MAP_MAX_PROCS.
+MAP_ROWS_PER_PROC = 20_000
+MAP_MAX_PROCS = 8
+# Why an encoded row is not an example (the `drop` column while building).
+KEEP, TOO_LONG, SAME = 0, 1, 2
+DROP_REASONS = {TOO_LONG: "prompt too long", SAME: "chosen == rejected after truncation"}
 
 
 @dataclass
@@ -66,10 +82,56 @@ class SourceStats:
         return cls(**{**d, "dropped": Counter(d["dropped"])})
 
 
+class Examples(Sequence):
+    """A stage's examples as rows (dicts of token id lists and ints), read from a memory-mapped
+    Arrow table (`table`, a datasets.Dataset; None when there are none)."""
+
+    def __init__(self, table=None):
+        self.table = table
+
+    def __len__(self) -> int:
+        return 0 if self.table is None else len(self.table)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.rows(range(len(self))[i])
+        return self.rows([range(len(self))[i]])[0]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for start in range(0, len(self), 1000):
+            yield from self.rows(range(start, min(start + 1000, len(self))))
+
+    def rows(self, indices: Iterable[int]) -> list[dict[str, Any]]:
+        """The rows at `indices`, in that order, in one read (the table answers with columns)."""
+        indices = list(indices)
+        if not indices:
+            return []
+        columns = self.table[indices]
+        return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+class TextBlocks(Sequence):
+    """PTX blocks as rows {"input_ids": [block_size ids]}, read from a memory-mapped (n, block_size) array."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.rows(range(len(self))[i])
+        return {"input_ids": self.blocks[i].tolist()}
+
+    def rows(self, indices: Iterable[int]) -> list[dict[str, list[int]]]:
+        return [{"input_ids": ids} for ids in self.blocks[list(indices)].tolist()]
+
+
 @dataclass
 class StageData:
-    train: list[dict[str, Any]]
-    eval: list[dict[str, Any]]
+    train: Examples
+    eval: Examples
     stats: list[SourceStats]
     # "built" or "hit", and the cache entry.
     cache: str = ""
@@ -120,13 +182,13 @@ def blend_counts(sizes: list[int], weights: list[float | None]) -> list[int]:
     return [round(total * w / wsum) if wsum else 0 for w in live]
 
 
-def _draw(examples: list, count: int, rng: random.Random) -> list:
-    """`count` examples: whole shuffled passes, then a shuffled partial pass."""
-    out: list = []
-    while examples and len(out) < count:
-        order = list(range(len(examples)))
+def _draw(n: int, count: int, rng: random.Random) -> list[int]:
+    """`count` indices into range(n): whole shuffled passes, then a shuffled partial pass."""
+    out: list[int] = []
+    while n and len(out) < count:
+        order = list(range(n))
         rng.shuffle(order)
-        out += [examples[i] for i in order[: count - len(out)]]
+        out += order[: count - len(out)]
     return out
 
 
@@ -134,9 +196,7 @@ def format_prompt(messages: list[dict[str, str]], tokenizer, prompt_format: str)
     """human_assistant: "\\n\\nHuman: ...\\n\\nAssistant: ...\\n\\nHuman: ...\\n\\nAssistant:" (hh-rlhf's
     own format; a system message goes first, unlabeled); chat_template: the tokenizer's template."""
     if prompt_format == "chat_template":
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError("data_blend.prompt_format=chat_template but the tokenizer has no chat template; "
-                            "use data_blend.prompt_format=human_assistant or a tokenizer with one")
+        _require_chat_template(tokenizer)
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     names = {"user": "Human", "assistant": "Assistant"}
     text = "".join(m["content"] + "\n\n" if m["role"] == "system" else f"\n\n{names[m['role']]}: {m['content']}"
@@ -144,44 +204,88 @@ def format_prompt(messages: list[dict[str, str]], tokenizer, prompt_format: str)
     return text + "\n\nAssistant:"
 
 
-def _encode(records: list[Record], tokenizer, cfg: RunConfig, stage: str, stats: SourceStats) -> list[dict]:
-    """Tokenize records for `stage` (batched); too-long prompts and rm records without a rejected
-    answer are dropped and counted in stats.dropped."""
-    d = cfg.data_blend
-    if stage == "rm":
-        keep = [r for r in records if r.rejected is not None]
-        if len(keep) < len(records):
-            stats.dropped["no rejected answer"] += len(records) - len(keep)
-        records = keep
-    if not records:
-        return []
-    specials = d.prompt_format != "chat_template"  # a chat template writes its own special tokens
-    prompts = tokenizer([format_prompt(r.messages, tokenizer, d.prompt_format) for r in records],
+def _require_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("data_blend.prompt_format=chat_template but the tokenizer has no chat template; "
+                        "use data_blend.prompt_format=human_assistant or a tokenizer with one")
+
+
+def _encode_batch(batch: dict[str, list], tokenizer, stage: str, prompt_format: str, max_prompt_len: int,
+                  max_answer_len: int) -> dict[str, list]:
+    """Dataset.map, batched: the token ids of `stage`'s columns for a batch of records (messages,
+    chosen, rejected), and a `drop` code per row (KEEP, TOO_LONG prompt, SAME answers after truncation)."""
+    specials = prompt_format != "chat_template"  # a chat template writes its own special tokens
+    prompts = tokenizer([format_prompt(m, tokenizer, prompt_format) for m in batch["messages"]],
                         add_special_tokens=specials).input_ids
-    too_long = [len(p) > d.max_prompt_len for p in prompts]
-    if any(too_long):
-        stats.dropped["prompt too long"] += sum(too_long)
-    records = [r for r, bad in zip(records, too_long) if not bad]
-    prompts = [p for p, bad in zip(prompts, too_long) if not bad]
+    drop = [TOO_LONG if len(p) > max_prompt_len else KEEP for p in prompts]
     if stage == "ppo":
-        return [{"prompt_input_ids": p} for p in prompts]
-    if not records:
-        return []
+        return {"prompt_input_ids": prompts, "drop": drop}
     eos = tokenizer.eos_token_id
 
     def answers(texts: list[str]) -> list[list[int]]:
         ids = tokenizer([" " + t for t in texts], add_special_tokens=False).input_ids
-        return [a[: d.max_answer_len - 1] + [eos] for a in ids]
+        return [a[: max_answer_len - 1] + [eos] for a in ids]
 
-    chosen = answers([r.chosen for r in records])
+    chosen = answers(batch["chosen"])
+    prompt_len = [len(p) for p in prompts]
     if stage == "sft":
-        return [{"input_ids": p + c, "prompt_len": len(p)} for p, c in zip(prompts, chosen)]
-    rejected = answers([r.rejected for r in records])
-    same = sum(c == r for c, r in zip(chosen, rejected))
-    if same:  # answers that differ only past max_answer_len teach the reward model nothing
-        stats.dropped["chosen == rejected after truncation"] += same
-    return [{"chosen_input_ids": p + c, "rejected_input_ids": p + r, "prompt_len": len(p)}
-            for p, c, r in zip(prompts, chosen, rejected) if c != r]
+        return {"input_ids": [p + c for p, c in zip(prompts, chosen)], "prompt_len": prompt_len, "drop": drop}
+    rejected = answers(batch["rejected"])
+    # answers that differ only past max_answer_len teach the reward model nothing
+    drop = [SAME if code == KEEP and c == r else code for code, c, r in zip(drop, chosen, rejected)]
+    return {"chosen_input_ids": [p + c for p, c in zip(prompts, chosen)],
+            "rejected_input_ids": [p + r for p, r in zip(prompts, rejected)], "prompt_len": prompt_len, "drop": drop}
+
+
+def _features(stage: str):
+    import datasets
+
+    ids, number = datasets.List(datasets.Value("int32")), datasets.Value("int32")
+    columns = {"sft": {"input_ids": ids, "prompt_len": number},
+               "rm": {"chosen_input_ids": ids, "rejected_input_ids": ids, "prompt_len": number},
+               "ppo": {"prompt_input_ids": ids}}[stage]
+    return datasets.Features({**columns, "drop": datasets.Value("int8")})
+
+
+def _map_procs(n_rows: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAP_MAX_PROCS, cores, n_rows // MAP_ROWS_PER_PROC))
+
+
+@contextlib.contextmanager
+def _no_tokenizer_threads(when: bool):
+    """Worker processes tokenize one thread each (and the tokenizers library does not warn about the fork)."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    if when and before is None:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if when and before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+
+
+def _encode(records: list[Record], tokenizer, cfg: RunConfig, stage: str, cache_file: Path):
+    """A datasets.Dataset (written to `cache_file`, memory-mapped) of the records' encoded rows in
+    order, with their `drop` codes; None for no records."""
+    import datasets
+
+    if not records:
+        return None
+    d = cfg.data_blend
+    columns: dict[str, list] = {"messages": [r.messages for r in records]}
+    if stage != "ppo":
+        columns["chosen"] = [r.chosen for r in records]
+    if stage == "rm":
+        columns["rejected"] = [r.rejected for r in records]
+    texts = datasets.Dataset.from_dict(columns)
+    procs = _map_procs(len(texts))
+    with _no_tokenizer_threads(procs > 1):
+        return texts.map(_encode_batch, batched=True, remove_columns=texts.column_names, features=_features(stage),
+                         fn_kwargs={"tokenizer": tokenizer, "stage": stage, "prompt_format": d.prompt_format,
+                                    "max_prompt_len": d.max_prompt_len, "max_answer_len": d.max_answer_len},
+                         num_proc=procs if procs > 1 else None, cache_file_name=str(cache_file),
+                         load_from_cache_file=False, new_fingerprint=cache_file.stem)
 
 
 # --------------------------------------------------------------------------- stage data
@@ -208,14 +312,23 @@ def _stage_key(cfg: RunConfig, stage: str, tokenizer) -> str:
                    "tokenizer": tokenizer_fingerprint(tokenizer), "files": files})
 
 
-def _build_stage(cfg: RunConfig, stage: str, tokenizer) -> tuple[list[dict], list[dict], list[SourceStats]]:
+def _build_stage(cfg: RunConfig, stage: str, tokenizer, work: Path):
+    """(table, train, eval, stats): the encoded rows of every dataset of the stage in one table
+    (datasets.Dataset, memory-mapped from `work`; dropped rows included), the indices of its train
+    examples (blended, shuffled) and of its eval examples, and the counts per dataset."""
+    import datasets
+    import numpy as np
+
     d = cfg.data_blend
     seed = cfg.run.seed
-    trains: list[list[dict]] = []
+    if d.prompt_format == "chat_template":
+        _require_chat_template(tokenizer)
+    tables: list = []
+    trains: list[list[int]] = []
     weights: list[float | None] = []
-    evaluation: list[dict] = []
+    evaluation: list[int] = []
     all_stats: list[SourceStats] = []
-    for key, spec, sft_only in _specs(cfg, stage):
+    for n, (key, spec, sft_only) in enumerate(_specs(cfg, stage)):
         src: SourceData = read_source(spec, seed, key)
         stats = SourceStats(spec.name, read=src.read, dropped=Counter(src.dropped), path=spec.path)
         # The shuffle's key: the dataset and its file's last two path parts (stable across machines).
@@ -227,56 +340,79 @@ def _build_stage(cfg: RunConfig, stage: str, tokenizer) -> tuple[list[dict], lis
             test_recs = [src.test[i] for i in split_indices(len(src.test), d.split, stage, seed, name + "/test")]
         stats.other_stages = len(src.train) + len(src.test) - len(train_recs) - len(test_recs)
         slice_size = len(train_recs) + len(test_recs)
-        train_ex = _encode(train_recs, tokenizer, cfg, stage, stats)
-        if src.test:
-            eval_ex = _encode(test_recs, tokenizer, cfg, stage, stats)
+        has_test = bool(src.test)
+        del src  # the other stages' records
+        if stage == "rm":
+            pools = [[r for r in recs if r.rejected is not None] for recs in (train_recs, test_recs)]
+            if len(pools[0]) + len(pools[1]) < slice_size:
+                stats.dropped["no rejected answer"] += slice_size - len(pools[0]) - len(pools[1])
+            train_recs, test_recs = pools
+        n_train = len(train_recs)
+        table = _encode(train_recs + test_recs, tokenizer, cfg, stage, work / f"{stage}-{n}.arrow")
+        del train_recs, test_recs
+        codes = table.data.column("drop").to_numpy() if table is not None else np.zeros(0, dtype=np.int8)
+        for code, reason in DROP_REASONS.items():
+            if (dropped := int((codes == code).sum())):
+                stats.dropped[reason] += dropped
+        offset = sum(len(t) for t in tables)
+        train_ix = (offset + np.flatnonzero(codes[:n_train] == KEEP)).tolist()
+        test_ix = (offset + n_train + np.flatnonzero(codes[n_train:] == KEEP)).tolist()
+        if has_test:
+            eval_ix = test_ix
         else:
-            n_eval = max(1, round(len(train_ex) * d.eval_fraction)) if len(train_ex) > 1 else 0
-            eval_ex, train_ex = train_ex[:n_eval], train_ex[n_eval:]
-        stats.kept, stats.train, stats.eval = len(train_ex) + len(eval_ex), len(train_ex), len(eval_ex)
-        if not train_ex:
+            n_eval = max(1, round(len(train_ix) * d.eval_fraction)) if len(train_ix) > 1 else 0
+            eval_ix, train_ix = train_ix[:n_eval], train_ix[n_eval:]
+        stats.kept, stats.train, stats.eval = len(train_ix) + len(eval_ix), len(train_ix), len(eval_ix)
+        if not train_ix:
             raise DataError(
                 f"{key} ({spec.name}{', ' + spec.path if spec.path else ''}) has no {stage} training examples "
                 f"left: read {stats.read} records, {stats.other_stages} went to other stages "
                 f"(data_blend.split={d.split}), {slice_size} in the {stage} slice, dropped "
                 f"{dict(stats.dropped) or 'none'}, {stats.eval} held out for eval "
                 f"(check data_blend.max_prompt_len={d.max_prompt_len}, data_blend.split, {key}.max_records)")
-        trains.append(train_ex)
+        tables.append(table)
+        trains.append(train_ix)
         weights.append(spec.weight)
-        evaluation += eval_ex
+        evaluation += eval_ix
         all_stats.append(stats)
     counts = blend_counts([len(t) for t in trains], weights)
-    train: list[dict] = []
-    for i, (examples, count) in enumerate(zip(trains, counts)):
-        picked = examples if count == len(examples) else _draw(examples, count, random.Random(f"{seed}-blend-{stage}-{i}"))
+    train: list[int] = []
+    for i, (rows, count) in enumerate(zip(trains, counts)):
+        picked = rows if count == len(rows) else \
+            [rows[j] for j in _draw(len(rows), count, random.Random(f"{seed}-blend-{stage}-{i}"))]
         all_stats[i].blended = len(picked)
         train += picked
-    random.Random(seed).shuffle(train)
-    return train, evaluation, all_stats
+    random.Random(seed).shuffle(train)  # the permutation depends on the length only: as if shuffling the rows
+    return datasets.concatenate_datasets(tables), train, evaluation, all_stats
 
 
 def load_stage_data(cfg: RunConfig, stage: str, tokenizer) -> StageData:
-    """Train and eval examples of `stage` from every dataset of the blend (cached)."""
+    """Train and eval examples of `stage` from every dataset of the blend (cached, memory-mapped)."""
     stage = SLICE_OF.get(stage, stage)
     if stage not in STAGE_INDEX:
         raise ValueError(f"stage must be one of {list(STAGE_INDEX)}, got {stage!r}")
     entry = cache_dir(cfg) / f"{stage}-{_stage_key(cfg, stage, tokenizer)}"
 
     def build(tmp: Path) -> None:
-        import datasets
-
-        train, evaluation, stats = _build_stage(cfg, stage, tokenizer)
-        for part, rows in (("train", train), ("eval", evaluation)):
-            datasets.Dataset.from_list(rows).save_to_disk(str(tmp / part)) if rows else (tmp / part).mkdir()
+        work = tmp / "work"
+        try:
+            table, train, evaluation, stats = _build_stage(cfg, stage, tokenizer, work)
+            table = table.remove_columns("drop")
+            for part, index in (("train", train), ("eval", evaluation)):
+                if index:
+                    table.select(index, new_fingerprint=f"{stage}-{part}").save_to_disk(str(tmp / part))
+                else:
+                    (tmp / part).mkdir()
+            del table
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         (tmp / "stats.json").write_text(json.dumps([s.to_json() for s in stats], indent=1))
 
-    def load(path: Path) -> tuple[list, list, list[SourceStats]]:
+    def load(path: Path) -> tuple[Examples, Examples, list[SourceStats]]:
         import datasets
 
-        parts = []
-        for part in ("train", "eval"):
-            p = path / part
-            parts.append(datasets.load_from_disk(str(p)).to_list() if (p / "state.json").exists() else [])
+        parts = [Examples(datasets.load_from_disk(str(path / part)) if (path / part / "state.json").exists() else None)
+                 for part in ("train", "eval")]
         stats = [SourceStats.from_json(s) for s in json.loads((path / "stats.json").read_text())]
         return parts[0], parts[1], stats
 
@@ -342,9 +478,9 @@ def _ptx_documents(path_or_id: str, text_field: str):
             yield f.read_text(encoding="utf-8", errors="replace")
 
 
-def load_ptx_data(cfg: RunConfig, tokenizer, block_size: int) -> list[dict[str, list[int]]]:
+def load_ptx_data(cfg: RunConfig, tokenizer, block_size: int) -> TextBlocks:
     """Fixed blocks of `block_size` tokens from data_blend.ptx_path (documents joined by eos),
-    cached as .npy under the cache dir."""
+    cached as .npy under the cache dir and memory-mapped from there."""
     import numpy as np
 
     d = cfg.data_blend
@@ -378,8 +514,8 @@ def load_ptx_data(cfg: RunConfig, tokenizer, block_size: int) -> list[dict[str, 
                             f"{block_size}")
         np.save(tmp / "blocks.npy", np.asarray(ids[: n * block_size], dtype=np.int64).reshape(n, block_size))
 
-    def load(path: Path):
-        return np.load(path / "blocks.npy", allow_pickle=False)
+    def load(path: Path) -> TextBlocks:
+        return TextBlocks(np.load(path / "blocks.npy", mmap_mode="r", allow_pickle=False))
 
     blocks, _ = build_or_load(entry, build, load)
-    return [{"input_ids": row.tolist()} for row in blocks]
+    return blocks

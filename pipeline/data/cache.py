@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 from pipeline.dist import barrier, rank, world_size
 
-CACHE_VERSION = 1
+# 2: examples memory-mapped as int32 columns; preference labels outside the mapping stop the run.
+CACHE_VERSION = 2
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

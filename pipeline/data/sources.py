@@ -3,7 +3,8 @@
 
 Where the rows come from (`iter_rows`):
   - spec.path null: the hub id in spec.name through `datasets.load_dataset` (the hub, or its cache);
-  - a file: .jsonl / .json (optionally .gz) read line by line here, so errors carry line numbers;
+  - a file: .jsonl / .json (optionally .gz) read line by line here, so errors carry line numbers
+    (bad UTF-8 and a cut-off gzip stream included);
     .parquet / .csv / .arrow through `datasets`;
   - a folder: a `save_to_disk` folder, or every supported file under it. Files whose name says
     test / validation / valid / val / dev / eval form the eval pool when train files exist too
@@ -13,14 +14,16 @@ Where the rows come from (`iter_rows`):
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipeline.data_schema import DatasetSpec
+from pipeline.data_schema import DatasetSpec, label_values
 from pipeline.errors import UserError
 
 ASSISTANT = "\n\nAssistant:"
@@ -252,15 +255,23 @@ def adapt_local(row, where, spec, key):
     fk = f"{key}.fields"
     if "answer_a" in f:  # two answers + a label saying which won
         a, b = _get(row, f["answer_a"], where, key), _get(row, f.get("answer_b", "answer_b"), where, key)
-        label = str(_get(row, f.get("label", "label"), where, key)).strip().lower()
-        a_wins = {str(f.get("a_wins", "0")).lower(), "a", "answer_a"}
-        b_wins = {str(f.get("b_wins", "1")).lower(), "b", "answer_b"}
+        label_column = f.get("label", "label")
+        value = _get(row, label_column, where, key)
+        label = _label_text(value)
+        a_wins, b_wins, tie = label_values(f)
+        if label in tie:
+            return "tie"
         if label in a_wins:
             chosen, rejected = a, b
         elif label in b_wins:
             chosen, rejected = b, a
+        elif spec.on_unmapped_label == "drop":
+            return "unmapped label"
         else:
-            return "label neither a nor b"
+            raise DataError(
+                f"{where}: label {label_column}={_short(value)} is not mapped (answer_a wins: {sorted(a_wins)}, "
+                f"answer_b wins: {sorted(b_wins)}, tie: {sorted(tie)}); set {fk}.a_wins, {fk}.b_wins and {fk}.tie "
+                f"to your file's values, or {key}.on_unmapped_label=drop to drop such rows")
         messages = _prompt_messages(_get(row, f.get("prompt", "prompt"), where, key), where, f.get("prompt", "prompt"))
         return Record(messages, _answer(_text(chosen, where, fk)), _answer(_text(rejected, where, fk)))
     if "messages" in f:  # a whole conversation; its last assistant turn is the chosen answer
@@ -281,6 +292,13 @@ def adapt_local(row, where, spec, key):
         messages = _prompt_messages(_get(row, "prompt", where, key), where, "prompt")
     return Record(messages, _answer(_text(chosen_value, where, fk)),
                   None if rejected_value is None else _answer(_text(rejected_value, where, fk)))
+
+
+def _label_text(value: Any) -> str:
+    """A preference label as the text it is matched by: 1.0 (a float column) reads as "1"."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip().lower()
 
 
 def _prompt_messages(value: Any, where: str, column: str) -> list[dict[str, str]]:
@@ -328,40 +346,60 @@ HUB_ID = {"hh-rlhf": "Anthropic/hh-rlhf", "mkqa-Chinese": "apple/mkqa", "mkqa-Ja
 # --------------------------------------------------------------------------- rows
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
 def jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    """(where, row) of a .jsonl(.gz) file, or of a .json file holding a list of records."""
-    with _open_text(path) as fh:
-        head = fh.read(1)
-        while head and head.isspace():
-            head = fh.read(1)
-        if head == "[" and ".json" in path.name and ".jsonl" not in path.name:
-            try:
-                rows = json.loads(head + fh.read())
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
-            for i, row in enumerate(rows):
-                yield f"{path} record {i + 1}", row
-            return
-        first = head + fh.readline()
-        for line_no, line in enumerate(_chain([first], fh), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object per line, got {_short(row)}")
-            yield f"{path}:{line_no}", row
+    """(where, row) of a .jsonl(.gz) file, or of a .json file holding a list of records.
+
+    Read as bytes and decoded line by line, so that bad UTF-8 names its line; a gzip stream
+    that is cut off or corrupt names the last line read whole."""
+    line_no = 0
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fh:
+            lead, byte = b"", fh.read(1)
+            while byte.isspace():
+                lead, byte = lead + byte, fh.read(1)
+            line_no = lead.count(b"\n")
+            if byte == b"[" and ".jsonl" not in path.name:
+                yield from _json_records(path, lead + byte + fh.read())
+                return
+            for raw in itertools.chain([byte + fh.readline()], fh):
+                line_no += 1
+                if not raw.strip():
+                    continue
+                yield f"{path}:{line_no}", _json_line(raw, path, line_no)
+    except (EOFError, zlib.error, OSError) as err:
+        last = f" after line {line_no}" if line_no else ""  # line_no: the last line read whole
+        if path.suffix == ".gz":
+            raise DataError(f"{path}: the gzip data is cut off or corrupt{last} ({err}); download or compress "
+                            "the file again") from None
+        raise DataError(f"{path}: cannot read it{last} ({err})") from None
 
 
-def _chain(first, rest):
-    yield from first
-    yield from rest
+def _json_line(raw: bytes, path: Path, line_no: int) -> dict:
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[err.start]:02x} at byte {err.start + 1} "
+                        "of the line); save the file as UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{path}:{line_no}: expected a JSON object per line, got {_short(row)}")
+    return row
+
+
+def _json_records(path: Path, data: bytes) -> Iterator[tuple[str, dict]]:
+    """(where, row) of a JSON file holding one list of objects."""
+    try:
+        rows = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        line_no = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}:{line_no}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{path} record {i + 1}: expected a JSON object, got {_short(row)}")
+        yield f"{path} record {i + 1}", row
 
 
 def _datasets_rows(path: Path) -> Iterator[tuple[str, dict]]:
@@ -411,7 +449,11 @@ def iter_rows(spec: DatasetSpec, key: str) -> Iterator[tuple[str, str, dict]]:
     if root.is_dir() and ((root / "dataset_dict.json").exists() or (root / "state.json").exists()):
         import datasets
 
-        loaded = datasets.load_from_disk(str(root))
+        try:
+            loaded = datasets.load_from_disk(str(root))
+        except (OSError, ValueError) as err:
+            raise DataError(f"{key}.path={spec.path}: not a readable save_to_disk folder ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''})") from None
         yield from _dict_rows(loaded, str(root), limit)
         return
     eval_files = {p for p in files if _is_eval_file(p)}
@@ -487,7 +529,13 @@ def read_source(spec: DatasetSpec, seed: int, key: str = "data_blend.datasets[0]
 
     for pool, where, row in progress(iter_rows(spec, key), desc=f"reading {spec.name}", unit=" rows"):
         out.read += 1
-        result = adapter(row, where, spec, key)
+        try:
+            result = adapter(row, where, spec, key)
+        except UserError:
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as err:  # a value of the wrong shape
+            raise DataError(f"{where}: cannot read this record as {spec.name} ({type(err).__name__}: {err}); check "
+                            f"{key}.name and {key}.fields. Record: {_short(row)}") from None
         if isinstance(result, str):
             out.dropped[result] += 1
             continue
