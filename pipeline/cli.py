@@ -33,11 +33,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import RESUMABLE_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError
 from pipeline.launchers.distributed import child_overrides, needs_relaunch, relaunch_command, run_relaunch
-from pipeline.launchers.process_env import this_node_rank
+from pipeline.launchers.process_env import in_job_step, this_node_rank
 from pipeline.launchers.slurm import export_torch_env, register_resolvers as register_launcher_resolvers, \
     requeue_after_preemption
-from pipeline.lock import TOKEN_ENV, RunLock, held_with
-from pipeline.runner import run_pipeline
+from pipeline.lock import TOKEN_ENV, RunLock, held_with, wait_for_rank0
+from pipeline.runner import check_output_dir, run_pipeline
 
 register_launcher_resolvers()  # conf/hydra/launcher/slurm.yaml resolves ${slurm_tasks_per_node:...}
 
@@ -157,8 +157,15 @@ def _existing(path: Path) -> Path:
 @contextmanager
 def folder_held_by_rank0(run_dir: Path) -> Iterator[None]:
     """Rank 0 holds the run folder while the run lasts: through the lock its launching process took
-    (the token in TOKEN_ENV) when there is one, else its own. Other ranks take none."""
-    if os.environ.get("RANK", "0") != "0" or held_with(run_dir, os.environ.get(TOKEN_ENV) or "-"):
+    (the token in TOKEN_ENV) when there is one, else its own. Other ranks take none; in a SLURM job
+    step (no launching process) they wait until rank 0 holds it, and stop if another run does."""
+    inherited = os.environ.get(TOKEN_ENV)
+    if os.environ.get("RANK", "0") != "0":
+        if in_job_step() and not inherited:
+            wait_for_rank0(run_dir)
+        yield
+        return
+    if inherited and held_with(run_dir, inherited):
         yield
         return
     with RunLock(run_dir):
@@ -199,6 +206,7 @@ def execute(composed: DictConfig) -> dict | None:
             print(dry_run_report(cfg), flush=True)
             return None
         run_dir = cfg.output_dir.expanduser().resolve()
+        check_output_dir(run_dir)  # a file or a read-only place: said before the lock tries to write there
         export_torch_env(cfg)  # inside a SLURM job step: RANK, WORLD_SIZE, MASTER_ADDR, ... from SLURM
         if needs_relaunch(cfg):
             relaunch(cfg, run_dir, overrides, None if multirun else hydra_dir)

@@ -17,7 +17,9 @@ run takes over with a warning:
 
 Runs with several processes: the launching process holds the lock and hands its token to the ranks
 in TOKEN_ENV (a PIPELINE_* variable, which the launchers forward to every node); rank 0 checks that
-the folder is held with it (`held_with`). See pipeline/cli.py.
+the folder is held with it (`held_with`). Without a launching process (a SLURM job step of one
+task per rank) rank 0 takes it, and the other ranks wait until it holds it (`wait_for_rank0`).
+See pipeline/cli.py.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Holder:
     command: str
     token: str
     slurm_job: str | None = None
+    slurm_step: str | None = None
     slurm_restart: int = 0
 
     def __str__(self) -> str:
@@ -62,8 +65,9 @@ class Holder:
         return f"host {self.host}, pid {self.pid}, since {since}: {command}"
 
 
-def command_line(argv: list[str] = sys.argv) -> str:
+def command_line(argv: list[str] | None = None) -> str:
     """The command as typed: `python -m pipeline ARGS` (argv[0] is then pipeline/__main__.py)."""
+    argv = sys.argv if argv is None else argv
     if Path(argv[0]).name == "__main__.py" and Path(argv[0]).parent.name == "pipeline":
         return shlex.join(["python", "-m", "pipeline", *argv[1:]])
     return shlex.join(argv)
@@ -71,7 +75,7 @@ def command_line(argv: list[str] = sys.argv) -> str:
 
 def this_process(token: str) -> Holder:
     return Holder(host=socket.gethostname(), pid=os.getpid(), started=time.time(), command=command_line(),
-                  token=token, slurm_job=os.environ.get("SLURM_JOB_ID"),
+                  token=token, slurm_job=os.environ.get("SLURM_JOB_ID"), slurm_step=os.environ.get("SLURM_STEP_ID"),
                   slurm_restart=int(os.environ.get("SLURM_RESTART_COUNT") or 0))
 
 
@@ -155,6 +159,27 @@ def held_with(run_dir: Path, token: str) -> bool:
     except FileNotFoundError:
         return False
     return holder is not None and holder.token == token
+
+
+def wait_for_rank0(run_dir: Path, env: os._Environ | dict = os.environ, timeout: float = 120.0) -> None:
+    """The other ranks of a SLURM job step, whose rank 0 takes the lock: stop with RunFolderInUse
+    when a live run of another job step holds the folder (rank 0 stops on it too, and they would
+    wait for it at the rendezvous until torch's timeout); go on once rank 0 holds it, or after
+    `timeout` seconds without a verdict."""
+    path = Path(run_dir) / LOCK_NAME
+    ours = (env.get("SLURM_JOB_ID"), env.get("SLURM_STEP_ID"))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            holder, _, age = read_lock(path)
+        except FileNotFoundError:
+            holder = None
+        if holder is not None:
+            if (holder.slurm_job, holder.slurm_step) == ours:
+                return
+            if stale_reason(holder, age, env) is None:
+                raise RunFolderInUse(in_use_message(Path(run_dir), holder))
+        time.sleep(1.0)
 
 
 def _stop_on_sigterm(signum, _frame):

@@ -338,6 +338,9 @@ def test_two_rank_run_finishes_every_stage_under_torchrun(two_rank_run):
         rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
         keys = [(r["step"], r["split"]) for r in rows]
         assert len(keys) == len(set(keys)), f"{stage}: duplicate metric rows {keys}"
+    # The launching process held the folder; rank 0 ran under its lock (a lock of its own would have
+    # been refused: the holder, the parent, was alive), and it is gone with the run.
+    assert not (out / ".lock").exists()
 
 
 def test_each_rank_trained_on_its_own_shard(two_rank_run):
@@ -416,6 +419,7 @@ def test_two_node_run_through_the_deepspeed_launcher_and_pdsh(tmp_path: Path):
     assert set(json.loads((out / "results.json").read_text())) == {"sft", "rm", "ppo"}
     assert_disjoint_shards(shards)
     assert not (out / ".launch" / "node_launch.json").exists()
+    assert not (out / ".lock").exists()  # rank 0 had the parent's token through the launch file
 
 
 def test_eval_metric_is_reduced_over_both_ranks(two_rank_run):

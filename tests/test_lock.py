@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_cli
-from pipeline.lock import LOCK_NAME, STALE_AFTER_S, TOKEN_ENV, Holder, RunFolderInUse, RunLock, stale_reason
+from pipeline.lock import (LOCK_NAME, STALE_AFTER_S, TOKEN_ENV, Holder, RunFolderInUse, RunLock, stale_reason,
+                          wait_for_rank0)
 
 SFT = ["+experiment=demo", "run.stages=[sft]", "stage.sft.per_device_train_batch_size=8"]
 
@@ -150,6 +151,27 @@ def test_rank0_of_a_launched_run_uses_its_launchers_lock_and_other_ranks_take_no
     with folder_held_by_rank0(out):  # no launching process (a SLURM job step): rank 0 takes it
         assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
     assert not (out / LOCK_NAME).exists()
+
+
+def test_other_ranks_of_a_slurm_job_step_wait_for_rank0_and_stop_on_another_run(tmp_path: Path):
+    """SLURM starts every rank (no launching process): rank 0 takes the lock; the others must not
+    start while another job's run holds the folder (rank 0 stops on it, and they would wait for it at
+    the rendezvous until torch's timeout)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / LOCK_NAME
+    step = {"SLURM_JOB_ID": "41", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1"}
+    lock.write_text(json.dumps(holder(host="n1", slurm_job="40", slurm_step="0").__dict__))
+    with pytest.raises(RunFolderInUse, match="host n1, pid"):
+        wait_for_rank0(out, step, timeout=5)
+    lock.write_text(json.dumps(holder(host="n1", slurm_job="41", slurm_step="0").__dict__))
+    started = time.time()
+    wait_for_rank0(out, step, timeout=30)  # rank 0 of this step holds it
+    assert time.time() - started < 5
+    lock.unlink()
+    started = time.time()
+    wait_for_rank0(out, step, timeout=2)  # rank 0 not there yet: go on after the timeout
+    assert 2 <= time.time() - started < 10
 
 
 # ---------------------------------------------------------------- stale locks
