@@ -322,3 +322,15 @@ def test_two_gloo_ranks_under_zero3(tmp_path: Path):
     roles = json.loads((out / "plan.json").read_text())["stages"]["dpo"]["roles"]
     assert {r["role"]: r["zero_stage"] for r in roles} == {"actor": 3, "ref": 3}
     AutoModelForCausalLM.from_pretrained(out / "dpo" / "final")
+
+
+def test_a_dpo_run_is_not_warned_about_the_reward_model_it_does_not_load():
+    from pipeline import planner as P
+    from pipeline.config import load_config
+
+    def warnings(stages):
+        return P.plan_run(load_config({"model": {"actor": "tiny-opt", "reward": "opt-350m", "tokenizer": "builtin"},
+                                       "hardware": {"name": "cpu", "device": "cpu"}, "run": {"stages": stages}})).warnings
+
+    assert any("model.reward=opt-350m" in w for w in warnings(["sft", "rm", "ppo"]))
+    assert not any("model.reward" in w for w in warnings(["sft", "dpo"]))

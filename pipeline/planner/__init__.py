@@ -86,11 +86,12 @@ def plan_run(cfg: RunConfig) -> Plan:
     p = cfg.stage.ppo
     if not p.enable_ema and p.ema_beta != type(p).ema_beta:
         warnings.append(f"stage.ppo.ema_beta={p.ema_beta} has no effect: the EMA is off (stage.ppo.enable_ema=false)")
-    for name, spec in (("model.actor", inp.actor), ("model.reward", inp.reward)):
+    reward_used = bool(active & {"rm", "ppo"})  # a [sft, dpo] run loads no reward model
+    for name, spec in [("model.actor", inp.actor)] + ([("model.reward", inp.reward)] if reward_used else []):
         if spec is None:
             warnings.append(f"{name}: size unknown (not in the catalog or local cache); the planner "
                             f"cannot check memory and chose a conservative layout")
-    if inp.actor is not None and inp.reward is not None and _other_tokenizer(inp.actor, inp.reward):
+    if reward_used and inp.actor is not None and inp.reward is not None and _other_tokenizer(inp.actor, inp.reward):
         warnings.append(
             f"model.reward={inp.reward_name} ({inp.reward.family}, vocabulary {inp.reward.vocab_size}) and "
             f"model.actor={inp.actor_name} ({inp.actor.family}, vocabulary {inp.actor.vocab_size}) look pretrained "
