@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
@@ -41,8 +40,13 @@ def declared(requirements: list[str]) -> set[str]:
     return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].strip().lower().replace("_", "-") for r in requirements}
 
 
+def read_pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 reads TOML")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
 def test_every_imported_package_is_a_declared_dependency():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = read_pyproject()["project"]
     core = declared(project["dependencies"])
     distributions = packages_distributions()
     imported = third_party_imports()
@@ -60,7 +64,7 @@ def test_every_imported_package_is_a_declared_dependency():
 def test_every_subpackage_is_in_the_package_list():
     """pyproject lists the packages (stages/, launchers/, conf/ are mapped into pipeline/): a new
     subpackage of pipeline/ must be listed too, or the wheel goes without it."""
-    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    setuptools = read_pyproject()["tool"]["setuptools"]
     found = {".".join(("pipeline", *init.parent.relative_to(ROOT / "pipeline").parts))
              for init in (ROOT / "pipeline").rglob("__init__.py")}
     mapped = set(setuptools["package-dir"])
