@@ -98,7 +98,7 @@ def write_models(work: Path, actor_shape: dict, reward_shape: dict, dtype, devic
     actor = write_opt(work / "actor", actor_shape, seed=0, dtype=dtype, device=device)
     reward_base = write_opt(work / "reward_base", reward_shape, seed=1, dtype=dtype, device=device)
     reward = work / "reward"
-    if not (reward / "value_head.safetensors").exists():
+    if not (reward / "config.json").exists():
         RewardModel.from_base(str(reward_base), StubTokenizer(), "bf16" if "bfloat16" in str(dtype) else "fp32").save_pretrained(reward)
     return actor, reward
 

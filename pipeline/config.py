@@ -18,7 +18,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from pipeline.catalog import UnknownModelError, model_source, resolve_model
+from pipeline.catalog import UnknownModelError, local_folder, model_source, resolve_model
 from pipeline.data_schema import DataBlendSection, validate_data_blend
 from pipeline.errors import UserError
 
@@ -596,8 +596,9 @@ def check_overrides(overrides: list[str], group_names: set[str]) -> list[str]:
     return settable
 
 
-def load_config(cfg: DictConfig | dict) -> RunConfig:
-    """Merge a composed Hydra config (or a plain dict) into the schema and validate it; raise ConfigError."""
+def load_config(cfg: DictConfig | dict, check_paths: bool = True) -> RunConfig:
+    """Merge a composed Hydra config (or a plain dict) into the schema and validate it (see validate);
+    raise ConfigError."""
     register_resolvers()
     schema = OmegaConf.structured(RunConfig)
     user = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
@@ -615,7 +616,7 @@ def load_config(cfg: DictConfig | dict) -> RunConfig:
         raise ConfigError(f"{_key_of(err)}: {err.msg.splitlines()[0]}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{_key_of(err)}: {str(err).splitlines()[0]}") from None
-    validate(run_cfg)
+    validate(run_cfg, check_paths)
     return run_cfg
 
 
@@ -657,7 +658,7 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     except Exception as err:  # noqa: BLE001 - any YAML damage
         raise ConfigError(f"{path}: not readable YAML ({type(err).__name__}: {str(err).splitlines()[0]})") from None
     try:
-        return freeze(load_config(written))
+        return freeze(load_config(written, check_paths=False))
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 
@@ -690,8 +691,10 @@ def _check(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}={value} {why}")
 
 
-def validate(cfg: RunConfig) -> None:
-    """Cross-field checks; each failure names the override key to change."""
+def validate(cfg: RunConfig, check_paths: bool = True) -> None:
+    """Cross-field checks; each failure names the override key to change. check_paths: the models and
+    the tokenizer given as local paths must be there (not for a finished run's config, whose
+    models may have moved since)."""
     r = cfg.run
     for s in r.stages:
         _check(s in STAGES, "run.stages", r.stages, f"has {s!r}; choose from {list(STAGES)}")
@@ -709,11 +712,14 @@ def validate(cfg: RunConfig) -> None:
     for key in ("actor", "reward"):
         name = getattr(cfg.model, key)
         try:
-            resolve_model(name)
+            resolve_model(name, key=f"model.{key}") if check_paths else None
         except UnknownModelError as err:
             # Unsized hub ids are allowed (the runner reports missing weights); unknown words are not.
             if "/" not in name:
                 raise ConfigError(f"model.{key}={name}: {err}") from None
+    tokenizer = cfg.model.tokenizer
+    if check_paths and tokenizer and not tokenizer.startswith("builtin"):
+        local_folder(tokenizer, f"model.tokenizer={tokenizer}", tokenizer=True)
 
     try:
         validate_data_blend(cfg.data_blend)
@@ -757,7 +763,7 @@ def validate(cfg: RunConfig) -> None:
     for key, value, neutral in (("top_k", g.top_k, 0), ("top_p", g.top_p, 1.0)):
         _check(not g.greedy or value == neutral, f"stage.ppo.generation.{key}", value,
                "applies only when sampling, but decoding is greedy (stage.ppo.generation.do_sample=false or "
-               f"temperature=0); drop one of the two")
+               "temperature=0); drop one of the two")
     _check(0 < g.top_p <= 1, "stage.ppo.generation.top_p", g.top_p, "must be in (0, 1]")
     _check(g.top_k >= 0, "stage.ppo.generation.top_k", g.top_k, "must be >= 0")
     _check(g.cache in ("dynamic", "static"), "stage.ppo.generation.cache", g.cache, "must be dynamic or static")

@@ -153,7 +153,7 @@ def quiet_libraries() -> None:
 
 def check_sources(cfg: RunConfig) -> None:
     """Before anything is printed or written: every hub model the stages will load is reachable."""
-    ensure_available(cfg.tokenizer_source, "tokenizer")
+    ensure_available(cfg.tokenizer_source, "model.tokenizer")
     if "sft" in cfg.run.stages:
         ensure_available(cfg.model.actor_source, "model.actor")
     if "rm" in cfg.run.stages:

@@ -2,8 +2,9 @@
 DeepSpeed-Chat's pairwise ranking loss (pipeline.rl_math.pairwise_ranking_loss).
 
 Reads: model.reward, data_blend (the rm slice), stage.rm.
-Writes: rm/final (base model in Hugging Face format + value_head.safetensors; reload with
-pipeline.models.RewardModel.from_pretrained), rm/metrics.jsonl, rm/checkpoints/.
+Writes: rm/final (transformers' XForSequenceClassification with one label: AutoModelForSequenceClassification
+loads it; pipeline.models.RewardModel.from_pretrained gives its per-token values), rm/metrics.jsonl,
+rm/checkpoints/.
 """
 
 from __future__ import annotations
