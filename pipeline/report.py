@@ -301,7 +301,7 @@ def build_report(run: str | Path) -> Path:
             md += ["", f"![{caption}](plots/{plots[key].name})"]
         md.append("")
     if any_stage and not plots:
-        md += ["(no plots: matplotlib is not installed; `pip install rlhf-pipeline[report]`, then "
+        md += ["(no plots: matplotlib is not installed; `pip install matplotlib`, then "
                f"`python -m pipeline.report {run}`)", ""]
     if not any_stage:
         md += ["(no stage has written metrics yet)", ""]

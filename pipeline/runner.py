@@ -10,7 +10,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,8 +254,3 @@ def summary(cfg: RunConfig, results: dict[str, dict]) -> str:
     for stage in results:
         lines.append(f"{stage.upper():5} model: {cfg.stage_dir(stage) / 'final'}")
     return "\n".join(lines)
-
-
-def fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
