@@ -15,7 +15,10 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """`python -m pipeline ARGS` in a subprocess, as a user runs it."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # This Python's bin first on PATH, as an activated venv has it: DeepSpeed rebuilds its CPU ops
+    # whenever processes alternate between two ninja binaries.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": path, **(env or {})}
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
