@@ -264,9 +264,14 @@ def test_lora_and_ipo(sft_run: Path, tmp_path: Path):
         assert max(float((final[k] - start[k]).abs().max()) for k in final) > 0
 
 
-def test_resume_equals_continuous(sft_run: Path, tmp_path: Path, monkeypatch):
-    """Stopped hard after step 6 (checkpoints every 4 steps), then the same run again: it resumes from
-    step 4 and gives the same per-step metrics and bit-identical final weights as an uninterrupted run."""
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+def test_resume_equals_continuous(sft_run: Path, tmp_path: Path, monkeypatch, how: str):
+    """killed: dies right after step 6 (checkpoints every 4 steps); stopped: a stop request (SIGTERM)
+    during step 6 saves a checkpoint there and exits resumable (75). The same run again resumes from
+    step 4 or 6 and gives the same per-step metrics and bit-identical final weights as an
+    uninterrupted run."""
+    from pipeline import resume
+    from pipeline.errors import RESUMABLE_EXIT_CODE
     from pipeline.tracking import MetricsLogger, read_metrics
 
     settings = {"max_steps": 8, "checkpoint": {"every_steps": 4}, "eval_interval": 4}
@@ -277,22 +282,28 @@ def test_resume_equals_continuous(sft_run: Path, tmp_path: Path, monkeypatch):
 
     log = MetricsLogger.log
 
-    def log_then_die(self, step, split, *args, **metrics):
+    def log_then_interrupt(self, step, split, *args, **metrics):
         log(self, step, split, *args, **metrics)
         if self.stage == "dpo" and split == "train" and step == 6:
-            raise Killed
+            if how == "killed":
+                raise Killed
+            resume._stop["requested"] = True  # what the SIGTERM handler sets
 
-    monkeypatch.setattr(MetricsLogger, "log", log_then_die)
-    with pytest.raises(Killed):
-        run_dpo(sft_run, tmp_path / "killed", **settings)
+    monkeypatch.setattr(MetricsLogger, "log", log_then_interrupt)
+    with pytest.raises(Killed if how == "killed" else SystemExit) as stop:
+        run_dpo(sft_run, tmp_path / how, **settings)
+    if how == "stopped":
+        assert stop.value.code == RESUMABLE_EXIT_CODE
+    resume._stop["requested"] = False
     monkeypatch.setattr(MetricsLogger, "log", log)
-    assert (tmp_path / "killed" / "dpo" / "checkpoints" / "latest").read_text() == "step_000004"
-    resumed, _ = run_dpo(sft_run, tmp_path / "killed", **settings)
+    latest = (tmp_path / how / "dpo" / "checkpoints" / "latest").read_text()
+    assert latest == {"killed": "step_000004", "stopped": "step_000006"}[how]
+    resumed, _ = run_dpo(sft_run, tmp_path / how, **settings)
 
-    rows = {name: read_metrics(tmp_path / name / "dpo" / "metrics.jsonl") for name in ("continuous", "killed")}
-    assert rows["killed"] == rows["continuous"]  # train and eval rows, each step once
+    rows = {name: read_metrics(tmp_path / name / "dpo" / "metrics.jsonl") for name in ("continuous", how)}
+    assert rows[how] == rows["continuous"]  # train and eval rows, each step once
     assert {k: v for k, v in resumed.items() if k != "seconds"} == {k: v for k, v in continuous.items() if k != "seconds"}
-    a, b = weights(tmp_path / "killed" / "dpo" / "final"), weights(tmp_path / "continuous" / "dpo" / "final")
+    a, b = weights(tmp_path / how / "dpo" / "final"), weights(tmp_path / "continuous" / "dpo" / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -334,3 +345,24 @@ def test_a_dpo_run_is_not_warned_about_the_reward_model_it_does_not_load():
 
     assert any("model.reward=opt-350m" in w for w in warnings(["sft", "rm", "ppo"]))
     assert not any("model.reward" in w for w in warnings(["sft", "dpo"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dpo_on_cuda_in_bf16_with_an_offloaded_reference(tmp_path: Path):
+    """[sft, dpo] on CUDA in bf16, the reference a ZeRO-3 engine with parameter offload beside a ZeRO-0
+    policy; the final model is written in bf16."""
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    proc = run_cli("+experiment=demo", "hardware=h200-141g", "run.device=cuda", "run.dtype=bf16", "run.stages=[sft,dpo]",
+                   "stage.sft.max_steps=20", "stage.dpo.max_steps=10", "stage.dpo.strategy.zero_stage=0",
+                   "stage.dpo.offload_reference_model=true", f"run.output_dir={out}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())["dpo"]
+    assert result["steps"] == 10 and result["loss_before"] == pytest.approx(math.log(2), abs=1e-3)
+    assert result["margin_after"] > 0
+    roles = {r["role"]: r for r in json.loads((out / "plan.json").read_text())["stages"]["dpo"]["roles"]}
+    assert roles["ref"]["zero_stage"] == 3 and roles["ref"]["offload"]
+    config = json.loads((out / "dpo" / "final" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
