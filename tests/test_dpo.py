@@ -366,3 +366,19 @@ def test_dpo_on_cuda_in_bf16_with_an_offloaded_reference(tmp_path: Path):
     assert roles["ref"]["zero_stage"] == 3 and roles["ref"]["offload"]
     config = json.loads((out / "dpo" / "final" / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+
+
+def test_the_demo_command_with_dpo_in_place_of_rm_and_ppo(demo_run: Path, tmp_path: Path):
+    """`python -m pipeline +experiment=demo run.stages=[sft,dpo]` (the README's command) on a copy of the
+    session's demo run, whose SFT it reuses: the demo's DPO settings rank held-out pairs right."""
+    from conftest import run_cli
+
+    out = tmp_path / "demo"
+    shutil.copytree(demo_run, out, ignore=shutil.ignore_patterns("rm", "ppo", "dpo"))
+    proc = run_cli("+experiment=demo", "run.stages=[sft,dpo]", f"run.output_dir={out}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[sft] already done" in proc.stdout
+    result = json.loads((out / "results.json").read_text())["dpo"]
+    assert result["steps"] == 90 and result["eval_pairs"] == 160
+    assert result["accuracy_after"] >= 0.8 and result["accuracy_low_after"] > 0.5 and result["margin_after"] > 0.5, result
+    assert any(line.startswith("DPO   held-out preference accuracy 0.500 -> ") for line in proc.stdout.splitlines())
