@@ -100,7 +100,7 @@ def ds_config(cfg: RunConfig, micro_batch: int, grad_accum: int, strategy: Strat
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if optim is not None and optim.gradient_clipping > 0:
+    if optim is not None:  # always written: DeepSpeed clips at 1.0 when the key is absent
         config["gradient_clipping"] = optim.gradient_clipping
     return config
 

@@ -214,3 +214,13 @@ def test_run_folders_from_before_tp_degree_was_removed_still_load():
     ppo["actor_strategy"]["tp_degree"] = 2
     with pytest.raises(ConfigError, match=r"stage\.ppo\.actor\.strategy\.tp_degree=2: tensor-parallel generation was removed"):
         load_config(old)
+
+
+def test_gradient_clipping_zero_means_off_in_deepspeed():
+    """DeepSpeed clips at 1.0 when its config has no gradient_clipping key: 0 must be written as 0."""
+    from pipeline.engine import ds_config
+
+    cfg = load_config(compose_with("hardware=cpu", "stage.sft.optim.gradient_clipping=0"))
+    s = cfg.stage.sft
+    assert ds_config(cfg, 1, 1, s.strategy, s.optim)["gradient_clipping"] == 0.0
+    assert ds_config(cfg, 1, 1, s.strategy, cfg.stage.rm.optim)["gradient_clipping"] == 1.0
