@@ -27,10 +27,10 @@ import os
 import random
 import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.data.cache import build_or_load, file_fingerprint, key_of, tokenizer_fingerprint
@@ -265,20 +265,24 @@ def _no_tokenizer_threads(when: bool):
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
 
 
-def _encode(records: list[Record], tokenizer, cfg: RunConfig, stage: str, cache_file: Path):
-    """A datasets.Dataset (written to `cache_file`, memory-mapped) of the records' encoded rows in
-    order, with their `drop` codes; None for no records."""
+def _texts(records: list[Record], stage: str):
+    """The records' columns that `stage` tokenizes, as an (in-memory) datasets.Dataset."""
     import datasets
 
-    if not records:
-        return None
-    d = cfg.data_blend
     columns: dict[str, list] = {"messages": [r.messages for r in records]}
     if stage != "ppo":
         columns["chosen"] = [r.chosen for r in records]
     if stage == "rm":
         columns["rejected"] = [r.rejected for r in records]
-    texts = datasets.Dataset.from_dict(columns)
+    return datasets.Dataset.from_dict(columns)
+
+
+def _encode(texts, tokenizer, cfg: RunConfig, stage: str, cache_file: Path):
+    """A datasets.Dataset (written to `cache_file`, memory-mapped) of the encoded rows of `texts`
+    (from _texts) in order, with their `drop` codes; None for no rows."""
+    if not len(texts):
+        return None
+    d = cfg.data_blend
     procs = _map_procs(len(texts))
     with _no_tokenizer_threads(procs > 1):
         return texts.map(_encode_batch, batched=True, remove_columns=texts.column_names, features=_features(stage),
@@ -342,14 +346,16 @@ def _build_stage(cfg: RunConfig, stage: str, tokenizer, work: Path):
         slice_size = len(train_recs) + len(test_recs)
         has_test = bool(src.test)
         del src  # the other stages' records
-        if stage == "rm":
-            pools = [[r for r in recs if r.rejected is not None] for recs in (train_recs, test_recs)]
-            if len(pools[0]) + len(pools[1]) < slice_size:
-                stats.dropped["no rejected answer"] += slice_size - len(pools[0]) - len(pools[1])
-            train_recs, test_recs = pools
+        if stage == "rm":  # pairs only
+            train_recs = [r for r in train_recs if r.rejected is not None]
+            test_recs = [r for r in test_recs if r.rejected is not None]
+            if len(train_recs) + len(test_recs) < slice_size:
+                stats.dropped["no rejected answer"] += slice_size - len(train_recs) - len(test_recs)
         n_train = len(train_recs)
-        table = _encode(train_recs + test_recs, tokenizer, cfg, stage, work / f"{stage}-{n}.arrow")
-        del train_recs, test_recs
+        texts = _texts(train_recs + test_recs, stage)
+        del train_recs, test_recs  # the records as Python objects: gone before tokenizing forks workers
+        table = _encode(texts, tokenizer, cfg, stage, work / f"{stage}-{n}.arrow")
+        del texts
         codes = table.data.column("drop").to_numpy() if table is not None else np.zeros(0, dtype=np.int8)
         for code, reason in DROP_REASONS.items():
             if (dropped := int((codes == code).sum())):
