@@ -102,10 +102,26 @@ def accumulation_batches(data, micro_batch: int, accumulation: int, collate: Cal
 
 
 def eval_batches(data, batch: int, collate: Callable) -> Iterator[dict]:
-    """Evaluation batches in order, this rank's share (the last ragged batch kept)."""
+    """This rank's share of the evaluation set, in order, in batches of at most `batch` rows.
+
+    Every rank yields the same number of batches: under ZeRO-3 each forward is a collective, so a
+    rank with one batch more would wait forever for the others. The shares differ by at most one
+    row; they are cut into equal counts of batches. Only where a share has fewer rows than there are
+    batches (batch 1, or fewer rows than ranks) does a rank repeat rows of its own, as torch's
+    DistributedSampler pads, and then its metrics count those rows twice."""
     mine = list(range(rank(), len(data), world_size()))
-    for start in range(0, len(mine), batch):
-        yield collate(_rows(data, mine[start: start + batch]))
+    n_batches = math.ceil(math.ceil(len(data) / world_size()) / batch)
+    if len(mine) < n_batches:
+        mine += [mine[i % len(mine)] if mine else i % len(data) for i in range(n_batches - len(mine))]
+    for chunk in _split(mine, n_batches):
+        yield collate(_rows(data, chunk))
+
+
+def _split(items: list[int], parts: int) -> list[list[int]]:
+    """`items` cut into `parts` consecutive chunks whose sizes differ by at most one."""
+    size, extra = divmod(len(items), parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [items[bounds[i]: bounds[i + 1]] for i in range(parts)]
 
 
 def perplexity(loss: float) -> float:

@@ -270,3 +270,24 @@ def test_ppo_resume_with_generation_batches_epochs_ptx_and_normalisation(continu
     frozen = {r["role"]: (r["zero_stage"], r["offload"])
               for r in json.loads((runs["killed"] / "plan.json").read_text())["stages"]["ppo"]["roles"]}
     assert frozen["ref"] == frozen["reward"] == (3, True)
+
+
+def test_every_rank_evaluates_the_same_number_of_batches(monkeypatch):
+    """Under ZeRO-3 an eval forward is a collective: a rank with one batch more would hang."""
+    import pipeline.training as training
+
+    data = list(range(33))
+    for world in (1, 2, 3, 4, 40):
+        for batch in (1, 2, 8, 16, 64):
+            counts, seen = [], []
+            for r in range(world):
+                monkeypatch.setattr(training, "rank", lambda r=r: r)
+                monkeypatch.setattr(training, "world_size", lambda w=world: w)
+                batches = list(training.eval_batches(data, batch, lambda rows: rows))
+                counts.append(len(batches))
+                assert all(0 < len(b) <= batch for b in batches)
+                seen += [x for b in batches for x in b]
+            assert len(set(counts)) == 1, (world, batch, counts)
+            assert sorted(set(seen)) == data  # every row evaluated
+            if batch > 1 and world <= len(data):
+                assert sorted(seen) == data  # and none twice
