@@ -10,6 +10,9 @@ Conventions (the same as DeepSpeed-Chat, except where noted):
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -31,14 +34,141 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 
 
 def logprobs_of_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(label) per position. logits: (B, L, V), labels: (B, L) -> (B, L)."""
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, labels.unsqueeze(-1)).squeeze(-1)
+    """log p(label) per position, in float32. logits: (B, L, V) any float dtype, labels: (B, L) -> (B, L).
+
+    Equal to log_softmax(logits.float()).gather(labels) to float32 rounding, with its gradient, but
+    computed a few rows at a time: no (B, L, V) float32 copy of the logits is made, kept for the
+    backward or filled with zeros there (those vocabulary-sized passes were most of a PPO update)."""
+    return _LabelLogprobs.apply(logits, labels)
+
+
+def _chunk_rows(logits: torch.Tensor) -> int:
+    """Rows of logits per chunk of _LabelLogprobs: on CPU as many as fit 1 MiB in float32 (5 at a 50k
+    vocabulary), so a chunk's passes run in the L2 cache (16 rows ran twice as slow as 8 or fewer on a
+    Zen 4 core); on a GPU up to 2^26 entries (256 MiB in float32), few kernel launches."""
+    budget = 2**18 if logits.device.type == "cpu" else 2**26
+    return max(1, budget // logits.shape[-1])
+
+
+class _LabelLogprobs(torch.autograd.Function):
+    """logits (B, L, V), labels (B, L) -> label log-probs (B, L) float32; backward: g * (onehot - softmax)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        flat, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1, 1)
+        out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+        chunk = _chunk_rows(logits)
+        for start in range(0, flat.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            # log_softmax is one fused kernel (logsumexp is several passes: twice the time).
+            out[rows] = F.log_softmax(flat[rows].float(), dim=-1).gather(1, flat_labels[rows]).squeeze(1)
+        ctx.save_for_backward(logits, labels)
+        return out.view(labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, labels = ctx.saved_tensors
+        flat, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1, 1)
+        grad = grad.reshape(-1, 1).float()
+        out = torch.empty_like(flat)
+        chunk = _chunk_rows(logits)
+        for start in range(0, flat.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            softmax = F.softmax(flat[rows].float(), dim=-1)
+            out[rows] = softmax.mul_(grad[rows].neg()).scatter_add_(1, flat_labels[rows], grad[rows])
+        return out.view(logits.shape), None
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy per position. logits: (B, L, V) -> (B, L)."""
     logp = F.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution transformers' sampling draws from, unnormalised: softmax of the logits after its
+    temperature, top-k and top-p warpers, in that order, with their tie rules (top-k keeps every token
+    tied with the k-th; top-p keeps the smallest head of the sorted distribution whose mass exceeds
+    top_p, at least one token). logits: (B, V) float32 -> (B, V), zero outside the kept tokens."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ascending, order = torch.sort(logits, dim=-1)
+        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1.0 - top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def sampling_block(vocab: int) -> int:
+    """Entries per block of sample_from_probs' first level: a divisor of the vocabulary near 1024 (OPT's
+    50272 = 32 x 1571, LLaMA's 32000 = 32 x 1000), so the blocks are a view; 1024 when none lies in
+    [256, 4096] (the probabilities are then padded with zeros)."""
+    divisors = [d for d in range(256, 4097) if vocab % d == 0]
+    return min(divisors, key=lambda d: abs(math.log(d / 1024)), default=1024)
+
+
+def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row, P(i) = probs[i] / sum(probs), by inverse transform sampling with one uniform
+    number per row (torch.multinomial draws V exponential numbers per row instead: most of the cost of
+    a decode step on CPU at a 50k vocabulary). Two levels so that no long cumulative sum loses small
+    probabilities to rounding: a block (sampling_block entries) by the blocks' masses, then an entry
+    inside it, both summed in float64. A zero entry is never drawn.
+
+    probs: (B, V) >= 0, unnormalised, each row with positive mass -> (B,) int64 indices."""
+    rows, vocab = probs.shape
+    block = sampling_block(vocab)
+    if vocab % block:
+        probs = F.pad(probs, (0, block - vocab % block))
+    blocks = probs.view(rows, -1, block)
+    mass = blocks.sum(dim=-1).double()  # (B, blocks)
+    cumulative = mass.cumsum(dim=-1)
+    target = torch.rand(rows, 1, dtype=torch.float64, device=probs.device, generator=generator) * cumulative[:, -1:]
+    chosen = _first_above(cumulative, target)  # (B,)
+    offset = (target - (cumulative - mass).gather(1, chosen[:, None])).clamp(min=0.0)
+    inside = blocks[torch.arange(rows, device=probs.device), chosen].double().cumsum(dim=-1)  # (B, block)
+    return chosen * block + _first_above(inside, offset)
+
+
+def _first_above(cumulative: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index whose running sum exceeds target: the entry whose interval holds it.
+    cumulative: (B, n) non-decreasing, target: (B, 1) -> (B,). Where rounding puts target at or past the
+    row's total, the first index reaching the total (an entry with positive mass either way)."""
+    above = torch.searchsorted(cumulative, target, right=True)
+    last = torch.searchsorted(cumulative, cumulative[:, -1:].contiguous())
+    return torch.minimum(above, last).squeeze(1)
+
+
+def next_tokens(logits: torch.Tensor, greedy: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decode step's choice from the last position's logits, with what PPO needs of the policy
+    pi = softmax(logits) (temperature 1, no truncation: the distribution the PPO ratio and the KL
+    penalty are about, as DeepSpeed-Chat computes them) at the same time.
+
+    logits: (B, V), any float dtype. Greedy: argmax (transformers' greedy tokens). Else a draw from
+    sampling_probs(logits, temperature, top_k, top_p). Returns (tokens (B,) int64, log pi(token) (B,),
+    entropy of pi (B,)), the last two float32: lse = max(logits) - log(max(pi)), taken at the most
+    likely token, whose pi >= 1/V keeps the log exact; log pi(token) = logits[token] - lse;
+    entropy = lse - pi . logits. Five passes over the vocabulary when sampling at temperature 1.
+
+    scratch: a float32 (B, V) buffer for the logits, reused step after step (a fresh one per step
+    pays its page faults again); it is overwritten."""
+    values = scratch if scratch is not None else torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    values.copy_(logits)
+    policy = values.softmax(dim=-1)
+    lse = values.amax(dim=-1) - policy.amax(dim=-1).log()
+    if greedy:
+        tokens = values.argmax(dim=-1)  # ties: the first index, as transformers
+    elif temperature == 1.0 and not top_k and top_p >= 1.0:
+        tokens = sample_from_probs(policy)
+    else:
+        tokens = sample_from_probs(sampling_probs(values, temperature, top_k, top_p))
+    logp = values.gather(1, tokens[:, None]).squeeze(1) - lse
+    return tokens, logp, lse - values.mul_(policy).sum(dim=-1)  # in place: no temporary (the logits are spent)
 
 
 def answer_mask(answer_ids: torch.Tensor, eos_id: int) -> torch.Tensor:

@@ -25,15 +25,10 @@ from pipeline.engine import inference_engine, initialize, unwrap, zero3_construc
 from pipeline.export import save_hf
 from pipeline.models import RewardModel, load_causal_lm
 from pipeline.rl_math import (AdaptiveKLController, FixedKLController, actor_loss, answer_mask, critic_loss,
-                              entropy_from_logits, gae_advantages, kl_penalized_rewards, last_index,
-                              logprobs_of_labels, masked_mean, masked_whiten)
-from pipeline.rollout import RolloutEngine, check_backend
+                              gae_advantages, kl_penalized_rewards, last_index, logprobs_of_labels, masked_mean,
+                              masked_whiten)
+from pipeline.rollout import Rollout, RolloutEngine, check_backend, position_ids
 from pipeline.training import NonFiniteGuard
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so left-padded prompts start at 0. (B, L) -> (B, L)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def forward_flops(n_params: int, n_layers: int, hidden: int, head_params: int, batch: int, seq_len: int,
@@ -62,8 +57,11 @@ def model_size(model: torch.nn.Module) -> tuple[int, int, int, int]:
 
 def answer_logits(model, answer_len: int, **inputs) -> torch.Tensor:
     """Logits predicting the last `answer_len` tokens, (B, answer_len, V): the LM head projects only
-    those positions (transformers' logits_to_keep), not the whole prompt (29% of a PPO step)."""
-    return model(**inputs, use_cache=False, logits_to_keep=answer_len + 1).logits[:, :-1]
+    those positions (transformers' logits_to_keep takes their indices), not the whole prompt (29% of
+    a PPO step), and no slice of the logits is taken (its backward filled a (B, T + 1, V) zero tensor)."""
+    length = inputs["input_ids"].shape[1]
+    keep = torch.arange(length - answer_len - 1, length - 1, device=inputs["input_ids"].device)
+    return model(**inputs, use_cache=False, logits_to_keep=keep).logits
 
 
 def ptx_enabled(args: RunConfig) -> bool:
@@ -81,7 +79,8 @@ class Experience:
     attention_mask: torch.Tensor  # (B, L) 1 on real tokens (the eos included)
     position_ids: torch.Tensor  # (B, L) positions counted over real tokens (left padding skipped)
     answer_mask: torch.Tensor  # (B, T) 1 on answer tokens up to and including the first eos
-    logprobs: torch.Tensor  # (B, T) the actor's log-probs of the answer tokens when they were sampled
+    logprobs: torch.Tensor  # (B, T) the actor's log-probs of the answer tokens when they were sampled (taken while decoding)
+    entropy: torch.Tensor  # (B, T) the actor's entropy at each answer position when it was sampled
     ref_logprobs: torch.Tensor  # (B, T) the frozen reference model's
     values: torch.Tensor  # (B, T) the critic's value before each answer token
     scores: torch.Tensor  # (B,) the reward model's score at the last answer token
@@ -250,8 +249,8 @@ class PPOTrainer:
             self.counters[key] = self.counters.get(key, 0.0) + value
 
     def pop_counters(self) -> dict[str, float]:
-        """Seconds, FLOPs and tokens accumulated since the last call: generation_s, experience_s
-        (the four scoring forwards), generation_flops, experience_flops, training_flops,
+        """Seconds, FLOPs and tokens accumulated since the last call: generation_s (sampling with the
+        actor's log-probs), experience_s (the reference, critic and reward forwards), generation_flops, experience_flops, training_flops,
         answer_tokens, sequences; then reset."""
         out, self.counters = self.counters, {}
         return out
@@ -267,27 +266,39 @@ class PPOTrainer:
 
     @torch.no_grad()
     def generate_experience(self, prompt_batch: dict[str, torch.Tensor]) -> Experience:
-        """Sample answers to left-padded prompts (input_ids, attention_mask: (B, Lp)) and score them
-        with all four models."""
-        e = self.engine
-        prompts = prompt_batch["input_ids"].to(e.device)
-        prompt_mask = prompt_batch["attention_mask"].to(e.device)
-        prompt_len = prompts.shape[1]
+        """Sample answers to left-padded prompts (input_ids, attention_mask: (B, Lp)), then score them.
+        generation_s counts the sampling with the actor's log-probs, which the decoding computes;
+        experience_s the scoring: between them, the whole call."""
         t0 = time.perf_counter()
-        seq = self.rollout.generate(prompts, prompt_mask)
+        e = self.engine
+        prompt_mask = prompt_batch["attention_mask"].to(e.device)
+        rollout = self.rollout.rollout(prompt_batch["input_ids"].to(e.device), prompt_mask)
         t1 = time.perf_counter()
+        exp = self.score(rollout, prompt_mask)
+        t2 = time.perf_counter()
+
+        batch, length = exp.seq.shape
+        answer_len = length - exp.prompt_len
+        actor_forwards = 1 if self.rollout.logprobs_while_decoding else 2
+        self._count(generation_s=t1 - t0, experience_s=t2 - t1, sequences=batch, answer_tokens=float(exp.answer_mask.sum()),
+                    generated_positions=batch * answer_len,
+                    generation_flops=actor_forwards * self._flops("actor", batch, length, answer_len),
+                    experience_flops=self._flops("ref", batch, length, answer_len)
+                    + sum(self._flops(r, batch, length) for r in ("critic", "reward")))
+        return exp
+
+    @torch.no_grad()
+    def score(self, rollout: Rollout, prompt_mask: torch.Tensor) -> Experience:
+        """What the other models make of a rollout: the frozen reference's log-probs, the critic's
+        values and the frozen reward model's scores, one forward each (prompt_mask: (B, Lp))."""
+        e = self.engine
+        seq, prompt_len = rollout.seq, prompt_mask.shape[1]
         answer = seq[:, prompt_len:]
         mask = answer_mask(answer, self.eos_id)
         attention = torch.cat([prompt_mask, mask], dim=1)
         positions = position_ids(attention)
-
-        actor = unwrap(e.actor)
-        was_training = actor.training
-        actor.eval()
         inputs = {"input_ids": seq, "attention_mask": attention, "position_ids": positions}
-        logits = answer_logits(e.actor, answer.shape[1], **inputs)
-        actor.train(was_training)
-        ref_logits = answer_logits(e.ref, answer.shape[1], **inputs)
+        ref_logprobs = logprobs_of_labels(answer_logits(e.ref, answer.shape[1], **inputs), answer)
         critic = unwrap(e.critic)
         was_training = critic.training
         critic.eval()
@@ -296,16 +307,8 @@ class PPOTrainer:
         reward_values = e.reward(seq, attention, positions)
         rows = torch.arange(seq.shape[0], device=seq.device)
         scores = reward_values[rows, prompt_len + last_index(mask)].float()
-        t2 = time.perf_counter()
-
-        batch, length = seq.shape
-        self._count(generation_s=t1 - t0, experience_s=t2 - t1, sequences=batch, answer_tokens=float(mask.sum()),
-                    generated_positions=batch * answer.shape[1],
-                    generation_flops=self._flops("actor", batch, length, answer.shape[1]),
-                    experience_flops=sum(self._flops(r, batch, length, answer.shape[1] + 1) for r in ("actor", "ref"))
-                    + sum(self._flops(r, batch, length) for r in ("critic", "reward")))
         return Experience(seq=seq, attention_mask=attention, position_ids=positions, answer_mask=mask,
-                          logprobs=logprobs_of_labels(logits, answer), ref_logprobs=logprobs_of_labels(ref_logits, answer),
+                          logprobs=rollout.logprobs, entropy=rollout.entropy, ref_logprobs=ref_logprobs,
                           values=values.float(), scores=scores, train_scores=self._train_scores(scores),
                           prompt_len=prompt_len)
 
@@ -319,20 +322,26 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ training
 
+    @torch.no_grad()
+    def advantages(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """PPO's advantage estimation: per-token rewards (-kl_coef x (logp - logp_ref), plus the clipped
+        score on the last answer token), then GAE over the critic's values, whitened when
+        stage.ppo.whiten_advantages. Returns (advantages, returns, kl), each (B, T), 0 after the answers."""
+        p, mask = self.p, exp.answer_mask
+        rewards, kl = kl_penalized_rewards(exp.logprobs, exp.ref_logprobs, exp.train_scores, mask,
+                                           self.kl_ctl.value, p.clip_reward_value)
+        advantages, returns = gae_advantages(exp.values, rewards, mask, p.gamma, p.lam)
+        if p.whiten_advantages:
+            advantages = masked_whiten(advantages, mask) * mask
+        return advantages, returns, kl
+
     def train_rlhf(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
         """One PPO update of actor and critic on an experience batch; returns (actor_loss, critic_loss).
 
         The EMA is not touched here: call `update_ema()` after the step (and its PTX step, if any)."""
         p, e = self.p, self.engine
         mask, start, answer = exp.answer_mask, exp.prompt_len, exp.answer
-        scores = exp.train_scores
-        with torch.no_grad():
-            rewards, kl = kl_penalized_rewards(exp.logprobs, exp.ref_logprobs, scores, mask,
-                                               self.kl_ctl.value, p.clip_reward_value)
-            advantages, returns = gae_advantages(exp.values, rewards, mask, p.gamma, p.lam)
-            if p.whiten_advantages:
-                advantages = masked_whiten(advantages, mask) * mask
-
+        advantages, returns, kl = self.advantages(exp)
         inputs = {"input_ids": exp.seq, "attention_mask": exp.attention_mask, "position_ids": exp.position_ids}
         logits = answer_logits(e.actor, answer.shape[1], **inputs)
         logprobs = logprobs_of_labels(logits, answer)
@@ -349,14 +358,15 @@ class PPOTrainer:
         e.critic.step()
 
         batch, length = exp.seq.shape
-        self._count(training_flops=self._train_factor("actor") * self._flops("actor", batch, length, answer.shape[1] + 1)
+        self._count(training_flops=self._train_factor("actor") * self._flops("actor", batch, length, answer.shape[1])
                     + self._train_factor("critic") * self._flops("critic", batch, length))
         with torch.no_grad():
             self.last_stats = {
                 "reward": float(exp.scores.mean()),
-                "reward_normalized": float(scores.mean()),
+                "reward_normalized": float(exp.train_scores.mean()),
                 "kl": float((kl.sum(1)).mean()),
-                "entropy": float(masked_mean(entropy_from_logits(logits.detach()), mask)),
+                # The actor's entropy when it sampled these answers (no pass over the vocabulary here).
+                "entropy": float(masked_mean(exp.entropy, mask)),
                 "clip_frac": float(a_stats["clip_frac"]),
                 "approx_kl": float(a_stats["approx_kl"]),
                 "value_error": float(c_stats["value_error"]),

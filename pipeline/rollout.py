@@ -7,10 +7,22 @@ taken off meanwhile, so no token triggers a gather), LoRA adapters merged into t
 `merge_lora` is set (and the exact original weights restored afterwards), caches released at
 the end. An actor too large to gather on one device (generation.gather_weights=false, which the
 planner sets then) keeps DeepSpeed's hooks instead: each module is fetched at every decode step,
-slow but within memory, with the ranks stepping together (synced_gpus). On rank 0 in a terminal
-a transient bar counts the decode steps of each call.
+slow but within memory, with the ranks stepping together. On rank 0 in a terminal a transient bar
+counts the decode steps of each call.
 
-Backend (stage.ppo.generation.backend): hf, transformers' generate, any model, CPU and GPU.
+Decoding (the default, generation.cache=dynamic): a loop of our own over the model's forward with
+transformers' KV cache. Each step takes the last position's logits once for three things
+(pipeline.rl_math.next_tokens): the next token (argmax, or a draw by inverse transform sampling with
+one uniform number per row, from the distribution transformers' temperature / top-k / top-p warpers
+give), its log-prob under the actor and the actor's entropy there. So PPO needs no second actor
+forward for the old log-probs, and sampling costs no V exponential draws per row, which on CPU cost
+twice the tiny model's forward (issue #18). transformers' generate keeps the static cache
+(generation.cache=static: preallocated, a compiled decode step on CUDA); the log-probs then come from
+one forward over prompt + answer inside the same generation layout. Neither applies the checkpoint's
+own generation_config (repetition penalty, n-gram blocking, ...): PPO samples from the policy, shaped
+only by temperature, top_k and top_p.
+
+Backend (stage.ppo.generation.backend): hf, transformers' models, any model, CPU and GPU.
 DeepSpeed's hybrid engine (DeepSpeed-Chat's enable_hybrid_engine) is refused with the reason
 (pipeline.config.deepspeed_backend_refusal): its inference kernels predate transformers' Cache.
 """
@@ -19,13 +31,15 @@ from __future__ import annotations
 
 import gc
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 
 from pipeline.config import GenerationSection, deepspeed_backend_refusal
-from pipeline.dist import world_size
+from pipeline.dist import any_rank, world_size
 from pipeline.engine import gathered_params, unwrap
 from pipeline.errors import UserError
+from pipeline.rl_math import answer_mask, entropy_from_logits, logprobs_of_labels, next_tokens
 from pipeline.tracking import progress, progress_enabled
 
 
@@ -72,6 +86,30 @@ def zero3_hooks_off(engine):
 
 def _lora_layers(module) -> list:
     return [m for m in module.modules() if hasattr(m, "merge") and hasattr(m, "base_layer")]
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left-padded prompts start at 0. (B, L) -> (B, L)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _cache_kwargs(out) -> dict:
+    """The KV cache a forward returned, under the keyword the next forward takes it by (transformers 5
+    calls it cache, 4.x past_key_values: the output field and the argument share the name)."""
+    for key in ("cache", "past_key_values"):
+        if out.get(key) is not None:
+            return {key: out[key]}
+    raise RuntimeError(f"{type(out).__name__} holds no KV cache although use_cache=True was passed")
+
+
+@dataclass
+class Rollout:
+    """One call's answers and what the actor made of them as it chose them. B = rows, Lp = prompt
+    length, T = answer length (the longest answer of the call); after a row's eos: pad ids and zeros."""
+
+    seq: torch.Tensor  # (B, Lp + T) prompt + answer ids
+    logprobs: torch.Tensor  # (B, T) float32 log pi(answer token), pi = softmax of the actor's logits
+    entropy: torch.Tensor  # (B, T) float32 entropy of pi at each answer position
 
 
 class DecodeProgress:
@@ -143,8 +181,16 @@ class RolloutEngine:
                 gc.collect()
                 torch.cuda.empty_cache()
 
+    @property
+    def logprobs_while_decoding(self) -> bool:
+        """The log-probs come from the decoding forwards (else from one more forward: cache=static)."""
+        return self.gen.cache != "static"
+
     def sampling_kwargs(self, do_sample: bool) -> dict:
+        """transformers' generate arguments for this section's decoding (greedy when do_sample is false
+        or the temperature is 0)."""
         g = self.gen
+        do_sample = do_sample and not g.greedy
         # num_beams 1 whatever the checkpoint's generation_config says: PPO scores sampled answers.
         kwargs = {"do_sample": do_sample, "num_beams": 1, "max_new_tokens": g.max_new_tokens, "use_cache": True,
                   "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id}
@@ -156,18 +202,93 @@ class RolloutEngine:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs  # no min_new_tokens: an answer may end at once (DeepSpeed-Chat forced a minimum)
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, do_sample: bool | None = None) -> torch.Tensor:
+        """Prompts (B, Lp), left-padded -> prompt + answer (B, Lp + T); rows that ended early are padded.
+        do_sample: None follows the config (stage.ppo.generation.do_sample, temperature)."""
+        return self.rollout(input_ids, attention_mask, do_sample).seq
+
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, do_sample: bool = True) -> torch.Tensor:
-        """Prompts (B, Lp), left-padded -> prompt + answer (B, Lp + T); rows that ended early are padded."""
-        kwargs = self.sampling_kwargs(do_sample)
+    def rollout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, do_sample: bool | None = None) -> Rollout:
+        """Answers to left-padded prompts (B, Lp) with the actor's log-probs and entropies (see Rollout)."""
+        greedy = self.gen.greedy if do_sample is None else not do_sample or self.gen.greedy
         streamer = DecodeProgress(self.gen.max_new_tokens) if self.show_progress else None
         try:
             with self.generation_layout() as module:
-                # Per-module fetching makes every forward a collective: ranks whose answers all ended
-                # keep stepping until every rank's have (synced_gpus), or the others would hang.
-                return module.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,
-                                       synced_gpus=self.per_module and world_size() > 1, **kwargs)
+                if self.logprobs_while_decoding:
+                    return self._decode(module, input_ids, attention_mask, greedy, streamer)
+                seq = module.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,
+                                      synced_gpus=self.per_module and world_size() > 1,
+                                      **self.sampling_kwargs(not greedy))
+                return self._score(module, seq, attention_mask)
         finally:
             if streamer is not None:
-                streamer.bar.close()  # also when generate failed (a second close does nothing)
+                streamer.bar.close()  # also when generation failed (a second close does nothing)
+
+    def _decode(self, module, input_ids: torch.Tensor, attention_mask: torch.Tensor, greedy: bool,
+                streamer: DecodeProgress | None) -> Rollout:
+        """transformers' decoding loop cut to what PPO uses: KV cache, logits of the last position only,
+        rl_math.next_tokens to choose, the call over when every row has produced an eos (the tokens a
+        row chose after its eos are replaced by pad ids at the end, their log-probs by 0)."""
+        g, device = self.gen, input_ids.device
+        rows, prompt_len = input_ids.shape
+        answer = input_ids.new_empty((rows, g.max_new_tokens))
+        logprobs = torch.empty(rows, g.max_new_tokens, device=device)
+        entropy = torch.empty_like(logprobs)
+        # As transformers does: a batch without padding runs without a mask (the causal kernel).
+        mask = None if bool(attention_mask.all()) else torch.cat([attention_mask, attention_mask.new_ones(answer.shape)], 1)
+        positions = position_ids(attention_mask)
+        # (T, B): row t holds the positions of answer token t, contiguous like every input below (a strided
+        # view costs the embedding lookups and the mask a slower path: 15% of a decode step on CPU).
+        answer_positions = positions[:, -1] + torch.arange(1, g.max_new_tokens + 1, device=device)[:, None]
+        ended = torch.zeros(rows, dtype=torch.bool, device=device)
+        # Per-module ZeRO-3 fetching makes every forward a collective: a rank whose answers have all
+        # ended keeps stepping (its tokens unused) until every rank's have, or the others would hang.
+        synced = self.per_module and world_size() > 1
+        inputs, cache, length, scratch = {"input_ids": input_ids, "position_ids": positions}, {}, None, None
+        if streamer is not None:
+            streamer.put(input_ids)
+        # Inference mode spares each small op its autograd bookkeeping (5% of a step on CPU); not with
+        # DeepSpeed fetching parameters inside the forwards, which must stay ordinary tensors.
+        with torch.inference_mode(not self.per_module):
+            for t in range(g.max_new_tokens):
+                step_mask = None if mask is None else mask[:, :prompt_len + t].contiguous()
+                out = module(**inputs, attention_mask=step_mask, use_cache=True, logits_to_keep=1, **cache)
+                cache = _cache_kwargs(out)
+                if length is None:
+                    logits = out.logits[:, -1]
+                    if scratch is None:
+                        scratch = torch.empty(logits.shape, dtype=torch.float32, device=device)
+                    chosen, logprobs[:, t], entropy[:, t] = next_tokens(logits, greedy, g.temperature, g.top_k,
+                                                                        g.top_p, scratch)
+                    answer[:, t] = chosen
+                    ended |= chosen == self.tokenizer.eos_token_id
+                    if streamer is not None:
+                        streamer.put(chosen)
+                    if bool(ended.all()):
+                        length = t + 1
+                if not (any_rank(length is None) if synced else length is None):
+                    break
+                inputs = {"input_ids": chosen[:, None], "position_ids": answer_positions[t][:, None]}
+        if streamer is not None:
+            streamer.end()
+        answer = answer[:, :length or g.max_new_tokens]
+        kept = answer_mask(answer, self.tokenizer.eos_token_id).bool()
+        answer = answer.masked_fill(~kept, self.tokenizer.pad_token_id)
+        return Rollout(torch.cat([input_ids, answer], 1), logprobs[:, :answer.shape[1]] * kept,
+                       entropy[:, :answer.shape[1]] * kept)
+
+    def _score(self, module, seq: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
+        """Log-probs and entropies of answers generated by transformers' generate: one forward over
+        prompt + answer (logits of the answer positions only), in the generation layout."""
+        prompt_len = prompt_mask.shape[1]
+        answer = seq[:, prompt_len:]
+        mask = answer_mask(answer, self.tokenizer.eos_token_id)
+        attention = torch.cat([prompt_mask, mask], 1)
+        keep = torch.arange(prompt_len - 1, seq.shape[1] - 1, device=seq.device)
+        logits = module(input_ids=seq, attention_mask=attention, position_ids=position_ids(attention),
+                        use_cache=False, logits_to_keep=keep).logits
+        logprobs = logprobs_of_labels(logits, answer) * mask
+        # A row at a time: no (B, T, V) float32 copy of the logits.
+        entropy = torch.cat([entropy_from_logits(logits[i:i + 1]) for i in range(seq.shape[0])]) * mask
+        return Rollout(seq, logprobs, entropy)
 

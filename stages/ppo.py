@@ -101,15 +101,18 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     ptx_batches = endless_batches(ptx, p.per_device_training_batch_size, collate_ptx, cfg.run.seed + 1,
                                   start=step * minibatches_per_step) if ptx is not None else None
     epoch = step // per_epoch
+    # A step's span ends where the previous one's did, so steps tile the loop: what is not generation,
+    # experience or training (batching prompts, the KL controller, the previous step's logging and
+    # checkpoint) is other_s, and the four add up to step_s.
+    t_mark = time.perf_counter()
     while step < n_steps:
         skip = (step - epoch * per_epoch) * p.generation_batches
         prompt_batches = epoch_batches(data.train, p.per_device_generation_batch_size, prompts_of, cfg.run.seed, epoch, skip)
         for group in iter(lambda: list(itertools.islice(prompt_batches, p.generation_batches)), []):
             if len(group) < p.generation_batches:
                 break
-            t0 = time.time()
             experiences = [trainer.generate_experience(batch) for batch in group]
-            t_experience = time.time() - t0
+            t_train = time.perf_counter()
             stats, losses, ptx_losses = [], [], []
             for _ in range(p.ppo_epochs):
                 for exp in experiences:
@@ -123,11 +126,14 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
                         if ptx_batch is not None:
                             ptx_losses.append(float(trainer.train_unsupervised(ptx_batch)))
                         trainer.update_ema()
-            t_total = time.time() - t0
+            training_s = time.perf_counter() - t_train
             step += 1
             mean = {k: sum(s[k] for s in stats) / max(len(stats), 1) for k in STAT_KEYS}
             trainer.update_kl_controller(all_reduce_mean([mean["kl"]], len(stats))[0], prompts_per_step * world_size())
             counters = trainer.pop_counters()
+            now = time.perf_counter()
+            step_s, t_mark = now - t_mark, now
+            generation_s, experience_s = counters.get("generation_s", 0.0), counters.get("experience_s", 0.0)
             samples = prompts_per_step * world_size()
             flops = counters.get("generation_flops", 0) + counters.get("experience_flops", 0) + counters.get("training_flops", 0)
             extra = {"ptx_loss": sum(ptx_losses) / len(ptx_losses)} if ptx_losses else {}
@@ -135,11 +141,11 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
                        actor_loss=sum(l[0] for l in losses) / max(len(losses), 1),
                        critic_loss=sum(l[1] for l in losses) / max(len(losses), 1),
                        kl_coef=trainer.kl_ctl.value, **extra,
-                       generation_s=counters.get("generation_s", 0.0), experience_s=counters.get("experience_s", 0.0),
-                       training_s=t_total - t_experience, step_s=t_total, samples_per_s=samples / t_total,
-                       tflops=flops * world_size() / 1e12 / t_total)
+                       generation_s=generation_s, experience_s=experience_s, training_s=training_s,
+                       other_s=step_s - generation_s - experience_s - training_s, step_s=step_s,
+                       samples_per_s=samples / step_s, tflops=flops * world_size() / 1e12 / step_s)
             if ctx.is_main and step % cfg.run.log_interval == 0:
-                print(throughput_line(step, n_steps, counters, t_total, t_total - t_experience, samples,
+                print(throughput_line(step, n_steps, counters, step_s, training_s, samples,
                                       experiences[0].seq.shape[1]), flush=True)
             if checkpointer.due(step) or stop_requested():
                 checkpointer.save(step, engines, {"epoch": epoch, "kl_ctl": trainer.kl_ctl.state_dict(),

@@ -5,6 +5,7 @@ One tiny SFT + RM run is made once per session; each PPO variant runs in a copy 
   ZeRO-2 vs ZeRO-3 (and 0, 1) losses per step: rtol 1e-4, atol 1e-6
   EMA vs the hand-computed average: atol 1e-6
   ZeRO-3 rollout vs the gathered plain model, greedy: identical tokens
+  log-probs taken while decoding vs a full forward: fp32 atol 1e-5; bf16 max 0.01, mean 1e-3
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ PTX_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-6
 EMA_ATOL = 1e-6
 STEP_KEYS = ("reward", "kl", "entropy", "clip_frac", "approx_kl", "value_error", "answer_length", "actor_loss",
-             "critic_loss", "kl_coef", "generation_s", "experience_s", "training_s", "samples_per_s", "tflops")
+             "critic_loss", "kl_coef", "generation_s", "experience_s", "training_s", "other_s", "step_s", "samples_per_s",
+             "tflops")
+PHASES = ("generation_s", "experience_s", "training_s", "other_s")
 
 
 def merge(a: dict, b: dict) -> dict:
@@ -104,6 +107,9 @@ def check_outputs(base_run: Path, ppo_dir: Path, rows: list[dict], steps: int) -
         for key in STEP_KEYS:
             assert math.isfinite(row[key]), (key, row)
         assert row["tflops"] > 0 and row["answer_length"] >= 1
+        # The phases tile the step: other_s is what the three leave (logging, batching, the KL controller).
+        assert all(row[key] >= 0 for key in PHASES), row
+        assert sum(row[key] for key in PHASES) == pytest.approx(row["step_s"], rel=1e-6)
     actor = load_file(ppo_dir / "final" / "actor" / "model.safetensors")
     start = load_file(base_run / "sft" / "final" / "model.safetensors")
     assert not [k for k in actor if "lora" in k or "base_layer" in k]  # adapters merged on save
@@ -471,7 +477,7 @@ def test_zero3_generation_module_by_module_gives_the_gathered_tokens(base_run, t
     got = trainer.rollout.generate(batch["input_ids"], batch["attention_mask"], do_sample=False)
     assert torch.equal(got, expected)
     assert len(fetches) >= 8 * 20  # every module, every step (28 modules here)
-    with pytest.raises(ConfigError, match="merge_lora=True needs the gathered weights"):
+    with pytest.raises(ConfigError, match="merge_lora=True needs the actor.s weights gathered"):
         load_config(config(tmp_path / "x", ["ppo"], generation={"merge_lora": True, "gather_weights": False}))
 
 
@@ -581,6 +587,113 @@ def test_activation_checkpointing_switches_without_deprecation_warnings(base_run
             assert activation_checkpointing(model)
             set_activation_checkpointing(model, False)
             assert not activation_checkpointing(model)
+
+
+def test_steps_tile_the_stage_loop(base_run, ppo_root):
+    """step_s of successive steps add up to the loop's own time: no time falls between steps (each
+    step's span starts where the previous one's ended), and every phase lies inside its step."""
+    _, rows, ppo_dir = run_ppo(base_run, ppo_root, "zero0", **zero(0))
+    assert len(rows) == 2
+    for row in rows:
+        assert sum(row[key] for key in PHASES) == pytest.approx(row["step_s"], rel=1e-6)
+        assert row["generation_s"] > 0 and row["experience_s"] > 0 and row["training_s"] > 0
+
+
+def test_log_prob_time_is_counted_in_the_phase_that_computes_it(base_run, tmp_path, monkeypatch):
+    """Slowing down each piece of log-prob work by a known delay moves exactly its phase: the actor's
+    log-probs (taken while decoding) into generation_s, the reference's into experience_s; the two
+    phases cover the whole generate_experience call."""
+    import time
+
+    import pipeline.rlhf as rlhf_module
+    import pipeline.rollout as rollout_module
+
+    cfg, engine, trainer = make_engine(base_run, tmp_path)
+    batch = prompts(base_run, cfg, engine.tokenizer)
+    delay, calls = 0.02, {"decode": 0, "ref": 0}
+
+    def slowed(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            time.sleep(delay)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(rollout_module, "next_tokens", slowed("decode", rollout_module.next_tokens))
+    monkeypatch.setattr(rlhf_module, "logprobs_of_labels", slowed("ref", rlhf_module.logprobs_of_labels))
+    t0 = time.perf_counter()
+    exp = trainer.generate_experience(batch)
+    wall = time.perf_counter() - t0
+    c = trainer.pop_counters()
+    assert calls["decode"] == exp.answer.shape[1] and calls["ref"] == 1
+    assert c["generation_s"] >= delay * calls["decode"]
+    assert delay <= c["experience_s"] < delay * calls["decode"]
+    assert c["generation_s"] + c["experience_s"] == pytest.approx(wall, rel=0.02)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_logprobs_taken_while_decoding_equal_a_full_forward(base_run, tmp_path, dtype):
+    """The actor's log-probs and entropies recorded while decoding equal a full forward's over the
+    same prompt + answer (fp32: 1e-5; bf16: max 0.01, mean 1e-3: the cached decode step and the full
+    forward round differently). At the first update the PPO ratio is then 1 up to that noise: no
+    clipping, approx_kl ~ 0."""
+    from pipeline.engine import unwrap
+    from pipeline.rl_math import entropy_from_logits, logprobs_of_labels
+    from pipeline.rlhf import answer_logits
+
+    cfg, engine, trainer = make_engine(base_run, tmp_path, dtype=dtype, generation={"max_new_tokens": 12})
+    exp = trainer.generate_experience(prompts(base_run, cfg, engine.tokenizer))
+    actor = unwrap(engine.actor)
+    actor.eval()
+    with torch.no_grad():
+        logits = answer_logits(engine.actor, exp.answer.shape[1], input_ids=exp.seq, attention_mask=exp.attention_mask,
+                               position_ids=exp.position_ids)
+        full = logprobs_of_labels(logits, exp.answer)
+        entropy = entropy_from_logits(logits)
+    actor.train()
+    mask = exp.answer_mask.bool()
+    assert mask.sum() >= 8 and exp.logprobs.dtype == exp.entropy.dtype == torch.float32
+    assert torch.equal(exp.logprobs[~mask], torch.zeros_like(exp.logprobs[~mask]))
+    diff = (exp.logprobs - full)[mask].abs()
+    if dtype == "fp32":
+        assert diff.max() < 1e-5 and (exp.entropy - entropy)[mask].abs().max() < 1e-4
+    else:
+        assert diff.max() < 0.01 and diff.mean() < 1e-3 and (exp.entropy - entropy)[mask].abs().max() < 0.01
+    trainer.train_rlhf(exp)
+    assert trainer.last_stats["clip_frac"] == 0.0
+    assert trainer.last_stats["approx_kl"] < (1e-10 if dtype == "fp32" else 1e-5)
+
+
+def test_greedy_decoding_from_the_config(base_run, tmp_path):
+    """stage.ppo.generation.do_sample=false, or temperature=0, decodes greedily: transformers' greedy
+    tokens, call after call; sampling with the same seed repeats its tokens and differs from greedy.
+    Contradictory settings are refused in one line naming the keys."""
+    from pipeline.engine import unwrap
+
+    cfg, engine, trainer = make_engine(base_run, tmp_path, generation={"max_new_tokens": 10})
+    batch = prompts(base_run, cfg, engine.tokenizer)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    torch.manual_seed(7)
+    sampled = trainer.rollout.generate(ids, mask)
+    torch.manual_seed(7)
+    assert torch.equal(trainer.rollout.generate(ids, mask), sampled)
+    plain = unwrap(engine.actor)
+    with torch.no_grad():
+        expected = plain.generate(input_ids=ids, attention_mask=mask, **trainer.rollout.sampling_kwargs(do_sample=False))
+    assert not torch.equal(sampled, expected)
+    for generation in ({"do_sample": False}, {"temperature": 0.0}):
+        greedy_cfg = load_config(config(tmp_path / "greedy", ["ppo"], generation={"max_new_tokens": 10, **generation}))
+        assert greedy_cfg.stage.ppo.generation.greedy
+        rollout = type(trainer.rollout)(engine.actor, engine.tokenizer, greedy_cfg.stage.ppo.generation, show_progress=False)
+        assert not rollout.sampling_kwargs(do_sample=True)["do_sample"]
+        for _ in range(2):
+            assert torch.equal(rollout.generate(ids, mask), expected)
+    for generation, culprit in (({"do_sample": False, "temperature": 0.7}, r"stage\.ppo\.generation\.temperature=0\.7 applies only when sampling"),
+                                ({"temperature": 0.0, "top_p": 0.9}, r"stage\.ppo\.generation\.top_p=0\.9 applies only when sampling"),
+                                ({"do_sample": False, "top_k": 5}, r"stage\.ppo\.generation\.top_k=5 applies only when sampling"),
+                                ({"temperature": -1.0}, r"stage\.ppo\.generation\.temperature=-1\.0 must be >= 0")):
+        with pytest.raises(ConfigError, match=culprit):
+            load_config(config(tmp_path / "bad", ["ppo"], generation=generation))
 
 
 # ---------------------------------------------------------------------- clear errors

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from pipeline.rl_math import (AdaptiveKLController, actor_loss, answer_mask, critic_loss, gae_advantages,
-                              kl_penalized_rewards, last_index, masked_mean, masked_whiten, pairwise_ranking_loss)
+                              kl_penalized_rewards, last_index, logprobs_of_labels, masked_mean,
+                              masked_whiten, next_tokens, pairwise_ranking_loss, sample_from_probs, sampling_block,
+                              sampling_probs)
 
 
 def t(x):
@@ -102,3 +104,124 @@ def test_adaptive_kl_controller_moves_towards_target():
     assert ctl.value == pytest.approx(0.102)
     ctl.update(kl=3.0, n_samples=1000)  # error -0.5 clipped to -0.2 -> x(1 - 0.02)
     assert ctl.value == pytest.approx(0.102 * 0.98)
+
+
+# ---------------------------------------------------------------------- log-probs and sampling
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_of_labels_equal_log_softmax_and_its_gradient(dtype):
+    """The chunked log-probs (a 65536 vocabulary: 4 rows per CPU chunk, 15 rows, a partial last chunk)
+    equal float32 log_softmax + gather exactly, and float64's to float32 rounding, values and gradients."""
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 5, 65536) * 4).to(dtype).requires_grad_()
+    labels = torch.randint(0, 65536, (3, 5))
+    weights = torch.randn(3, 5)
+    got = logprobs_of_labels(logits, labels)
+    (got * weights).sum().backward()
+    reference = logits.detach().double().requires_grad_()
+    expected = torch.log_softmax(reference, -1).gather(-1, labels[..., None]).squeeze(-1)
+    (expected * weights.double()).sum().backward()
+    assert got.dtype == torch.float32 and logits.grad.dtype == dtype
+    plain = torch.log_softmax(logits.detach().float(), -1).gather(-1, labels[..., None]).squeeze(-1)
+    assert torch.equal(got.detach(), plain)  # row by row, the very same kernel
+    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-6)
+    # float32: softmax's rounding; bf16: the gradient's own rounding (8 bits)
+    tolerance = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-6, "rtol": 2**-8}
+    torch.testing.assert_close(logits.grad.double(), reference.grad, **tolerance)
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's test of `counts` (V,) against `probs` (V,): tokens expected fewer than 5 times share one bin."""
+    expected = probs.double() * counts.sum()
+    big = expected >= 5
+    observed = torch.cat([counts[big].double(), counts[~big].sum(0, keepdim=True).double()])
+    expected = torch.cat([expected[big], expected[~big].sum(0, keepdim=True)])
+    keep = expected > 0
+    statistic = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    df = torch.tensor(float(keep.sum() - 1), dtype=torch.float64)
+    return float(torch.special.gammaincc(df / 2, statistic / 2))
+
+
+def draw_counts(probs: torch.Tensor, draws: int, rows: int = 5000) -> torch.Tensor:
+    counts = torch.zeros(probs.shape[0], dtype=torch.long)
+    for _ in range(draws // rows):
+        counts += torch.bincount(sample_from_probs(probs.expand(rows, -1)), minlength=probs.shape[0])
+    return counts
+
+
+@pytest.mark.parametrize("vocab, draws", [(5000, 100_000), (4099, 60_000)])  # 4099: prime, padded blocks of 1024
+def test_sample_from_probs_draws_the_softmax_distribution(vocab, draws):
+    """100k or 60k draws (fixed seeds) against the softmax probabilities: Pearson's chi-square does not
+    reject (p > 0.001), zero-probability tokens never come up; the same test rejects the draws
+    against a distribution with 3% of one block's mass moved to the next, so it can tell."""
+    torch.manual_seed(1)
+    logits = torch.randn(vocab) * 2.5
+    logits[torch.randperm(vocab)[:300]] = float("-inf")  # probability 0, scattered over the blocks
+    logits[7] = 12.0  # one token with most of the mass, and a long tail
+    probs = torch.softmax(logits, -1)
+    assert sampling_block(vocab) == (1000 if vocab == 5000 else 1024)
+    counts = draw_counts(probs, draws)
+    assert counts.sum() == draws
+    assert counts[probs == 0].sum() == 0
+    assert chi_square_p_value(counts, probs) > 1e-3
+    shifted = probs.clone()
+    shifted[:1000] *= 0.97
+    shifted[1000:2000] += probs[:1000].sum() * 0.03 * probs[1000:2000] / probs[1000:2000].sum()
+    assert chi_square_p_value(counts, shifted / shifted.sum()) < 1e-3
+
+
+def test_sample_from_probs_is_reproducible_and_takes_unnormalised_rows():
+    probs = torch.softmax(torch.randn(6, 3000), -1)
+    torch.manual_seed(5)
+    first = sample_from_probs(probs)
+    torch.manual_seed(5)
+    assert torch.equal(sample_from_probs(probs * 7.5), first)  # scale-free: the same uniform numbers, the same tokens
+    one_hot = torch.zeros(2, 3000)
+    one_hot[0, 2999], one_hot[1, 0] = 1e-30, 3.0  # all the mass on one token, however small
+    assert sample_from_probs(one_hot).tolist() == [2999, 0]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.8),
+                                                       (1.3, 4, 0.6), (1.0, 1, 1.0)])
+def test_sampling_probs_match_transformers_warpers(temperature, top_k, top_p):
+    """The distribution sampled from equals softmax of transformers' temperature, top-k and top-p
+    warpers applied in generate's order, ties included (top-k keeps every logit equal to the k-th)."""
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    torch.manual_seed(2)
+    logits = torch.randn(4, 50).round(decimals=1)  # rounding makes ties
+    logits[0, :6] = 3.0  # a 6-way tie at the top
+    warpers = LogitsProcessorList(([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
+                                  + ([TopKLogitsWarper(top_k)] if top_k else [])
+                                  + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
+    expected = torch.softmax(warpers(None, logits.clone()), -1)
+    torch.testing.assert_close(sampling_probs(logits, temperature, top_k, top_p), expected, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_next_tokens_give_greedy_tokens_logprobs_and_entropy(dtype):
+    """Greedy: argmax (the first of tied maxima, as transformers). Sampled or greedy, the log-prob is
+    log_softmax at the chosen token and the entropy the policy's (temperature 1), whatever the
+    sampling settings; the scratch buffer changes nothing."""
+    torch.manual_seed(3)
+    logits = (torch.randn(5, 4000) * 3).to(dtype)
+    logits[1, [10, 20]] = 30.0  # tied maxima
+    reference_logp = torch.log_softmax(logits.double(), -1)
+    entropy = -(reference_logp.exp() * reference_logp).sum(-1)
+    tokens, logp, ent = next_tokens(logits, greedy=True)
+    assert torch.equal(tokens, logits.float().argmax(-1)) and tokens[1] == 10
+    torch.testing.assert_close(logp.double(), reference_logp.gather(1, tokens[:, None]).squeeze(1), atol=2e-6, rtol=0)
+    torch.testing.assert_close(ent.double(), entropy, atol=2e-5, rtol=0)
+    scratch = torch.empty(5, 4000)
+    for settings in ({}, {"temperature": 0.5, "top_k": 50}, {"top_p": 0.9}):
+        torch.manual_seed(4)
+        tokens, logp, ent = next_tokens(logits, greedy=False, scratch=scratch, **settings)
+        torch.manual_seed(4)
+        again, _, _ = next_tokens(logits, greedy=False, **settings)
+        assert torch.equal(tokens, again)
+        torch.testing.assert_close(logp.double(), reference_logp.gather(1, tokens[:, None]).squeeze(1), atol=2e-6, rtol=0)
+        torch.testing.assert_close(ent.double(), entropy, atol=2e-5, rtol=0)
+    # top_k 1 is greedy however the uniform numbers fall
+    assert torch.equal(next_tokens(logits, greedy=False, top_k=1)[0][[0, 2, 3, 4]], logits.float().argmax(-1)[[0, 2, 3, 4]])
