@@ -664,6 +664,37 @@ def test_logprobs_taken_while_decoding_equal_a_full_forward(base_run, tmp_path, 
     assert trainer.last_stats["approx_kl"] < (1e-10 if dtype == "fp32" else 1e-5)
 
 
+def test_checking_for_the_end_every_few_steps_gives_the_same_rollout(base_run, tmp_path, monkeypatch):
+    """On a GPU the loop looks at whether every row has ended only every few steps (each look waits
+    for the device); the steps run past the last eos are cut off: the same tokens, log-probs and
+    entropies as checking at every step. The rows are made to end at steps 2, 4, 7 and 8 (the tiny
+    model rarely samples its eos): 9 steps, or 10 when looking every 5th."""
+    import pipeline.rollout as rollout_module
+
+    cfg, engine, trainer = make_engine(base_run, tmp_path, generation={"max_new_tokens": 24})
+    batch = prompts(base_run, cfg, engine.tokenizer)
+    eos, end_at, real = engine.tokenizer.eos_token_id, torch.tensor([2, 4, 7, 8]), rollout_module.next_tokens
+
+    def ending(*args, **kwargs):
+        tokens, logp, entropy = real(*args, **kwargs)
+        step = calls.pop(0)
+        return torch.where(end_at == step, eos, tokens), logp, entropy
+
+    monkeypatch.setattr(rollout_module, "next_tokens", ending)
+    rollouts = []
+    for every in (1, 5):
+        monkeypatch.setattr(rollout_module, "stop_check_steps", lambda device, every=every: every)
+        calls = list(range(24))
+        torch.manual_seed(11)
+        rollouts.append(trainer.rollout.rollout(batch["input_ids"], batch["attention_mask"]))
+        assert 24 - len(calls) == (9 if every == 1 else 10)  # decode steps run
+    every_step, every_five = rollouts
+    answer = every_step.seq[:, batch["input_ids"].shape[1]:]
+    assert answer.shape[1] == 9 and (answer == eos).long().argmax(1).tolist() == [2, 4, 7, 8]
+    for field in ("seq", "logprobs", "entropy"):
+        assert torch.equal(getattr(every_five, field), getattr(every_step, field)), field
+
+
 def test_greedy_decoding_from_the_config(base_run, tmp_path):
     """stage.ppo.generation.do_sample=false, or temperature=0, decodes greedily: transformers' greedy
     tokens, call after call; sampling with the same seed repeats its tokens and differs from greedy.
