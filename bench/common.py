@@ -168,16 +168,18 @@ def emit(result: dict) -> None:
 # --------------------------------------------------------------------------- parent side
 
 
-def parser(description: str, steps: int, warmup: int, repeats: int = 2) -> argparse.ArgumentParser:
+def parser(description: str, steps: int, warmup: int, repeats: int = 2, peer: str = "trl") -> argparse.ArgumentParser:
+    """The common options; `peer` names the other side (trl, or hf for a plain Hugging Face reference)."""
     ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    ap.set_defaults(peer=peer)
+    ap.add_argument("--child", choices=["ours", peer], help=argparse.SUPPRESS)
     ap.add_argument("--work", default="/tmp/rlhf_bench", help="folder for the model, data cache and run folders")
     ap.add_argument("--steps", type=int, default=steps, help="timed steps per run (after warm-up)")
     ap.add_argument("--warmup", type=int, default=warmup, help="untimed steps first")
     ap.add_argument("--repeats", type=int, default=repeats, help="A B pairs")
     ap.add_argument("--batch", type=int, default=8, help="micro-batch (prompts / pairs / sequences)")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
-    ap.add_argument("--only", choices=["ours", "trl"], help="run one side only (no ratio)")
+    ap.add_argument("--only", choices=["ours", peer], help="run one side only (no ratio)")
     return ap
 
 
@@ -199,7 +201,7 @@ def run_child(script: str, side: str, args: argparse.Namespace, timeout: int = 9
 
 def ab(script: str, args: argparse.Namespace) -> dict[str, list[dict]]:
     """A B A B ... : `repeats` runs of each side, alternating, ours first."""
-    sides = [args.only] if args.only else ["ours", "trl"]
+    sides = [args.only] if args.only else ["ours", args.peer]
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     for i in range(args.repeats):
         for side in sides:
@@ -225,11 +227,11 @@ def verdict(ratios_: list[float], target: float) -> str:
     return f"target >= {target}: {state}"
 
 
-def ratios(runs: dict[str, list[dict]], key: str) -> list[float]:
+def ratios(runs: dict[str, list[dict]], key: str, peer: str = "trl") -> list[float]:
     """ours_i / theirs_i over the paired runs (higher = we are faster for a rate)."""
-    if "trl" not in runs or "ours" not in runs:
+    if peer not in runs or "ours" not in runs:
         return []
-    return [o[key] / t[key] for o, t in zip(runs["ours"], runs["trl"]) if t.get(key)]
+    return [o[key] / t[key] for o, t in zip(runs["ours"], runs[peer]) if t.get(key)]
 
 
 def median(runs: list[dict], key: str) -> float:

@@ -1,6 +1,8 @@
 """Rollout generation tokens/s, ours vs the Hugging Face generate path TRL uses, A B A B.
 
     python bench/generation.py               # 2 pairs, 1 warm-up + 5 timed calls, 8 prompts x 64 new tokens
+    python bench/generation.py --shape issue18 --dtype bf16 --peer-decoding greedy
+                                             # issue #18: our sampling vs transformers' greedy path per token
 
 Ours: the actor's DeepSpeed engine (pipeline.engine.initialize, ZeRO 0, train layout as in step 3)
 and `pipeline.rollout.RolloutEngine.generate` (switch to the generation layout, sample, switch
@@ -8,7 +10,9 @@ back) - exactly what PPOTrainer.generate_experience calls. Theirs: what TRL's RL
 do without vLLM: `model.generate(**inputs, generation_config=GenerationConfig(do_sample=True,
 temperature 1, top_p 1, top_k 0, disable_compile=True))` on the plain model under no_grad.
 Same model folder, same left-padded prompt batches (our ppo slice of hh-rlhf), same seed per
-call. tokens/s = batch x new positions / seconds, over the calls after warm-up.
+call. tokens/s = batch x new positions / seconds, over the calls after warm-up. --shape issue18:
+bench/ppo_step.py's model (2 layers, hidden 64, vocab 50272) and prompts of <= 64 tokens;
+--peer-decoding greedy: transformers' greedy path (do_sample=False) on the peer's side.
 """
 
 from __future__ import annotations
@@ -20,15 +24,32 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
-MAX_PROMPT, NEW_TOKENS = 128, 64
+NEW_TOKENS = 64
+SHAPES = {"bench": (C.SHAPE, 128), "issue18": (None, 64)}  # model shape, longest prompt; issue18: ppo_step.SHAPE
+
+
+def shape(args) -> tuple[dict, int]:
+    if args.shape == "issue18":
+        import ppo_step
+
+        return ppo_step.SHAPE, SHAPES["issue18"][1]
+    return SHAPES[args.shape]
+
+
+def model_dir(args) -> Path:
+    return Path(args.work) / ("model" if args.shape == "bench" else f"model_{args.shape}_{args.dtype}")
 
 
 def config(args, out: Path) -> dict:
     stage = {"ppo": {"per_device_generation_batch_size": args.batch, "per_device_training_batch_size": args.batch,
-                     "generation": {"max_new_tokens": NEW_TOKENS, "temperature": 1.0, "top_p": 1.0, "top_k": 0},
+                     "generation": {"max_new_tokens": NEW_TOKENS, "do_sample": args.decoding == "sample",
+                                    "temperature": 1.0, "top_p": 1.0, "top_k": 0},
                      "actor": {"lora": C.NO_LORA, "strategy": C.STRATEGY},
                      "critic": {"lora": C.NO_LORA, "strategy": C.STRATEGY}, "unsup_coef": 0.0}}
-    return C.our_config(Path(args.work), out, ["ppo"], stage, MAX_PROMPT, 128)
+    cfg = C.our_config(Path(args.work), out, ["ppo"], stage, shape(args)[1], 128)
+    cfg["run"]["dtype"] = args.dtype
+    cfg["model"].update(actor=str(model_dir(args)), reward=str(model_dir(args)))
+    return cfg
 
 
 def prompt_batches(args) -> list[dict]:
@@ -46,7 +67,7 @@ def child(args, side: str) -> dict:
 
     batches = prompt_batches(args)
     tokenizer = C.load_tokenizer()
-    model_dir = str(Path(args.work) / "model")
+    folder = str(model_dir(args))
     if side == "ours":
         from pipeline.config import load_config
         from pipeline.dist import init_distributed
@@ -57,7 +78,7 @@ def child(args, side: str) -> dict:
         cfg = load_config(config(args, Path(args.work) / "runs" / "gen"))
         p = cfg.stage.ppo
         init_distributed(cfg)
-        engine = initialize(cfg, load_causal_lm(model_dir, tokenizer, cfg.dtype, 0.0), p.actor, "stage.ppo.actor",
+        engine = initialize(cfg, load_causal_lm(folder, tokenizer, cfg.dtype, 0.0), p.actor, "stage.ppo.actor",
                             micro_batch=args.batch, grad_accum=1, total_steps=10)
         engine.train()
         rollout = RolloutEngine(engine, tokenizer, p.generation, show_progress=False)
@@ -65,49 +86,78 @@ def child(args, side: str) -> dict:
     else:
         from transformers import AutoModelForCausalLM, GenerationConfig
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        gen_cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=True, pad_token_id=tokenizer.pad_token_id,
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        sampling = ({"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0} if args.peer_decoding == "sample"
+                    else {"do_sample": False})
+        gen_cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.pad_token_id,
                                    bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.eos_token_id],
-                                   temperature=1.0, top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0,
-                                   cache_implementation=None, disable_compile=True)
+                                   min_p=None, repetition_penalty=1.0, cache_implementation=None, disable_compile=True,
+                                   **sampling)
 
         def generate(b):
             with torch.no_grad():
                 return model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"], generation_config=gen_cfg)
-    secs, positions, prompt_tokens = 0.0, 0, 0
+    secs, cpu_secs, positions = 0.0, 0.0, 0
     for i, b in enumerate(batches):
         torch.manual_seed(C.SEED + i)
-        t0 = time.perf_counter()
+        cpu, t0 = time.process_time(), time.perf_counter()
         out = generate(b)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - cpu
         if i >= args.warmup:
-            secs += dt
+            secs, cpu_secs = secs + dt, cpu_secs + cpu
             positions += out.shape[0] * (out.shape[1] - b["input_ids"].shape[1])
-            prompt_tokens += int(b["attention_mask"].sum())
-    steps = len(batches) - args.warmup
-    return {"tokens_per_s": positions / secs, "call_s": secs / steps,
-            "ms_per_decode_step": 1e3 * secs / (positions / args.batch), "steps": steps}
+    steps, decode_steps = len(batches) - args.warmup, positions / args.batch
+    # CPU ms per decode step: the process's CPU clock, steadier than wall time on a shared machine.
+    return {"tokens_per_s": positions / secs, "call_s": secs / steps, "ms_per_decode_step": 1e3 * secs / decode_steps,
+            "cpu_ms_per_decode_step": 1e3 * cpu_secs / decode_steps, "steps": steps}
 
 
 def main() -> None:
     ap = C.parser("Generation tokens/s: our rollout engine vs HF generate (TRL's path)", steps=5, warmup=1)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="bench", help="model and prompt lengths")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--decoding", choices=["sample", "greedy"], default="sample", help="ours")
+    ap.add_argument("--peer-decoding", choices=["sample", "greedy"], default="sample", help="HF generate's")
     args = ap.parse_args()
+    args.extra = ["--shape", args.shape, "--dtype", args.dtype, "--decoding", args.decoding,
+                  "--peer-decoding", args.peer_decoding]
     if args.child:
         C.emit(child(args, args.child))
         return
-    C.write_opt(Path(args.work) / "model")
+    import torch
+
+    model_shape, max_prompt = shape(args)
+    C.write_opt(model_dir(args), model_shape, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
     prompt_batches(args)
-    print(f"Generation: OPT {C.SHAPE['num_hidden_layers']} layers, hidden {C.SHAPE['hidden_size']}; {args.batch} hh-rlhf prompts "
-          f"(<= {MAX_PROMPT} tokens, left-padded) x {NEW_TOKENS} sampled tokens; {args.warmup} warm-up + {args.steps} timed "
-          f"calls; fp32 CPU; {args.repeats} x A B", flush=True)
+    print(f"Generation: OPT {model_shape['num_hidden_layers']} layers, hidden {model_shape['hidden_size']}; {args.batch} "
+          f"hh-rlhf prompts (<= {max_prompt} tokens, left-padded) x {NEW_TOKENS} tokens, ours {args.decoding}, HF "
+          f"{args.peer_decoding}; {args.warmup} warm-up + {args.steps} timed calls; {args.dtype} CPU; {args.repeats} x A B",
+          flush=True)
     runs = C.ab(__file__, args)
-    rows = [[side, C.spread([r["tokens_per_s"] for r in rs]), f"{C.median(rs, 'ms_per_decode_step'):.1f}",
-             f"{C.median(rs, 'call_s'):.3f}", f"{C.median(rs, 'peak_rss_mib'):.0f}"] for side, rs in runs.items()]
-    print(C.table(["side", "tokens/s", "ms/decode step", "s/call", "peak RSS MiB"], rows))
+    rows = [[side, C.spread([r["tokens_per_s"] for r in rs]), C.spread([r["ms_per_decode_step"] for r in rs]),
+             C.spread([r["cpu_ms_per_decode_step"] for r in rs]), f"{C.median(rs, 'call_s'):.3f}",
+             f"{C.median(rs, 'peak_rss_mib'):.0f}"] for side, rs in runs.items()]
+    print(C.table(["side", "tokens/s", "ms/decode step", "CPU ms/decode step", "s/call", "peak RSS MiB"], rows))
     r = C.ratios(runs, "tokens_per_s")
+    cpu = [t["cpu_ms_per_decode_step"] / o["cpu_ms_per_decode_step"] for o, t in zip(runs.get("ours", []), runs.get("trl", []))]
     if r:
-        print(f"ours/HF-generate tokens/s: {C.spread(r)}")
-    if r and not args.no_record:
+        print(f"ours/HF-generate tokens/s: {C.spread(r)}; by CPU time per decode step: {C.spread(cpu)}")
+    if r and not args.no_record and args.shape == "issue18":
+        o, t = runs["ours"], runs["trl"]
+        C.append_result(
+            "Generation per token: our sampling vs transformers' greedy path (CPU, issue #18)",
+            "`python bench/generation.py --shape issue18 --dtype bf16 --peer-decoding greedy`: bench/ppo_step.py's "
+            "model (2 layers, hidden 64, vocab 50272), 8 hh-rlhf prompts (<= 64 tokens) x 64 tokens; ours: the "
+            "rollout engine (its own decoding loop) as step 3 runs it, HF: `model.generate(do_sample=False)`. "
+            "ms per decode step over the calls after warm-up; median (min-max) over the pairs.",
+            ["machine", "dtype", "ours / HF decoding", "calls (warm-up) x pairs", "ours ms/step", "HF ms/step",
+             "ratio ours/HF tokens/s", "ours / HF CPU ms/step", "ratio by CPU time"],
+            [C.machine(), args.dtype, f"{args.decoding} / {args.peer_decoding}", f"{args.steps} ({args.warmup}) x {args.repeats}",
+             C.spread([x["ms_per_decode_step"] for x in o]), C.spread([x["ms_per_decode_step"] for x in t]), C.spread(r),
+             f"{C.spread([x['cpu_ms_per_decode_step'] for x in o])} / {C.spread([x['cpu_ms_per_decode_step'] for x in t])}",
+             C.spread(cpu)])
+    elif r and not args.no_record:
         o, t = runs["ours"], runs["trl"]
         C.append_result(
             "Generation vs HF generate (TRL's path) (CPU)",

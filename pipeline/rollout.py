@@ -245,8 +245,8 @@ class RolloutEngine:
         # As transformers does: a batch without padding runs without a mask (the causal kernel).
         mask = None if bool(attention_mask.all()) else torch.cat([attention_mask, attention_mask.new_ones(answer.shape)], 1)
         positions = position_ids(attention_mask)
-        # (T, B): row t holds the positions of answer token t, contiguous like every input below (a strided
-        # view costs the embedding lookups and the mask a slower path: 15% of a decode step on CPU).
+        # (T, B): row t holds the positions of answer token t, contiguous like every input below (strided
+        # views of the ids and positions send the embedding lookups down slower paths).
         answer_positions = positions[:, -1] + torch.arange(1, g.max_new_tokens + 1, device=device)[:, None]
         ended = torch.zeros(rows, dtype=torch.bool, device=device)
         # Per-module ZeRO-3 fetching makes every forward a collective: a rank whose answers have all

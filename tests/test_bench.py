@@ -67,3 +67,47 @@ def test_gpu_script_runs_end_to_end_in_its_cpu_smoke_mode(tmp_path):
     assert 0 < r["roofline_frac"] <= 1 and r["training_mfu"] > 0  # a loaded CPU can even read above its "peak"
     assert 0.8 <= r["generation_frac"] + r["experience_frac"] + r["training_frac"] <= 1.01
     assert "end-to-end" in (tmp_path / "gpu_step3.txt").read_text()
+
+
+def test_ppo_step_reference_scores_and_losses_equal_ours(tmp_path):
+    """bench/ppo_step.py's plain Hugging Face reference and PPOTrainer, on the same fp32 models and the
+    same sampled answers: the same actor log-probs (ours taken while decoding), reference log-probs,
+    values and scores (atol 1e-5), and the same first-update actor and critic losses (rtol 1e-4), so
+    the bench compares the same work done two ways."""
+    from argparse import Namespace
+
+    import torch
+
+    import ppo_step
+    from pipeline.config import load_config
+    from pipeline.dist import init_distributed
+    from pipeline.rlhf import PPOTrainer, RLHFEngine
+
+    ppo_step.prepare(tmp_path, torch.float32)
+    args = Namespace(work=str(tmp_path), batch=4, warmup=0, steps=1, decoding="sample")
+    cfg = ppo_step.config(args, tmp_path / "run")
+    cfg["run"]["dtype"] = "fp32"
+    cfg["stage"]["ppo"]["generation"]["max_new_tokens"] = 8
+    cfg = load_config(cfg)
+    init_distributed(cfg)
+    tokenizer = C.load_tokenizer()
+    torch.manual_seed(0)
+    engine = RLHFEngine(actor_model_name_or_path=tmp_path / "actor", critic_model_name_or_path=tmp_path / "reward",
+                        tokenizer=tokenizer, num_total_iters=2, args=cfg)
+    trainer = PPOTrainer(engine=engine, args=cfg)
+    ids = torch.randint(3, 50000, (4, 10))
+    mask = torch.ones_like(ids)
+    ids[:2, :3], mask[:2, :3] = tokenizer.pad_token_id, 0  # left padding
+    exp = trainer.generate_experience({"input_ids": ids, "attention_mask": mask})
+
+    reference = ppo_step.HFReferencePPO(str(tmp_path / "actor"), str(tmp_path / "reward"), tokenizer, torch.float32)
+    theirs = reference.experience(exp.seq, mask)
+    answer = exp.answer_mask.bool()
+    assert torch.equal(theirs["mask"], exp.answer_mask)
+    for ours_key, their_key in (("logprobs", "logprobs"), ("ref_logprobs", "ref_logprobs"), ("values", "values")):
+        torch.testing.assert_close(getattr(exp, ours_key)[answer], theirs[their_key][answer], atol=1e-5, rtol=0)
+    torch.testing.assert_close(exp.scores, theirs["scores"], atol=1e-5, rtol=0)
+    their_actor_loss, their_critic_loss = reference.losses(theirs)
+    actor_loss, critic_loss = trainer.train_rlhf(exp)
+    torch.testing.assert_close(actor_loss, their_actor_loss.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(critic_loss, their_critic_loss.detach(), rtol=1e-4, atol=1e-6)
