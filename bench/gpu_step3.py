@@ -91,12 +91,26 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def write_stub_tokenizer(folder: Path) -> None:
+    """A tokenizer folder that passes model.tokenizer's check: the special tokens at StubTokenizer's ids.
+    The benchmark never tokenizes text, so no vocabulary file has to be carried to the GPU machine."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "<pad>": StubTokenizer.pad_token_id, "</s>": StubTokenizer.eos_token_id, "<unk>": 3}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
+                                        pad_token="<pad>", eos_token="</s>", bos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+
+
 def write_models(work: Path, actor_shape: dict, reward_shape: dict, dtype, device: str) -> tuple[Path, Path]:
     from common import write_opt
     from pipeline.models import RewardModel
 
     actor = write_opt(work / "actor", actor_shape, seed=0, dtype=dtype, device=device)
     reward_base = write_opt(work / "reward_base", reward_shape, seed=1, dtype=dtype, device=device)
+    write_stub_tokenizer(work / "tokenizer")
     reward = work / "reward"
     if not (reward / "config.json").exists():
         RewardModel.from_base(str(reward_base), StubTokenizer(), "bf16" if "bfloat16" in str(dtype) else "fp32").save_pretrained(reward)
@@ -109,7 +123,7 @@ def config(work: Path, args) -> dict:
             "target_modules": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
     return {
         "run": {"output_dir": str(work / "run"), "stages": ["ppo"], "dtype": args.dtype, "seed": 1234, "device": args.device},
-        "model": {"actor": str(work / "actor"), "reward": str(work / "reward"), "tokenizer": str(work / "actor"), "dropout": 0.0},
+        "model": {"actor": str(work / "actor"), "reward": str(work / "reward"), "tokenizer": str(work / "tokenizer"), "dropout": 0.0},
         "data_blend": {"max_prompt_len": p_len, "max_answer_len": a_len},
         "hardware": ({"name": "h200-141g", "device": "cuda", "memory_gib": 139.8, "bf16": True, "fp16": True,
                       "peak_tflops": 989, "bandwidth_gbps": H200_BANDWIDTH_GBPS} if args.device == "cuda"

@@ -133,9 +133,8 @@ def check_output_dir(path: Path) -> None:
         raise ConfigError(f"run.output_dir={path}: {existing} is a file, not a folder; choose another run.output_dir")
     if not os.access(existing, os.W_OK | os.X_OK):
         read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
-        raise ConfigError(f"run.output_dir={path}: {existing} is on a read-only file system" if read_only else
-                          f"run.output_dir={path}: {existing} is not writable by this user (permission denied)"
-                          f"; choose another run.output_dir")
+        why = "is on a read-only file system" if read_only else "is not writable by this user (permission denied)"
+        raise ConfigError(f"run.output_dir={path}: {existing} {why}; choose another run.output_dir")
 
 
 def quiet_libraries() -> None:
