@@ -77,7 +77,7 @@ def write_pairs(path: Path, n: int, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as fh:
-        for i in range(n):
+        for _ in range(n):
             fh.write(json.dumps({"question": f"{text(8, 24)} ?", "good": text(8, 40), "bad": text(8, 40)}) + "\n")
     tmp.replace(path)
     return path

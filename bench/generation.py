@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
+import common as C
 
 NEW_TOKENS = 64
 SHAPES = {"bench": (C.SHAPE, 128), "issue18": (None, 64)}  # model shape, longest prompt; issue18: ppo_step.SHAPE

@@ -106,6 +106,7 @@ def write_stub_tokenizer(folder: Path) -> None:
 
 def write_models(work: Path, actor_shape: dict, reward_shape: dict, dtype, device: str) -> tuple[Path, Path]:
     from common import write_opt
+
     from pipeline.models import RewardModel
 
     actor = write_opt(work / "actor", actor_shape, seed=0, dtype=dtype, device=device)

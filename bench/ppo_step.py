@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
+import common as C
 
 SHAPE = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=256, vocab_size=50272,
              max_position_embeddings=2048, word_embed_proj_dim=64)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
+import common as C
 
 MAX_PROMPT, NEW_TOKENS = 128, 64
 ACTOR_LR, CRITIC_LR = 1e-5, 5e-6
@@ -48,6 +48,7 @@ def prompts(args) -> list[list[int]]:
 
 def child_ours(args) -> dict:
     import torch
+
     from pipeline.config import load_config
     from pipeline.data.collate import collate_prompts
     from pipeline.dist import init_distributed

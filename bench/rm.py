@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
+import common as C
 
 LR = 5e-5
 MAX_PROMPT, MAX_ANSWER = 128, 128
@@ -46,6 +46,7 @@ def timed_tokens(examples: list[dict], args) -> int:
 
 def child_ours(args) -> list[float]:
     import pipeline.stages.rm as rm_stage
+
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
+import common as C
 
 LR = 1e-4
 MAX_PROMPT, MAX_ANSWER = 128, 128
@@ -53,6 +53,7 @@ def timed_tokens(examples: list[dict], args) -> tuple[int, int]:
 
 def child_ours(args) -> list[float]:
     import pipeline.stages.sft as sft_stage
+
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
 

@@ -21,12 +21,13 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from pipeline.config import ConfigError, RunConfig
-from pipeline.dist import free_port
-from pipeline.errors import RESUMABLE_EXIT_CODE
 from pipeline.launchers.hostfile import HostfileError, read_hostfile
 from pipeline.launchers.node_launch import LAUNCH_ENV, launch_payload, write_private
 from pipeline.launchers.process_env import RELAUNCHED_ENV, inside_launcher, job_nodes, rendezvous_port, this_node_rank
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.dist import free_port
+from pipeline.errors import RESUMABLE_EXIT_CODE
 
 MULTI_PROCESS_LAUNCHERS = ("torchrun", "deepspeed")
 
@@ -179,7 +180,7 @@ def run_relaunch(relaunch: Relaunch) -> int:
         for rank_proc in _rank_processes(launched[0].pid) if launched else []:
             try:
                 rank_proc.send_signal(signum)
-            except Exception:  # noqa: BLE001 - a rank that already exited
+            except Exception:
                 pass
 
     def interrupt(signum, _frame):

@@ -21,10 +21,17 @@ import subprocess
 import sys
 
 from omegaconf import OmegaConf
+from pipeline.launchers.process_env import (
+    RELAUNCHED_ENV,
+    in_job_step,
+    inside_launcher,
+    job_nodes,
+    rendezvous_port,
+    step_tasks,
+    tasks_on_this_node,
+)
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.launchers.process_env import (RELAUNCHED_ENV, in_job_step, inside_launcher, job_nodes,
-                                            rendezvous_port, step_tasks, tasks_on_this_node)
 
 MAX_REQUEUES_ENV = "PIPELINE_MAX_REQUEUES"
 DEFAULT_MAX_REQUEUES = 20

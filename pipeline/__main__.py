@@ -20,8 +20,8 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from pipeline import CONF_DIR  # noqa: E402
-from pipeline.config import ConfigError, check_command_line, register_resolvers  # noqa: E402
 from pipeline.cli import execute, fail, one_line  # noqa: E402
+from pipeline.config import ConfigError, check_command_line, register_resolvers  # noqa: E402
 
 register_resolvers()
 
@@ -48,7 +48,7 @@ def run() -> None:
     except CompactHydraException as err:  # Hydra's own: an override it cannot parse, a missing option
         cause = f"\n{err.__cause__}" if isinstance(err.__cause__, OmegaConfBaseException) else ""
         fail(f"{err}{cause}")
-    except Exception as err:  # noqa: BLE001 - only the foreseen ones become one line
+    except Exception as err:
         line = one_line(err, None)  # the run folder is not known yet
         if line is None:
             raise

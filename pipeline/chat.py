@@ -32,9 +32,10 @@ import json
 import re
 import sys
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf

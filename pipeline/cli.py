@@ -24,9 +24,10 @@ import os
 import shutil
 import sys
 import traceback
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator, NoReturn
+from typing import NoReturn
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -34,8 +35,8 @@ from pipeline.config import RunConfig, load_config
 from pipeline.errors import RESUMABLE_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError
 from pipeline.launchers.distributed import child_overrides, needs_relaunch, relaunch_command, run_relaunch
 from pipeline.launchers.process_env import in_job_step, this_node_rank
-from pipeline.launchers.slurm import export_torch_env, register_resolvers as register_launcher_resolvers, \
-    requeue_after_preemption
+from pipeline.launchers.slurm import export_torch_env, requeue_after_preemption
+from pipeline.launchers.slurm import register_resolvers as register_launcher_resolvers
 from pipeline.lock import TOKEN_ENV, RunLock, held_with, wait_for_rank0
 from pipeline.runner import check_output_dir, run_pipeline
 
@@ -218,7 +219,7 @@ def execute(composed: DictConfig) -> dict | None:
                 if stop.code == RESUMABLE_EXIT_CODE:
                     requeue_after_preemption()
                 raise
-    except Exception as err:  # noqa: BLE001 - only the foreseen ones become one line
+    except Exception as err:
         line = one_line(err, run_dir)
         if line is None:
             raise

@@ -332,7 +332,7 @@ def at(cfg: Any, key: str) -> Any:
     return node
 
 
-def role_section(cfg: "RunConfig", stage: str, role: str) -> RoleSection:
+def role_section(cfg: RunConfig, stage: str, role: str) -> RoleSection:
     """The RoleSection of a trained model, e.g. role_section(cfg, "ppo", "critic")."""
     return at(cfg, role_key(stage, role))
 
@@ -565,7 +565,7 @@ def check_overrides(overrides: list[str], group_names: set[str]) -> list[str]:
     for text in overrides:
         try:
             override = parser.parse_override(text)
-        except Exception:  # noqa: BLE001 - a malformed override: Hydra says what is wrong with it
+        except Exception:
             continue
         key = override.key_or_group
         if key.split(".")[0] == "hydra" or key in group_names or "/" in key:
@@ -634,7 +634,7 @@ def _migrate(plain: dict) -> dict:
             old_leaf, (role, part) = old.rsplit(".", 1)[1], new.split(".")[2:]
             if old_leaf in ppo:
                 ppo.setdefault(role, {})[part] = ppo.pop(old_leaf)
-    for stage, _role, key in TRAINED_ROLES:
+    for _stage, _role, key in TRAINED_ROLES:
         node: Any = plain
         for part in (key + ".strategy").split("."):
             node = node.get(part) if isinstance(node, dict) else None
@@ -655,7 +655,7 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
         raise ConfigError(f"{Path(run_dir)}: no config.yaml there (not a run folder written by python -m pipeline)")
     try:
         written = OmegaConf.load(path)
-    except Exception as err:  # noqa: BLE001 - any YAML damage
+    except Exception as err:
         raise ConfigError(f"{path}: not readable YAML ({type(err).__name__}: {str(err).splitlines()[0]})") from None
     try:
         return freeze(load_config(written, check_paths=False))
@@ -726,7 +726,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
-    for stage, _role, key in TRAINED_ROLES:
+    for _stage, _role, key in TRAINED_ROLES:
         section = at(cfg, key)
         _check_optim(section.optim, f"{key}.optim")
         _check_strategy(section.strategy, f"{key}.strategy")

@@ -40,16 +40,30 @@ import json
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.chat import (ChatSession, TurnMarkers, cut_answer, generate_batch, load_policy, option, option_args,
-                           options_help, parse_options, pick_device, pick_dtype, resolve_prompt_format, run_config_of)
+from pipeline.chat import (
+    ChatSession,
+    TurnMarkers,
+    cut_answer,
+    generate_batch,
+    load_policy,
+    option,
+    option_args,
+    options_help,
+    parse_options,
+    pick_device,
+    pick_dtype,
+    resolve_prompt_format,
+    run_config_of,
+)
 from pipeline.config import ConfigError, RunConfig, RunSection, load_run_config
 from pipeline.data_schema import DataBlendSection, DatasetSpec, validate_data_blend
 from pipeline.errors import USER_ERROR_EXIT_CODE, UserError

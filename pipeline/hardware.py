@@ -117,6 +117,6 @@ def detect_hardware() -> dict[str, Any]:
             p = torch.cuda.get_device_properties(0)
             return gpu_profile(p.name, p.total_memory, p.major, p.minor, p.multi_processor_count,
                                torch.cuda.device_count())
-    except Exception:  # noqa: BLE001 - a broken CUDA install still leaves the CPU
+    except Exception:
         pass
     return _cpu_profile()

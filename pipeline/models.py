@@ -242,7 +242,7 @@ class RewardModel(nn.Module):
         return activation_checkpointing(self.base)
 
     @classmethod
-    def from_base(cls, source: str, tokenizer, dtype: str = "fp32", dropout: float | None = 0.0, trust_remote_code: bool = False) -> "RewardModel":
+    def from_base(cls, source: str, tokenizer, dtype: str = "fp32", dropout: float | None = 0.0, trust_remote_code: bool = False) -> RewardModel:
         """A fresh value head on a pretrained transformer (the start of step 2): a causal LM, or a
         reward model in any layout from_pretrained reads (its head is not kept)."""
         ensure_available(source, "reward model")
@@ -257,7 +257,7 @@ class RewardModel(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str = "fp32", dropout: float | None = 0.0, trust_remote_code: bool = False) -> "RewardModel":
+    def from_pretrained(cls, path: str | Path, dtype: str = "fp32", dropout: float | None = 0.0, trust_remote_code: bool = False) -> RewardModel:
         """Reload a reward model or critic: a sequence classifier with one label (what save_pretrained
         writes), the base + value_head.safetensors this pipeline wrote before, or DeepSpeed-Chat's
         step-2/3 folder (pytorch_model.bin with rwtranrsformer.* and v_head.weight, read with

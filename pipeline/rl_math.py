@@ -103,7 +103,7 @@ def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
     return logits.softmax(dim=-1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sampling_block(vocab: int) -> int:
     """Entries per block of sample_from_probs' first level: a divisor of the vocabulary near 1024 (OPT's
     50272 = 32 x 1571, LLaMA's 32000 = 32 x 1000), so the blocks are a view; 1024 when none lies in

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -24,9 +24,19 @@ from pipeline.dist import collective_device, gather_rows, rank, world_size
 from pipeline.engine import inference_engine, initialize, unwrap, zero3_construction
 from pipeline.export import save_hf
 from pipeline.models import RewardModel, load_causal_lm
-from pipeline.rl_math import (AdaptiveKLController, FixedKLController, actor_loss, answer_mask, critic_loss,
-                              gae_advantages, kl_penalized_rewards, last_index, logprobs_of_labels, masked_mean,
-                              masked_whiten)
+from pipeline.rl_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    actor_loss,
+    answer_mask,
+    critic_loss,
+    gae_advantages,
+    kl_penalized_rewards,
+    last_index,
+    logprobs_of_labels,
+    masked_mean,
+    masked_whiten,
+)
 from pipeline.rollout import Rollout, RolloutEngine, check_backend, position_ids
 from pipeline.training import NonFiniteGuard
 
@@ -92,7 +102,7 @@ class Experience:
         """(B, T) the answer tokens."""
         return self.seq[:, self.prompt_len:]
 
-    def minibatches(self, size: int) -> Iterator["Experience"]:
+    def minibatches(self, size: int) -> Iterator[Experience]:
         """Consecutive row slices of `size` rows each (PPO's minibatches)."""
         for start in range(0, self.seq.shape[0], size):
             yield dataclasses.replace(self, **{f.name: getattr(self, f.name)[start: start + size]

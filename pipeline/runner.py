@@ -221,7 +221,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, dict]:
             from pipeline.report import build_report
 
             print(f"report: {build_report(out)}", flush=True)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             print(f"warning: report.md not written ({type(err).__name__}: {err}); "
                   f"retry with: python -m pipeline.report {out}", flush=True)
     finish_loggers()  # close this run's wandb run / tensorboard writers (a sweep runs many in one process)

@@ -27,8 +27,9 @@ import socket
 import sys
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from pipeline.files import atomic_write
 
@@ -102,13 +103,12 @@ def _wandb_key() -> bool:
         return True
     try:
         import netrc
-
         from urllib.parse import urlparse
 
         host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
         path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
         return os.path.exists(path) and netrc.netrc(path).authenticators(host) is not None
-    except Exception:  # noqa: BLE001 - an unreadable netrc means no key
+    except Exception:
         return False
 
 
@@ -126,7 +126,7 @@ class _WandbSink:
                       settings=wandb.Settings(init_timeout=60, silent=True, console="off"))
         try:
             self.run = wandb.init(mode=mode, **kwargs)
-        except Exception as err:  # noqa: BLE001 - a logger must never stop training
+        except Exception as err:
             if mode != "online":
                 raise
             print(f"warning: wandb online init failed ({type(err).__name__}); logging offline", file=sys.stderr)
@@ -169,7 +169,7 @@ def _sink(kind: str, run_dir: Path, stage: str, config: dict | None, name: str):
         try:
             _SINKS[key] = (_WandbSink(run_dir, config, name) if kind == "wandb"
                            else _TensorBoardSink(run_dir / "tensorboard" / stage))
-        except Exception as err:  # noqa: BLE001 - missing package, bad settings: warn once, go on
+        except Exception as err:
             print(f"warning: run.loggers: {kind} is off ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
                   file=sys.stderr, flush=True)
             _SINKS[key] = None
@@ -183,7 +183,7 @@ def finish_loggers() -> None:
         if sink is not None:
             try:
                 sink.close()
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 print(f"warning: closing a logger failed: {err}", file=sys.stderr)
 
 
@@ -301,7 +301,7 @@ class MetricsLogger:
             if sink is not None:
                 try:
                     sink.log(self.stage, step, split, numbers)
-                except Exception as err:  # noqa: BLE001 - a logger must never stop training
+                except Exception as err:
                     print(f"warning: {kind} logging failed ({err}); turning it off", file=sys.stderr, flush=True)
                     self.loggers = [x for x in self.loggers if x != kind]
 

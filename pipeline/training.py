@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
-from pipeline.config import ConfigError
 from pipeline.checkpoint import ConfigRecord
+from pipeline.config import ConfigError
 from pipeline.dist import any_rank, rank, world_size
 from pipeline.errors import UserError
 

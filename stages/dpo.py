@@ -31,8 +31,14 @@ from pipeline.models import load_causal_lm
 from pipeline.resume import resume_stage, stop_requested
 from pipeline.rl_math import dpo_loss, preference_accuracy, sequence_logprobs, wilson_interval
 from pipeline.tracking import MetricsLogger
-from pipeline.training import (NonFiniteGuard, StageContext, accumulation_batches, eval_batches,
-                               steps_per_epoch, total_steps)
+from pipeline.training import (
+    NonFiniteGuard,
+    StageContext,
+    accumulation_batches,
+    eval_batches,
+    steps_per_epoch,
+    total_steps,
+)
 
 EVAL_KEYS = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "policy_accuracy")
 

@@ -13,10 +13,8 @@ Writes: ppo/final/{actor,critic,actor_ema} (Hugging Face format), ppo/metrics.js
 
 from __future__ import annotations
 
-import itertools
 import time
 from functools import partial
-
 
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import RunConfig
@@ -108,9 +106,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     while step < n_steps:
         skip = (step - epoch * per_epoch) * p.generation_batches
         prompt_batches = epoch_batches(data.train, p.per_device_generation_batch_size, prompts_of, cfg.run.seed, epoch, skip)
-        for group in iter(lambda: list(itertools.islice(prompt_batches, p.generation_batches)), []):
-            if len(group) < p.generation_batches:
-                break
+        for group in zip(*[prompt_batches] * p.generation_batches):  # whole groups only: a short last one is dropped
             experiences = [trainer.generate_experience(batch) for batch in group]
             t_train = time.perf_counter()
             stats, losses, ptx_losses = [], [], []
@@ -138,8 +134,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
             flops = counters.get("generation_flops", 0) + counters.get("experience_flops", 0) + counters.get("training_flops", 0)
             extra = {"ptx_loss": sum(ptx_losses) / len(ptx_losses)} if ptx_losses else {}
             logger.log(step, "train", **mean,
-                       actor_loss=sum(l[0] for l in losses) / max(len(losses), 1),
-                       critic_loss=sum(l[1] for l in losses) / max(len(losses), 1),
+                       actor_loss=sum(a for a, _ in losses) / max(len(losses), 1),
+                       critic_loss=sum(c for _, c in losses) / max(len(losses), 1),
                        kl_coef=trainer.kl_ctl.value, **extra,
                        generation_s=generation_s, experience_s=experience_s, training_s=training_s,
                        other_s=step_s - generation_s - experience_s - training_s, step_s=step_s,

@@ -24,8 +24,14 @@ from pipeline.models import RewardModel, materialize
 from pipeline.resume import resume_stage, stop_requested
 from pipeline.rl_math import pairwise_ranking_loss
 from pipeline.tracking import MetricsLogger
-from pipeline.training import (NonFiniteGuard, StageContext, accumulation_batches, eval_batches,
-                               steps_per_epoch, total_steps)
+from pipeline.training import (
+    NonFiniteGuard,
+    StageContext,
+    accumulation_batches,
+    eval_batches,
+    steps_per_epoch,
+    total_steps,
+)
 
 
 def pair_loss(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

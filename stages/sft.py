@@ -20,8 +20,15 @@ from pipeline.export import save_hf
 from pipeline.models import load_causal_lm, materialize
 from pipeline.resume import resume_stage, stop_requested
 from pipeline.tracking import MetricsLogger
-from pipeline.training import (NonFiniteGuard, StageContext, accumulation_batches, eval_batches,
-                               perplexity, steps_per_epoch, total_steps)
+from pipeline.training import (
+    NonFiniteGuard,
+    StageContext,
+    accumulation_batches,
+    eval_batches,
+    perplexity,
+    steps_per_epoch,
+    total_steps,
+)
 
 
 def run(cfg: RunConfig, ctx: StageContext) -> dict:

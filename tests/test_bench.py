@@ -76,9 +76,9 @@ def test_ppo_step_reference_scores_and_losses_equal_ours(tmp_path):
     the bench compares the same work done two ways."""
     from argparse import Namespace
 
+    import ppo_step
     import torch
 
-    import ppo_step
     from pipeline.config import load_config
     from pipeline.dist import init_distributed
     from pipeline.rlhf import PPOTrainer, RLHFEngine

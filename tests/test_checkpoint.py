@@ -16,16 +16,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors import SafetensorError
+from test_resume import timing_free, train_rows, weights
 
 import pipeline.checkpoint as ckpt
 import pipeline.resume as resume
-from conftest import run_cli
-from pipeline.checkpoint import (LISTING, CheckpointError, Checkpointer, ConfigRecord, read_manifest,
-                                 verify)
+from pipeline.checkpoint import LISTING, Checkpointer, CheckpointError, ConfigRecord, read_manifest, verify
 from pipeline.config import ConfigError
 from pipeline.tracking import MetricsLogger
-from test_resume import timing_free, train_rows, weights
 
 ARGS = ["+experiment=demo", "run.stages=[sft]", "stage.sft.max_steps=6", "stage.sft.checkpoint.every_steps=2",
         "run.log_interval=1"]
@@ -338,10 +337,11 @@ def test_a_damaged_manifest_reads_as_unfinished(tmp_path: Path, capsys):
 def test_the_run_refuses_a_checkpoint_written_under_another_stage_config(finished: Path, tmp_path: Path):
     """As when another run wrote into this folder: the stage's marker says the new config, its checkpoints
     were written under the old one. The resume is refused naming the key, and nothing is deleted."""
+    from test_config import compose_with
+
     from pipeline.config import finalize, load_config
     from pipeline.planner import plan_run
     from pipeline.runner import stage_hash
-    from test_config import compose_with
 
     run = copy_unfinished(finished, tmp_path / "run")
     changed = ["stage.sft.optim.learning_rate=0.001"]

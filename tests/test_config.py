@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import ROOT, run_cli
 from pipeline.catalog import CATALOG, UnknownModelError, resolve_model
 from pipeline.cli import resolve_hardware
 from pipeline.config import ConfigError, load_config, register_resolvers

@@ -15,12 +15,20 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 import pipeline.data
-from conftest import run_cli
 from pipeline.config import ConfigError, load_config
-from pipeline.data import (DataError, Examples, blend_counts, format_prompt, load_ptx_data, load_stage_data,
-                           read_source, split_indices)
+from pipeline.data import (
+    DataError,
+    Examples,
+    blend_counts,
+    format_prompt,
+    load_ptx_data,
+    load_stage_data,
+    read_source,
+    split_indices,
+)
 from pipeline.data.sources import Record
 from pipeline.data_schema import DatasetSpec
 

@@ -311,9 +311,8 @@ def test_two_gloo_ranks_under_zero3(tmp_path: Path):
     """[sft, dpo] on 2 gloo ranks under torchrun, the policy and its reference partitioned by ZeRO-3:
     at the start the two agree exactly on every held-out pair (loss ln 2, accuracy 0.5), the held-out
     numbers are reduced over both ranks' shards, rank 0 alone writes metrics and the final model."""
-    from transformers import AutoModelForCausalLM
-
     from conftest import run_cli
+    from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
     proc = run_cli("+experiment=demo", "data_blend.datasets.0.max_records=800", "run.log_interval=1",

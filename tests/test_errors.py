@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from omegaconf import OmegaConf
 
-from conftest import run_cli
 from pipeline.cli import one_line
 
 SFT = ["+experiment=demo", "run.stages=[sft]", "stage.sft.per_device_train_batch_size=8"]

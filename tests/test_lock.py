@@ -15,10 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_cli
-from pipeline.lock import (LOCK_NAME, STALE_AFTER_S, TOKEN_ENV, Holder, RunFolderInUse, RunLock, stale_reason,
-                          wait_for_rank0)
+
+from pipeline.lock import (
+    LOCK_NAME,
+    STALE_AFTER_S,
+    TOKEN_ENV,
+    Holder,
+    RunFolderInUse,
+    RunLock,
+    stale_reason,
+    wait_for_rank0,
+)
 
 SFT = ["+experiment=demo", "run.stages=[sft]", "stage.sft.per_device_train_batch_size=8"]
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from torch import nn
 
-from conftest import run_cli
 from pipeline.catalog import ModelPathError, UnknownModelError, looks_like_path, model_source, resolve_model
 from pipeline.export import save_hf
-from pipeline.models import (NotARewardModel, RewardModel, ensure_available, load_causal_lm, load_tokenizer)
+from pipeline.models import NotARewardModel, RewardModel, ensure_available, load_causal_lm, load_tokenizer
 from pipeline.rl_math import last_index
 
 ATOL = 1e-5

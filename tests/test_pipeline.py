@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import torch
+from conftest import run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_cli
 from pipeline.models import RewardModel
 from pipeline.tracking import read_metrics
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from functools import lru_cache
+from functools import cache
 
 import pytest
 from omegaconf import OmegaConf
 
+from pipeline import planner as P
 from pipeline.catalog import CATALOG, resolve_model
 from pipeline.config import HardwareSection, load_config
 from pipeline.hardware import CONF_DIR, detect_hardware, gpu_profile, load_profile, profile_names
-from pipeline import planner as P
 
 GB = 1e9
 PROFILES = ["v100-32g", "a6000-48g", "a100-40g", "a100-80g", "h100-80g", "h200-141g", "cpu"]
@@ -23,7 +23,7 @@ def hw(name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{name}.yaml"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _base(profile: str, nodes: int, procs: int | None, dtype: str | None):
     d = {"model": {"actor": "opt-1.3b", "reward": "opt-350m"}, "hardware": hw(profile)}
     if procs is not None:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, run_cli
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
 from pipeline.tracking import read_metrics
 
 ARGS = [

@@ -5,10 +5,23 @@ import math
 import pytest
 import torch
 
-from pipeline.rl_math import (AdaptiveKLController, actor_loss, answer_mask, critic_loss, gae_advantages,
-                              kl_penalized_rewards, last_index, logprobs_of_labels, masked_mean,
-                              masked_whiten, next_tokens, pairwise_ranking_loss, sample_from_probs, sampling_block,
-                              sampling_probs)
+from pipeline.rl_math import (
+    AdaptiveKLController,
+    actor_loss,
+    answer_mask,
+    critic_loss,
+    gae_advantages,
+    kl_penalized_rewards,
+    last_index,
+    logprobs_of_labels,
+    masked_mean,
+    masked_whiten,
+    next_tokens,
+    pairwise_ranking_loss,
+    sample_from_probs,
+    sampling_block,
+    sampling_probs,
+)
 
 
 def t(x):
@@ -187,8 +200,12 @@ def test_sample_from_probs_is_reproducible_and_takes_unnormalised_rows():
 def test_sampling_probs_match_transformers_warpers(temperature, top_k, top_p):
     """The distribution sampled from equals softmax of transformers' temperature, top-k and top-p
     warpers applied in generate's order, ties included (top-k keeps every logit equal to the k-th)."""
-    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     torch.manual_seed(2)
     logits = torch.randn(4, 50).round(decimals=1)  # rounding makes ties

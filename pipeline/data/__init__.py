@@ -78,7 +78,7 @@ class SourceStats:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "SourceStats":
+    def from_json(cls, d: dict) -> SourceStats:
         return cls(**{**d, "dropped": Counter(d["dropped"])})
 
 
@@ -458,7 +458,7 @@ def _ptx_documents(path_or_id: str, text_field: str):
 
             try:
                 ds = datasets.load_dataset(path_or_id, split="train")
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 raise DataError(f"data_blend.ptx_path={path_or_id}: no such file, and cannot load it from the hub "
                                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
             for i, row in enumerate(ds):

@@ -19,9 +19,10 @@ import json
 import re
 import zlib
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from pipeline.data_schema import DatasetSpec, label_values
 from pipeline.errors import UserError
@@ -408,7 +409,7 @@ def _datasets_rows(path: Path) -> Iterator[tuple[str, dict]]:
     kind = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}[path.suffix]
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    except Exception as err:  # noqa: BLE001 - shown to the user with the file name
+    except Exception as err:
         raise DataError(f"{path}: cannot read it as {kind}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
     offset = 2 if kind == "csv" else 1  # csv: line 1 is the header
     for i, row in enumerate(ds):
@@ -497,7 +498,7 @@ def _hub_rows(spec: DatasetSpec, key: str, limit: int | None) -> Iterator[tuple[
         raise DataError(f"{key}.name={spec.name} needs a local copy: set {key}.path (or data_blend.path)=FILE_OR_DIR")
     try:
         loaded = datasets.load_dataset(hub_id)
-    except Exception as err:  # noqa: BLE001 - offline, missing, gated...
+    except Exception as err:
         raise DataError(f"{key}.name={spec.name}: cannot load {hub_id!r} from the Hugging Face hub or its cache "
                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); download it and "
                         f"set {key}.path=DIR (its parquet/json files or a save_to_disk folder)") from None
