@@ -59,11 +59,11 @@ def ordered_examples(args) -> list[dict]:
 def held_out(policy, args) -> dict:
     """Held-out preference accuracy of `policy` (a causal LM) against the start model, and its interval."""
     import torch
-    from pipeline.stages.dpo import collate_preferences, pair_step
     from transformers import AutoModelForCausalLM
 
     from pipeline.config import DPOSection
     from pipeline.rl_math import preference_accuracy, wilson_interval
+    from pipeline.stages.dpo import collate_preferences, pair_step
 
     pairs = stage_data(args).eval
     reference = AutoModelForCausalLM.from_pretrained(str(Path(args.work) / "model"), dtype=torch.float32).eval()
@@ -81,10 +81,10 @@ def held_out(policy, args) -> dict:
 
 
 def child_ours(args) -> tuple[list[float], object]:
-    import pipeline.stages.dpo as dpo_stage
     import torch
     from transformers import AutoModelForCausalLM
 
+    import pipeline.stages.dpo as dpo_stage
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
 

@@ -46,7 +46,6 @@ def timed_tokens(examples: list[dict], args) -> int:
 
 def child_ours(args) -> list[float]:
     import pipeline.stages.rm as rm_stage
-
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
 

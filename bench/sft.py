@@ -53,7 +53,6 @@ def timed_tokens(examples: list[dict], args) -> tuple[int, int]:
 
 def child_ours(args) -> list[float]:
     import pipeline.stages.sft as sft_stage
-
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
 

@@ -21,13 +21,12 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from pipeline.launchers.hostfile import HostfileError, read_hostfile
-from pipeline.launchers.node_launch import LAUNCH_ENV, launch_payload, write_private
-from pipeline.launchers.process_env import RELAUNCHED_ENV, inside_launcher, job_nodes, rendezvous_port, this_node_rank
-
 from pipeline.config import ConfigError, RunConfig
 from pipeline.dist import free_port
 from pipeline.errors import RESUMABLE_EXIT_CODE
+from pipeline.launchers.hostfile import HostfileError, read_hostfile
+from pipeline.launchers.node_launch import LAUNCH_ENV, launch_payload, write_private
+from pipeline.launchers.process_env import RELAUNCHED_ENV, inside_launcher, job_nodes, rendezvous_port, this_node_rank
 
 MULTI_PROCESS_LAUNCHERS = ("torchrun", "deepspeed")
 

@@ -21,6 +21,8 @@ import subprocess
 import sys
 
 from omegaconf import OmegaConf
+
+from pipeline.config import ConfigError, RunConfig
 from pipeline.launchers.process_env import (
     RELAUNCHED_ENV,
     in_job_step,
@@ -30,8 +32,6 @@ from pipeline.launchers.process_env import (
     step_tasks,
     tasks_on_this_node,
 )
-
-from pipeline.config import ConfigError, RunConfig
 
 MAX_REQUEUES_ENV = "PIPELINE_MAX_REQUEUES"
 DEFAULT_MAX_REQUEUES = 20

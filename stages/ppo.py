@@ -18,7 +18,7 @@ from functools import partial
 
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import RunConfig
-from pipeline.data import load_ptx_data, load_stage_data
+from pipeline.data import DataError, load_ptx_data, load_stage_data
 from pipeline.data.collate import collate_prompts, collate_text
 from pipeline.dist import all_reduce_mean, world_size
 from pipeline.export import save_hf
@@ -35,7 +35,7 @@ def endless_batches(data, micro_batch: int, collate, seed: int, start: int = 0):
     the PTX stream, resumable from the number of batches already used."""
     per_epoch = len(data) // (micro_batch * world_size())
     if per_epoch == 0:
-        raise ValueError(f"data_blend.ptx_path: {len(data)} text blocks are fewer than one PTX batch of "
+        raise DataError(f"data_blend.ptx_path: {len(data)} text blocks are fewer than one PTX batch of "
                          f"{micro_batch} x {world_size()} ranks; give more text or lower stage.ppo.per_device_training_batch_size")
     epoch, skip = divmod(start, per_epoch)
     while True:

@@ -123,3 +123,14 @@ def test_which_errors_become_one_line(tmp_path: Path):
     assert one_line(FileExistsError(errno.EEXIST, "File exists", str(run)), run) is None  # a folder: a bug if anything
     assert one_line(FileNotFoundError(errno.ENOENT, "No such file or directory", str(run / "sft" / "final")), run) is None
     assert one_line(ValueError("bug"), run) is None
+
+
+def test_ptx_text_shorter_than_one_batch_is_a_data_error():
+    from pipeline.data import DataError
+    from pipeline.errors import UserError
+    from pipeline.stages.ppo import endless_batches
+
+    with pytest.raises(DataError) as err:
+        next(endless_batches(list(range(3)), 4, list, seed=0))
+    assert isinstance(err.value, UserError)
+    assert str(err.value).startswith("data_blend.ptx_path: 3 text blocks are fewer than one PTX batch of 4 x 1 ranks; ")

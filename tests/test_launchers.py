@@ -15,12 +15,12 @@ import pytest
 import torch
 from conftest import run_cli
 from omegaconf import OmegaConf
+
+from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.launchers.distributed import child_overrides, needs_relaunch, relaunch_command
 from pipeline.launchers.hostfile import HostfileError, read_hostfile
 from pipeline.launchers.process_env import RELAUNCHED_ENV, expand_nodelist, inside_launcher
 from pipeline.launchers.slurm import register_resolvers, requeue_after_preemption, tasks_per_node, torch_env_from_slurm
-
-from pipeline.config import ConfigError, RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small enough for 2 shared CPU cores: 400 records (72 SFT train / 8 eval examples), a few steps.
