@@ -147,6 +147,13 @@ class StrategySection(Section):
     # Offload optimizer states (ZeRO >= 1) and, with ZeRO-3, parameters to CPU memory.
     offload: Optional[bool] = None
     gradient_checkpointing: Optional[bool] = None
+    # Tensor parallelism (DeepSpeed AutoTP): every attention and MLP Linear split over this many
+    # consecutive ranks of one node, which see the same batches; data parallelism runs over
+    # world / tp_degree ranks (a step takes per-device batch x accumulation x world / tp_degree
+    # examples). 1 = off. The models of a stage share one degree (DeepSpeed holds one tensor-parallel
+    # group per process): the PPO critic the actor's; the frozen reference and reward models follow
+    # their partner (the actor, the critic), as they follow its ZeRO-3 sharding. Not with LoRA.
+    tp_degree: Optional[int] = None
 
 
 @dataclass
@@ -402,6 +409,13 @@ class RunConfig(Section):
         return self.deployment.nodes * per_node
 
     @property
+    def ranks_per_node(self) -> int:
+        """Processes on one node; a tensor-parallel group (consecutive ranks) must fit in one."""
+        if self.deployment.launcher == "in_process":
+            return 1
+        return max(1, min(self.deployment.procs_per_node or self.hardware.devices_per_node, self.world_size))
+
+    @property
     def dtype(self) -> str:
         if self.run.dtype:
             return self.run.dtype
@@ -626,24 +640,13 @@ def _key_of(err: OmegaConfBaseException) -> str:
 
 
 def _migrate(plain: dict) -> dict:
-    """Old run folders' config.yaml: renamed keys moved to their new place; a tp_degree of null or 1
-    (no tensor parallelism) dropped, any other value refused with the reason."""
+    """Old run folders' config.yaml: renamed keys moved to their new place."""
     ppo = plain.get("stage", {}).get("ppo") if isinstance(plain.get("stage"), dict) else None
     if isinstance(ppo, dict):
         for old, new in RENAMED_KEYS.items():
             old_leaf, (role, part) = old.rsplit(".", 1)[1], new.split(".")[2:]
             if old_leaf in ppo:
                 ppo.setdefault(role, {})[part] = ppo.pop(old_leaf)
-    for _stage, _role, key in TRAINED_ROLES:
-        node: Any = plain
-        for part in (key + ".strategy").split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and "tp_degree" in node:
-            value = node.pop("tp_degree")
-            if value not in (None, 1):
-                raise ConfigError(f"{key}.strategy.tp_degree={value}: tensor-parallel generation was removed (it ran only "
-                                  "on DeepSpeed's hybrid engine, which cannot run with transformers >= 4.50; see the "
-                                  "README, PPO section); drop the key: ZeRO-3 shards large actors instead")
     return plain
 
 
@@ -733,6 +736,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
         _check_lora(section.lora, f"{key}.lora")
         if isinstance(section, SupervisedSection):
             _check_loop(section, key)
+    _check_tensor_parallel(cfg, check_paths)
 
     p = cfg.stage.ppo
     _check(p.per_device_generation_batch_size >= 1, "stage.ppo.per_device_generation_batch_size", p.per_device_generation_batch_size, "must be >= 1")
@@ -821,6 +825,64 @@ def _check_strategy(s: StrategySection, p: str) -> None:
     _check(s.zero_stage is None or s.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", s.zero_stage, "must be 0, 1, 2 or 3")
     _check(not s.offload or s.zero_stage is None or s.zero_stage >= 1, f"{p}.offload", s.offload,
            f"needs {p}.zero_stage >= 1 (ZeRO offloads what it partitions)")
+    _check(s.tp_degree is None or s.tp_degree >= 1, f"{p}.tp_degree", s.tp_degree, "must be >= 1 (1 = no tensor parallelism)")
+
+
+# The model config key whose architecture each trained role has (the PPO actor starts from sft/final, a
+# model.actor; the critic from rm/final, a model.reward).
+ROLE_MODEL_KEY = {"actor": "model.actor", "reward": "model.reward", "critic": "model.reward"}
+
+
+def tensor_parallel_refusal(key: str, tp: int, name: str, heads: int, kv_heads: int | None) -> str | None:
+    """Why DeepSpeed AutoTP cannot split `name` (heads attention heads, kv_heads key-value heads) over
+    tp ranks, naming `key` (a role's config key); None when it can."""
+    kv = kv_heads or heads
+    if tp <= 1 or (heads % tp == 0 and kv % tp == 0):
+        return None
+    fits = [d for d in range(1, kv + 1) if heads % d == 0 and kv % d == 0]
+    return (f"{key}.strategy.tp_degree={tp}: {name} has {heads} attention heads and {kv} key-value heads, which {tp} "
+            f"does not divide; DeepSpeed AutoTP would split attention unevenly (whole attention on the first ranks, "
+            f"memory not divided) and with dropout the ranks of a tensor-parallel group drift apart silently; "
+            f"choose a degree that divides both ({', '.join(map(str, fits))})")
+
+
+def _check_tensor_parallel(cfg: RunConfig, check_paths: bool) -> None:
+    """What DeepSpeed AutoTP cannot run, refused before any model loads (measured in the TP research,
+    see the README's "Tensor parallelism"): a degree that does not divide a node's ranks (a group
+    all-reduces every layer, inside one node) or a model's heads, peft LoRA on split layers, two
+    degrees in one stage (one tensor-parallel group per process), the PPO actor's EMA."""
+    per_node, world = cfg.ranks_per_node, cfg.world_size
+    for _stage, role, key in TRAINED_ROLES:
+        section = at(cfg, key)
+        tp = section.strategy.tp_degree
+        if tp is None or tp == 1:
+            continue
+        _check(per_node % tp == 0 and world % tp == 0, f"{key}.strategy.tp_degree", tp,
+               f"must divide the ranks of a node ({per_node} here: deployment.procs_per_node, else "
+               f"hardware.devices_per_node; {world} in all): a tensor-parallel group is {tp} consecutive ranks "
+               f"that all-reduce every layer, so it stays inside one node")
+        _check(not section.lora.dim, f"{key}.lora.dim", section.lora.dim,
+               f"with {key}.strategy.tp_degree={tp}: DeepSpeed AutoTP cannot shard peft LoRA layers (it splits "
+               f"the adapters or drops them); set {key}.lora.dim=0 or {key}.strategy.tp_degree=1")
+        model_key = ROLE_MODEL_KEY[role]
+        if check_paths:
+            try:
+                spec = resolve_model(at(cfg, model_key), key=model_key)
+            except UnknownModelError:
+                spec = None  # sized when it loads (pipeline.engine checks its config.json then)
+            why = spec and tensor_parallel_refusal(key, tp, f"{model_key}={spec.name}", spec.num_heads, spec.num_kv_heads)
+            if why:
+                raise ConfigError(why)
+    p = cfg.stage.ppo
+    actor_tp, critic_tp = p.actor.strategy.tp_degree, p.critic.strategy.tp_degree
+    if actor_tp is not None and critic_tp is not None and actor_tp != critic_tp:
+        raise ConfigError(
+            f"stage.ppo.critic.strategy.tp_degree={critic_tp} with stage.ppo.actor.strategy.tp_degree={actor_tp}: "
+            f"DeepSpeed keeps one tensor-parallel group per process (a later engine's degree is ignored, and an "
+            f"engine without it fails once one exists), so the models of a stage share one degree; set both alike")
+    _check(not (p.enable_ema and (actor_tp or 1) > 1), "stage.ppo.enable_ema", p.enable_ema,
+           f"with stage.ppo.actor.strategy.tp_degree={actor_tp}: the EMA averages whole parameters and is not "
+           f"written from tensor-parallel shards; set stage.ppo.enable_ema=false or the actor's tp_degree=1")
 
 
 def _check_lora(lora: LoRASection, p: str) -> None:

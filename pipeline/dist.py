@@ -3,6 +3,11 @@
 Each helper works alone too (no process group: rank 0 of 1, collectives return their input), so
 stages, tests and API users call them unconditionally. Decisions all ranks must share (skip a
 step, save a checkpoint, stop) go through `any_rank`; metrics through `all_reduce_mean`.
+
+Tensor parallelism (degree tp): the ranks of one tensor-parallel group are tp consecutive ranks (as
+DeepSpeed's (data, tensor) device mesh puts them: tensor innermost) and see the same data, so data is
+split by `dp_rank(tp)` over `dp_world_size(tp)`. Metrics averaged over every rank stay right (the
+ranks of a group hold equal copies with equal weights); `gather_rows` takes one copy per group.
 """
 
 from __future__ import annotations
@@ -28,6 +33,17 @@ def world_size() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def dp_rank(tp: int = 1) -> int:
+    """This rank's data-parallel rank: its tensor-parallel group's index (= DeepSpeed's
+    groups.get_data_parallel_rank() once a TP engine exists)."""
+    return rank() // tp
+
+
+def dp_world_size(tp: int = 1) -> int:
+    """Data-parallel replicas: world / tp (= DeepSpeed's groups.get_data_parallel_world_size())."""
+    return world_size() // tp
 
 
 def barrier() -> None:
@@ -92,10 +108,11 @@ def all_reduce_mean(values: list[float], weight: float) -> list[float]:
     return [float(x) / max(float(t[-1]), 1e-12) for x in t[:-1]]
 
 
-def gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's (B, ...) tensor: (world * B, ...); the tensor itself on one rank."""
+def gather_rows(t: torch.Tensor, tp: int = 1) -> torch.Tensor:
+    """Concatenate every data-parallel replica's (B, ...) tensor: (world / tp * B, ...), one copy per
+    tensor-parallel group (its first rank's); the tensor itself on one rank."""
     if world_size() == 1:
         return t
     parts = [torch.empty_like(t) for _ in range(world_size())]
     dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
+    return torch.cat(parts[::tp])

@@ -1,4 +1,13 @@
-"""DeepSpeed set-up shared by the stages: process group, LoRA, optimizer, scheduler, engine."""
+"""DeepSpeed set-up shared by the stages: process group, LoRA, optimizer, scheduler, engine.
+
+Tensor parallelism (strategy.tp_degree > 1) is DeepSpeed's AutoTP: `deepspeed.initialize` splits
+every attention and MLP Linear of a Hugging Face model over tp consecutive ranks, in place (the
+Parameters the optimizer holds stay valid); embeddings, LayerNorms, row-parallel biases and a tied LM
+head stay whole. DeepSpeed keeps one tensor- and data-parallel group per process, built by the first
+engine with tensor_parallel and used by every later engine: the models of one stage share a degree,
+and between stages the groups are released (`claim_tensor_parallel`) so that the next stage can use
+another (measured: TP 2 -> 4 -> 1 in one process, each stage's losses equal to a fresh process's).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +16,17 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from pipeline.config import LoRASection, OptimSection, RoleSection, RunConfig, StrategySection
+from pipeline.config import (
+    TRAINED_ROLES,
+    ConfigError,
+    LoRASection,
+    OptimSection,
+    RoleSection,
+    RunConfig,
+    StrategySection,
+    at,
+    tensor_parallel_refusal,
+)
 from pipeline.dist import device_type, world_size
 from pipeline.errors import UserError
 
@@ -76,9 +95,16 @@ def activation_checkpointing(model: nn.Module) -> bool:
     return False
 
 
+def tp_degree(strategy: StrategySection) -> int:
+    """The tensor-parallel degree of a layout (null, before the plan fills it: 1)."""
+    return strategy.tp_degree or 1
+
+
 def ds_config(cfg: RunConfig, micro_batch: int, grad_accum: int, strategy: StrategySection,
               optim: OptimSection | None) -> dict:
-    """DeepSpeed's config for one engine."""
+    """DeepSpeed's config for one engine. With tensor parallelism train_batch_size still counts every
+    rank (micro x accumulation x world): DeepSpeed checks it before its tensor-parallel groups exist,
+    against the whole world; the gradients are averaged over the data-parallel group all the same."""
     dtype = cfg.dtype
     zero: dict = {"stage": strategy.zero_stage or 0}
     if strategy.offload and zero["stage"] >= 1:
@@ -102,7 +128,66 @@ def ds_config(cfg: RunConfig, micro_batch: int, grad_accum: int, strategy: Strat
     }
     if optim is not None:  # always written: DeepSpeed clips at 1.0 when the key is absent
         config["gradient_clipping"] = optim.gradient_clipping
+    if tp_degree(strategy) > 1:
+        # A tied head left vocabulary-parallel (DeepSpeed's default on the HF-plan path, LLaMA with
+        # tie_word_embeddings) returns each rank's V / tp slice of the logits: wrong tokens and log-probs.
+        config["tensor_parallel"] = {"autotp_size": tp_degree(strategy), "vocab_parallel_lm_head": False}
     return config
+
+
+# The tensor-parallel degree of DeepSpeed's process-wide groups (1: none built) and the stage of the
+# run that built them: (id of its RunConfig, stage name).
+_TP_GROUPS: dict = {"degree": 1, "owner": None}
+# deepspeed.utils.groups' module state that its first tensor-parallel engine sets (0.19.x).
+_DEEPSPEED_TP_STATE = ("_TENSOR_MODEL_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP",
+                       "_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE", "_MPU_TENSOR_MODEL_PARALLEL_RANK", "mpu")
+
+
+def claim_tensor_parallel(cfg: RunConfig, stage: str | None, tp: int, key: str) -> None:
+    """Before an engine of degree `tp` for `stage` is built: DeepSpeed's groups of another degree
+    are released when an earlier stage built them (its engines are done), refused with the reason
+    when this stage did (an engine of another degree would silently use them, or fail). stage None
+    (an engine for no known role): as the stage that holds the groups."""
+    held = _TP_GROUPS
+    owner = (id(cfg), stage) if stage else held["owner"]
+    if tp == held["degree"] == 1:
+        return
+    if tp == held["degree"] or held["degree"] == 1:  # the same groups, or the first to build them
+        held.update(degree=tp, owner=owner)
+        return
+    if held["owner"] == owner:
+        raise ConfigError(f"{key}.strategy.tp_degree={tp}: another model of stage {owner[1]} runs with tensor-parallel "
+                          f"degree {held['degree']}, and DeepSpeed keeps one tensor-parallel group per process (a "
+                          f"later engine's degree is ignored; one without it fails); give the models of a stage one degree")
+    from deepspeed.utils import groups
+
+    missing = [name for name in _DEEPSPEED_TP_STATE if not hasattr(groups, name)]
+    if missing:
+        raise ConfigError(f"{key}.strategy.tp_degree={tp}: an earlier stage of this process ran with tensor-parallel "
+                          f"degree {held['degree']}, and this DeepSpeed keeps its groups where they cannot be released "
+                          f"({', '.join(missing)} not found); run the stages of each degree in their own command (run.stages)")
+    for name in _DEEPSPEED_TP_STATE:
+        setattr(groups, name, None)
+    held.update(degree=tp, owner=owner if tp > 1 else None)
+
+
+def _stage_of(cfg: RunConfig, strategy: StrategySection) -> tuple[str | None, str]:
+    """(stage, config key) of the trained role whose layout `strategy` is; (None, "strategy") for a
+    layout of no role (API users may pass their own)."""
+    return next(((stage, key) for stage, _, key in TRAINED_ROLES if at(cfg, key).strategy is strategy),
+                (None, "strategy"))
+
+
+def check_head_split(model: nn.Module, tp: int, key: str) -> None:
+    """Refuse (ConfigError naming `key`) a tensor-parallel degree the loaded model's heads do not allow,
+    for models the config could not size before loading (hub ids without a cached config.json)."""
+    config = getattr(unwrap(model), "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if tp > 1 and heads:
+        why = tensor_parallel_refusal(key, tp, getattr(config, "_name_or_path", "") or type(model).__name__, heads,
+                                      getattr(config, "num_key_value_heads", None))
+        if why:
+            raise ConfigError(why)
 
 
 class OffloadUnavailable(UserError, RuntimeError):
@@ -142,6 +227,12 @@ def initialize(cfg: RunConfig, model: nn.Module, role: RoleSection, key: str, *,
     from transformers import get_scheduler
 
     optim, strategy = role.optim, role.strategy
+    tp = tp_degree(strategy)
+    if tp > 1 and role.lora.dim:
+        raise ConfigError(f"{key}.lora.dim={role.lora.dim} with {key}.strategy.tp_degree={tp}: DeepSpeed AutoTP cannot "
+                          f"shard peft LoRA layers (it splits the adapters or drops them); set lora.dim=0 or tp_degree=1")
+    check_head_split(model, tp, key)
+    claim_tensor_parallel(cfg, key.split(".")[1] if key.startswith("stage.") else None, tp, key)
     model = apply_lora(model, role.lora)
     if strategy.gradient_checkpointing:
         set_activation_checkpointing(model, True)
@@ -175,7 +266,10 @@ def zero3_construction(cfg: RunConfig, strategy: StrategySection):
         unset_hf_deepspeed_config,
     )
 
-    config = HfDeepSpeedConfig(ds_config(cfg, 1, 1, strategy, None))  # transformers holds only a weak reference
+    # transformers refuses a config with tensor_parallel (it would convert the weights for TP itself):
+    # zero.Init partitions the whole weights, and deepspeed.initialize splits them afterwards.
+    config = {k: v for k, v in ds_config(cfg, 1, 1, strategy, None).items() if k != "tensor_parallel"}
+    config = HfDeepSpeedConfig(config)  # transformers holds only a weak reference
     try:
         yield
     finally:
@@ -186,16 +280,28 @@ def zero3_construction(cfg: RunConfig, strategy: StrategySection):
 def inference_engine(cfg: RunConfig, build, partner: StrategySection, offload: bool):
     """A frozen model from `build()`. With `offload`, a ZeRO-3 inference engine whose weights stay in
     host RAM and reach the device a module at a time during each forward; else sharded by ZeRO-3
-    like its trained `partner` when that runs ZeRO-3, or a plain module on the device."""
-    if not offload and (partner.zero_stage or 0) < 3:
+    like its trained `partner` when that runs ZeRO-3, or a plain module on the device. Split over the
+    partner's tensor-parallel degree like the partner (an inference engine then, ZeRO-0 or ZeRO-3)."""
+    tp = tp_degree(partner)
+    if not offload and (partner.zero_stage or 0) < 3 and tp == 1:
         return build().eval().requires_grad_(False).to(device_type(cfg))
     import deepspeed
 
-    layout = StrategySection(zero_stage=3, offload=offload)
+    stage, key = _stage_of(cfg, partner)
+    layout = StrategySection(zero_stage=3 if offload or (partner.zero_stage or 0) >= 3 else 0, offload=offload,
+                             tp_degree=tp)
     with zero3_construction(cfg, layout):
         model = build().eval().requires_grad_(False)
+    check_head_split(model, tp, key)
+    claim_tensor_parallel(cfg, stage, tp, key)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config(cfg, 1, 1, layout, None))
     return engine
+
+
+def engine_tp_degree(model) -> int:
+    """The tensor-parallel degree a DeepSpeed engine was split with; 1 for anything else."""
+    size = getattr(model, "autotp_size", None)
+    return max(1, int(size())) if callable(size) else 1
 
 
 def unwrap(model: nn.Module) -> nn.Module:

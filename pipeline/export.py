@@ -1,14 +1,17 @@
 """Final models in Hugging Face format: written whole by rank 0, gathered one module at a time.
 
 Under ZeRO-3 no device ever holds a model whole for the save: each module's parameters are
-gathered, copied into rank 0's host RAM and released before the next. LoRA layers are written
-merged (base weight + peft's own get_delta_weight), keyed as the model without LoRA; an override
-(the EMA's averages) can stand in for any trained parameter.
+gathered, copied into rank 0's host RAM and released before the next. Under tensor parallelism
+(DeepSpeed AutoTP) each split layer's shards are gathered the same way, one module at a time (inside
+the ZeRO-3 gather when both apply), so the files are those of the unsplit model, and equal to what a
+run without TP writes from the same weights. LoRA layers are written merged (base weight + peft's own
+get_delta_weight), keyed as the model without LoRA; an override (the EMA's averages) can stand in
+for any trained parameter.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -88,7 +91,9 @@ def whole_state_dict(model: nn.Module, override) -> dict[str, torch.Tensor] | No
         own = [(pname, p) for pname, p in sub.named_parameters(recurse=False) if id(p) not in seen]
         seen.update(id(p) for _, p in own)
         values = _override_values([p for _, p in own], override)
-        with gathered_params(model, [p for _, p in own]):
+        split = _tensor_parallel_layer(sub)
+        with gathered_params(model, list(sub.parameters(recurse=False)) if split else [p for _, p in own]), \
+                _shards_gathered(sub) if split else nullcontext():
             if rank() == 0:
                 for pname, p in own:
                     state[key + pname] = values.get(id(p), p).detach().to("cpu", p.dtype, copy=True)
@@ -97,6 +102,22 @@ def whole_state_dict(model: nn.Module, override) -> dict[str, torch.Tensor] | No
                 if bname not in sub._non_persistent_buffers_set:
                     state[key + bname] = buffer.detach().cpu().clone()
     return state if rank() == 0 else None
+
+
+def _tensor_parallel_layer(module: nn.Module) -> bool:
+    """Whether DeepSpeed AutoTP replaced `module` with a layer holding one shard per rank."""
+    from deepspeed.module_inject.layers import TensorParallel_Layer
+
+    return isinstance(module, TensorParallel_Layer)
+
+
+def _shards_gathered(module: nn.Module):
+    """The whole weights of an AutoTP layer for the duration, on every rank of its tensor-parallel
+    group (one all-gather); each rank keeps its own shard again afterwards. Needs its parameters
+    whole first under ZeRO-3 (gathered_params around it)."""
+    from deepspeed.module_inject.layers import GatherReplacedLayerParams
+
+    return GatherReplacedLayerParams(list(module.parameters(recurse=False)), module, enabled=True)
 
 
 def _override_values(params: list, override) -> dict[int, torch.Tensor]:

@@ -4,13 +4,14 @@ checkpoint at the next step and exit with RESUMABLE_EXIT_CODE (run the command a
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import zlib
 from pathlib import Path
 
 from pipeline.checkpoint import Checkpointer, CheckpointError, ConfigRecord, read_config_record, step_of, verify
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import TRAINED_ROLES, ConfigError, RunConfig
 from pipeline.dist import all_reduce_mean, any_rank, rank
 from pipeline.errors import RESUMABLE_EXIT_CODE
 from pipeline.launchers.node_launch import stop_file_present
@@ -132,6 +133,34 @@ def _shown(value: object) -> str:
     return "(absent)" if value is _ABSENT else value if isinstance(value, str) else json.dumps(value, default=str)
 
 
+# DeepSpeed writes one model-state file per tensor-parallel rank: mp_rank_01_model_states.pt (ZeRO 0-2),
+# zero_pp_rank_0_mp_rank_01_model_states.pt (ZeRO-3).
+_MP_RANK_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
+
+
+def written_tp_degree(engine_folder: Path) -> int | None:
+    """The tensor-parallel degree a DeepSpeed checkpoint (an engine's folder in a step folder) was
+    written with: its number of mp_rank files (no pickle is read); None when it holds none."""
+    ranks = {m.group(1) for f in Path(engine_folder).rglob("*_model_states.pt") if (m := _MP_RANK_FILE.search(f.name))}
+    return len(ranks) or None
+
+
+def check_tensor_parallel(path: Path, engines: dict, stage: str) -> None:
+    """Refuse, before anything loads, a checkpoint whose engines were split over another
+    tensor-parallel degree than this run's (DeepSpeed loads only the degree it wrote: a size mismatch
+    or a missing key deep inside), naming the key to set."""
+    from pipeline.engine import engine_tp_degree
+
+    keys = {(s, role): key for s, role, key in TRAINED_ROLES}
+    for name, engine in engines.items():
+        saved, now = written_tp_degree(path / name), engine_tp_degree(engine)
+        if saved is not None and saved != now:
+            key = keys.get((stage, name), f"stage.{stage}.{name}")
+            raise ConfigError(f"{path} was written with {key}.strategy.tp_degree={saved} and this run has {now}: DeepSpeed "
+                              f"loads a checkpoint only into the tensor-parallel degree that wrote it; set "
+                              f"{key}.strategy.tp_degree={saved} to resume from it, or run.resume=never to start {stage} over")
+
+
 def resume_stage(cfg: RunConfig, checkpointer: Checkpointer, stage: str, logger, engines: dict,
                  rank_states: dict | None = None) -> dict:
     """Load the checkpoint `run.resume` points at (verified, and written under checkpointer.config)
@@ -142,6 +171,7 @@ def resume_stage(cfg: RunConfig, checkpointer: Checkpointer, stage: str, logger,
         logger.truncate_after(-1)  # a fresh start drops the rows of an earlier attempt
         return {"step": 0}
     check_written_under(path, checkpointer.config, stage)
+    check_tensor_parallel(path, engines, stage)
     try:
         state = checkpointer.load(path, engines, rank_states)
     except ValueError as err:  # a checkpoint of another layout: say which, keep it on disk

@@ -21,7 +21,7 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.dist import collective_device, gather_rows, rank, world_size
-from pipeline.engine import inference_engine, initialize, unwrap, zero3_construction
+from pipeline.engine import inference_engine, initialize, tp_degree, unwrap, zero3_construction
 from pipeline.export import save_hf
 from pipeline.models import RewardModel, load_causal_lm
 from pipeline.rl_math import (
@@ -327,7 +327,7 @@ class PPOTrainer:
         (updated once per experience batch) when stage.ppo.normalize_reward, else as they are."""
         if not self.p.normalize_reward:
             return scores
-        self.reward_moments.update(gather_rows(scores))
+        self.reward_moments.update(gather_rows(scores, tp_degree(self.p.actor.strategy)))  # one copy per TP group
         return self.reward_moments.normalize(scores)
 
     # ------------------------------------------------------------------ training

@@ -7,8 +7,11 @@ taken off meanwhile, so no token triggers a gather), LoRA adapters merged into t
 `merge_lora` is set (and the exact original weights restored afterwards), caches released at
 the end. An actor too large to gather on one device (generation.gather_weights=false, which the
 planner sets then) keeps DeepSpeed's hooks instead: each module is fetched at every decode step,
-slow but within memory, with the ranks stepping together. On rank 0 in a terminal a transient bar
-counts the decode steps of each call.
+slow but within memory, with the ranks stepping together. A tensor-parallel actor (DeepSpeed
+AutoTP, strategy.tp_degree > 1) generates on its shards as they are: the ranks of a group get the
+same prompts and draw the same numbers (one seed on every rank), and its layers all-reduce their
+outputs; under ZeRO-3 the "gather" brings in this rank's shards only, never the whole model. On
+rank 0 in a terminal a transient bar counts the decode steps of each call.
 
 Decoding (the default, generation.cache=dynamic): a loop of our own over the model's forward with
 transformers' KV cache. Each step takes the last position's logits once for three things

@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.checkpoint import ConfigRecord, read_manifest, write_manifest
-from pipeline.config import ConfigError, RunConfig, at, finalize
+from pipeline.config import TRAINED_ROLES, ConfigError, RunConfig, at, finalize
 from pipeline.dist import barrier, init_distributed, rank
 from pipeline.files import atomic_write, write_json_atomic
 from pipeline.models import ensure_available, load_tokenizer, materialize
@@ -45,6 +45,10 @@ PPO_ONLY = ("data_blend.ptx_path", "data_blend.ptx_field", "data_blend.ptx_max_b
 # Where the frozen models' weights live changes no number PPO or DPO computes: switching it (say, after
 # an out-of-memory error) resumes the stage instead of starting it over.
 FROZEN_LAYOUT = ("stage.ppo.offload_reference_model", "stage.ppo.offload_reward_model", "stage.dpo.offload_reference_model")
+# The tensor-parallel degree is left out too, as the number of ranks is (both set the data-parallel
+# width): a finished stage is not redone for it, and a stopped one keeps its checkpoints for the resume,
+# which refuses another degree by key (pipeline.resume) instead of starting over.
+FROZEN_LAYOUT += tuple(f"{key}.strategy.tp_degree" for _, _, key in TRAINED_ROLES)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.checkpoint import ConfigRecord
 from pipeline.config import ConfigError
-from pipeline.dist import any_rank, rank, world_size
+from pipeline.dist import any_rank, dp_rank, dp_world_size, rank
 from pipeline.errors import UserError
 
 
@@ -55,8 +55,10 @@ class NonFiniteGuard:
         return False
 
 
-def steps_per_epoch(n_examples: int, micro_batch: int, grad_accum: int) -> int:
-    return n_examples // (micro_batch * grad_accum * world_size())
+def steps_per_epoch(n_examples: int, micro_batch: int, grad_accum: int, tp: int = 1) -> int:
+    """Optimizer steps in one pass over n_examples: each step takes micro_batch x grad_accum examples
+    per data-parallel replica (world / tp of them: the ranks of a tensor-parallel group share theirs)."""
+    return n_examples // (micro_batch * grad_accum * dp_world_size(tp))
 
 
 # The micro-batch key of a stage section, where it is not per_device_train_batch_size (a PPO step
@@ -64,14 +66,17 @@ def steps_per_epoch(n_examples: int, micro_batch: int, grad_accum: int) -> int:
 MICRO_BATCH_KEY = {"stage.ppo": "per_device_generation_batch_size"}
 
 
-def total_steps(n_examples: int, micro_batch: int, grad_accum: int, epochs: int, max_steps: int | None, where: str) -> int:
-    """Optimizer steps of a stage; `where` is its config section (stage.sft); ConfigError naming
-    the micro-batch key when the data is smaller than one step."""
-    per_epoch = steps_per_epoch(n_examples, micro_batch, grad_accum)
+def total_steps(n_examples: int, micro_batch: int, grad_accum: int, epochs: int, max_steps: int | None, where: str,
+                tp: int = 1) -> int:
+    """Optimizer steps of a stage; `where` is its config section (stage.sft), tp its tensor-parallel
+    degree; ConfigError naming the micro-batch key when the data is smaller than one step."""
+    per_epoch = steps_per_epoch(n_examples, micro_batch, grad_accum, tp)
     if per_epoch == 0:
         key = f"{where}.{MICRO_BATCH_KEY.get(where, 'per_device_train_batch_size')}"
+        replicas = f"{dp_world_size(tp)} data-parallel replicas (tensor-parallel degree {tp})" if tp > 1 else \
+            f"{dp_world_size(tp)} ranks"
         raise ConfigError(f"{key}={micro_batch}: {n_examples} training examples are fewer than one step "
-                          f"({micro_batch} x {grad_accum} x {world_size()} ranks); lower it or add data")
+                          f"({micro_batch} x {grad_accum} x {replicas}); lower it or add data")
     steps = per_epoch * epochs
     return min(steps, max_steps) if max_steps else steps
 
@@ -82,36 +87,40 @@ def _rows(data, indices: list[int]) -> list[dict]:
     return rows(indices) if rows else [data[i] for i in indices]
 
 
-def epoch_batches(data, micro_batch: int, collate: Callable, seed: int, epoch: int, skip: int = 0) -> Iterator[dict]:
-    """This rank's micro-batches of one epoch: a seeded shuffle, split across ranks, drop_last.
+def epoch_batches(data, micro_batch: int, collate: Callable, seed: int, epoch: int, skip: int = 0,
+                  tp: int = 1) -> Iterator[dict]:
+    """This rank's micro-batches of one epoch: a seeded shuffle, split across the data-parallel
+    replicas (the tp ranks of a tensor-parallel group get the same share), drop_last.
 
     `skip` micro-batches are passed over without collating (resume mid-epoch).
     """
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    per_rank = len(order) // world_size()
-    mine = order[rank() * per_rank: (rank() + 1) * per_rank]
+    per_rank = len(order) // dp_world_size(tp)
+    mine = order[dp_rank(tp) * per_rank: (dp_rank(tp) + 1) * per_rank]
     for start in range(skip * micro_batch, len(mine) - micro_batch + 1, micro_batch):
         yield collate(_rows(data, mine[start: start + micro_batch]))
 
 
 def accumulation_batches(data, micro_batch: int, accumulation: int, collate: Callable, seed: int, epoch: int,
-                         step: int, per_epoch: int) -> Iterator[dict]:
+                         step: int, per_epoch: int, tp: int = 1) -> Iterator[dict]:
     """This epoch's micro-batches from optimizer step `step` on: exactly enough for its `per_epoch`
     optimizer steps of `accumulation` micro-batches (leftovers would spill into the next epoch)."""
     skip = (step - epoch * per_epoch) * accumulation
-    return itertools.islice(epoch_batches(data, micro_batch, collate, seed, epoch, skip), per_epoch * accumulation - skip)
+    return itertools.islice(epoch_batches(data, micro_batch, collate, seed, epoch, skip, tp), per_epoch * accumulation - skip)
 
 
-def eval_batches(data, batch: int, collate: Callable) -> Iterator[dict]:
-    """This rank's share of the evaluation set, in order, in batches of at most `batch` rows.
+def eval_batches(data, batch: int, collate: Callable, tp: int = 1) -> Iterator[dict]:
+    """This rank's share of the evaluation set, in order, in batches of at most `batch` rows (the tp
+    ranks of a tensor-parallel group get the same share).
 
     Every rank yields the same number of batches: under ZeRO-3 each forward is a collective, so a
     rank with one batch more would wait forever for the others. The shares differ by at most one
     row; they are cut into equal counts of batches. Only where a share has fewer rows than there are
-    batches (batch 1, or fewer rows than ranks) does a rank repeat rows of its own, as torch's
+    batches (batch 1, or fewer rows than replicas) does a rank repeat rows of its own, as torch's
     DistributedSampler pads, and then its metrics count those rows twice."""
-    mine = list(range(rank(), len(data), world_size()))
-    n_batches = math.ceil(math.ceil(len(data) / world_size()) / batch)
+    replicas = dp_world_size(tp)
+    mine = list(range(dp_rank(tp), len(data), replicas))
+    n_batches = math.ceil(math.ceil(len(data) / replicas) / batch)
     if len(mine) < n_batches:
         mine += [mine[i % len(mine)] if mine else i % len(data) for i in range(n_batches - len(mine))]
     for chunk in _split(mine, n_batches):

@@ -25,7 +25,7 @@ from pipeline.config import DPOSection, RunConfig
 from pipeline.data import load_stage_data
 from pipeline.data.collate import collate_pairs
 from pipeline.dist import all_reduce_mean
-from pipeline.engine import inference_engine, initialize, zero3_construction
+from pipeline.engine import inference_engine, initialize, tp_degree, zero3_construction
 from pipeline.export import save_hf
 from pipeline.models import load_causal_lm
 from pipeline.resume import resume_stage, stop_requested
@@ -93,9 +93,10 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
 
     with zero3_construction(cfg, s.strategy):
         model = start_model()
+    tp = tp_degree(s.strategy)  # the ranks of a tensor-parallel group share their batches
     n_steps = total_steps(len(data.train), s.per_device_train_batch_size, s.gradient_accumulation_steps,
-                          s.num_train_epochs, s.max_steps, "stage.dpo")
-    per_epoch = steps_per_epoch(len(data.train), s.per_device_train_batch_size, s.gradient_accumulation_steps)
+                          s.num_train_epochs, s.max_steps, "stage.dpo", tp)
+    per_epoch = steps_per_epoch(len(data.train), s.per_device_train_batch_size, s.gradient_accumulation_steps, tp)
     engine = initialize(cfg, model, s, "stage.dpo", micro_batch=s.per_device_train_batch_size,
                         grad_accum=s.gradient_accumulation_steps, total_steps=n_steps)
     reference = inference_engine(cfg, start_model, s.strategy, s.offloads_reference())
@@ -106,7 +107,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
         sums = dict.fromkeys(EVAL_KEYS, 0.0)
         pairs = 0
         with torch.no_grad():
-            for batch in eval_batches(data.eval, s.per_device_eval_batch_size, collate):
+            for batch in eval_batches(data.eval, s.per_device_eval_batch_size, collate, tp):
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
                 loss, chosen, rejected, logp = pair_step(engine, reference, batch, s)
                 n = len(chosen)
@@ -142,7 +143,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     while step < n_steps:
         micro = 0
         for batch in accumulation_batches(data.train, s.per_device_train_batch_size, s.gradient_accumulation_steps,
-                                          collate, cfg.run.seed, epoch, step, per_epoch):
+                                          collate, cfg.run.seed, epoch, step, per_epoch, tp):
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             loss, chosen, rejected, _ = pair_step(engine, reference, batch, s)
             if not guard.ok(loss, f"dpo step {step}"):

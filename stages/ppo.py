@@ -20,7 +20,8 @@ from pipeline.checkpoint import Checkpointer
 from pipeline.config import RunConfig
 from pipeline.data import DataError, load_ptx_data, load_stage_data
 from pipeline.data.collate import collate_prompts, collate_text
-from pipeline.dist import all_reduce_mean, world_size
+from pipeline.dist import all_reduce_mean, dp_world_size, world_size
+from pipeline.engine import tp_degree
 from pipeline.export import save_hf
 from pipeline.resume import resume_stage, stop_requested
 from pipeline.rlhf import PPOTrainer, RLHFEngine, ptx_enabled
@@ -30,16 +31,18 @@ from pipeline.training import StageContext, epoch_batches, total_steps
 STAT_KEYS = ("reward", "kl", "entropy", "clip_frac", "approx_kl", "value_error", "answer_length")
 
 
-def endless_batches(data, micro_batch: int, collate, seed: int, start: int = 0):
+def endless_batches(data, micro_batch: int, collate, seed: int, start: int = 0, tp: int = 1):
     """Micro-batches of `data` epoch after epoch (a new seeded shuffle each), from batch `start` on:
-    the PTX stream, resumable from the number of batches already used."""
-    per_epoch = len(data) // (micro_batch * world_size())
+    the PTX stream, resumable from the number of batches already used (tp: the actor's
+    tensor-parallel degree, whose groups share their batches)."""
+    per_epoch = len(data) // (micro_batch * dp_world_size(tp))
     if per_epoch == 0:
+        replicas = f"{dp_world_size(tp)} ranks" + (f" (data-parallel: tensor-parallel degree {tp})" if tp > 1 else "")
         raise DataError(f"data_blend.ptx_path: {len(data)} text blocks are fewer than one PTX batch of "
-                         f"{micro_batch} x {world_size()} ranks; give more text or lower stage.ppo.per_device_training_batch_size")
+                        f"{micro_batch} x {replicas}; give more text or lower stage.ppo.per_device_training_batch_size")
     epoch, skip = divmod(start, per_epoch)
     while True:
-        yield from epoch_batches(data, micro_batch, collate, seed, epoch, skip)
+        yield from epoch_batches(data, micro_batch, collate, seed, epoch, skip, tp)
         epoch, skip = epoch + 1, 0
 
 
@@ -74,9 +77,10 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
 
     # ---- the four models
     prompts_per_step = p.per_device_generation_batch_size * p.generation_batches
+    tp = tp_degree(p.actor.strategy)  # the four models share it; a group's ranks share their prompts
     n_steps = total_steps(len(data.train), p.per_device_generation_batch_size, p.generation_batches,
-                          p.num_train_epochs, p.max_steps, "stage.ppo")
-    per_epoch = len(data.train) // (prompts_per_step * world_size())
+                          p.num_train_epochs, p.max_steps, "stage.ppo", tp)
+    per_epoch = len(data.train) // (prompts_per_step * dp_world_size(tp))
     minibatches_per_step = p.ppo_epochs * (prompts_per_step // p.per_device_training_batch_size)
     updates_per_step = minibatches_per_step * (2 if ptx is not None else 1)  # actor optimizer steps (PTX has its own)
     engine = RLHFEngine(actor_model_name_or_path=ctx.inputs["actor"], critic_model_name_or_path=ctx.inputs["reward"],
@@ -97,7 +101,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     # ---- train
     logger.begin(n_steps, step)
     ptx_batches = endless_batches(ptx, p.per_device_training_batch_size, collate_ptx, cfg.run.seed + 1,
-                                  start=step * minibatches_per_step) if ptx is not None else None
+                                  start=step * minibatches_per_step, tp=tp) if ptx is not None else None
     epoch = step // per_epoch
     # A step's span ends where the previous one's did, so steps tile the loop: what is not generation,
     # experience or training (batching prompts, the KL controller, the previous step's logging and
@@ -105,7 +109,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     t_mark = time.perf_counter()
     while step < n_steps:
         skip = (step - epoch * per_epoch) * p.generation_batches
-        prompt_batches = epoch_batches(data.train, p.per_device_generation_batch_size, prompts_of, cfg.run.seed, epoch, skip)
+        prompt_batches = epoch_batches(data.train, p.per_device_generation_batch_size, prompts_of, cfg.run.seed, epoch,
+                                       skip, tp)
         for group in zip(*[prompt_batches] * p.generation_batches):  # whole groups only: a short last one is dropped
             experiences = [trainer.generate_experience(batch) for batch in group]
             t_train = time.perf_counter()
@@ -125,12 +130,12 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
             training_s = time.perf_counter() - t_train
             step += 1
             mean = {k: sum(s[k] for s in stats) / max(len(stats), 1) for k in STAT_KEYS}
-            trainer.update_kl_controller(all_reduce_mean([mean["kl"]], len(stats))[0], prompts_per_step * world_size())
+            trainer.update_kl_controller(all_reduce_mean([mean["kl"]], len(stats))[0], prompts_per_step * dp_world_size(tp))
             counters = trainer.pop_counters()
             now = time.perf_counter()
             step_s, t_mark = now - t_mark, now
             generation_s, experience_s = counters.get("generation_s", 0.0), counters.get("experience_s", 0.0)
-            samples = prompts_per_step * world_size()
+            samples = prompts_per_step * dp_world_size(tp)
             flops = counters.get("generation_flops", 0) + counters.get("experience_flops", 0) + counters.get("training_flops", 0)
             extra = {"ptx_loss": sum(ptx_losses) / len(ptx_losses)} if ptx_losses else {}
             logger.log(step, "train", **mean,

@@ -18,7 +18,7 @@ from pipeline.config import RunConfig
 from pipeline.data import load_stage_data
 from pipeline.data.collate import collate_pairs
 from pipeline.dist import all_reduce_mean
-from pipeline.engine import initialize, zero3_construction
+from pipeline.engine import initialize, tp_degree, zero3_construction
 from pipeline.export import save_hf
 from pipeline.models import RewardModel, materialize
 from pipeline.resume import resume_stage, stop_requested
@@ -58,9 +58,10 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     source = materialize(cfg.model.reward, ctx.work_dir, len(tokenizer), cfg.run.seed)
     with zero3_construction(cfg, s.strategy):
         model = RewardModel.from_base(source, tokenizer, cfg.dtype, cfg.model.dropout, cfg.model.trust_remote_code)
+    tp = tp_degree(s.strategy)  # the ranks of a tensor-parallel group share their batches
     n_steps = total_steps(len(data.train), s.per_device_train_batch_size, s.gradient_accumulation_steps,
-                          s.num_train_epochs, s.max_steps, "stage.rm")
-    per_epoch = steps_per_epoch(len(data.train), s.per_device_train_batch_size, s.gradient_accumulation_steps)
+                          s.num_train_epochs, s.max_steps, "stage.rm", tp)
+    per_epoch = steps_per_epoch(len(data.train), s.per_device_train_batch_size, s.gradient_accumulation_steps, tp)
     engine = initialize(cfg, model, s, "stage.rm", micro_batch=s.per_device_train_batch_size,
                         grad_accum=s.gradient_accumulation_steps, total_steps=n_steps)
 
@@ -70,7 +71,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
         correct = chosen_sum = rejected_sum = loss_sum = 0.0
         pairs = 0
         with torch.no_grad():
-            for batch in eval_batches(data.eval, s.per_device_eval_batch_size, collate):
+            for batch in eval_batches(data.eval, s.per_device_eval_batch_size, collate, tp):
                 batch = {k: v.to(engine.device) for k, v in batch.items()}
                 loss, chosen, rejected = pair_loss(engine, batch)
                 correct += float((chosen > rejected).sum())
@@ -101,7 +102,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     while step < n_steps:
         micro = 0
         for batch in accumulation_batches(data.train, s.per_device_train_batch_size, s.gradient_accumulation_steps,
-                                          collate, cfg.run.seed, epoch, step, per_epoch):
+                                          collate, cfg.run.seed, epoch, step, per_epoch, tp):
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             loss, chosen, rejected = pair_loss(engine, batch)
             if not guard.ok(loss, f"rm step {step}"):

@@ -198,22 +198,19 @@ def test_default_model_missing_offline_fails_fast_with_one_line(tmp_path: Path):
     assert "facebook/opt-1.3b" in last and "+experiment=demo" in last
 
 
-def test_run_folders_from_before_tp_degree_was_removed_still_load():
-    """config.yaml of older runs holds stage.*.*strategy.tp_degree: null or 1 is dropped, other
-    values are refused with the reason."""
+def test_run_folders_with_the_old_role_key_names_still_load():
+    """config.yaml of older runs names stage.ppo.actor_strategy, critic_optim, ...: they move to the
+    new keys, tp_degree included (the key is back: DeepSpeed AutoTP)."""
     from omegaconf import OmegaConf
 
     old = OmegaConf.to_container(compose_with("hardware=cpu", "+experiment=demo"), resolve=False)
     old.pop("hydra", None)
     ppo = old["stage"]["ppo"]
-    ppo["actor_strategy"] = {**ppo.pop("actor")["strategy"], "tp_degree": None}  # the old key names
+    ppo["actor_strategy"] = {**ppo.pop("actor")["strategy"], "tp_degree": 1}  # the old key names
     ppo["critic_optim"] = {**ppo.pop("critic")["optim"], "learning_rate": 3e-6}
-    old["stage"]["sft"]["strategy"]["tp_degree"] = 1
     cfg = load_config(old)
-    assert cfg.stage.ppo.actor.strategy.zero_stage is None and cfg.stage.ppo.critic.optim.learning_rate == 3e-6
-    ppo["actor_strategy"]["tp_degree"] = 2
-    with pytest.raises(ConfigError, match=r"stage\.ppo\.actor\.strategy\.tp_degree=2: tensor-parallel generation was removed"):
-        load_config(old)
+    assert cfg.stage.ppo.actor.strategy.zero_stage is None and cfg.stage.ppo.actor.strategy.tp_degree == 1
+    assert cfg.stage.ppo.critic.optim.learning_rate == 3e-6
 
 
 def test_gradient_clipping_zero_means_off_in_deepspeed():

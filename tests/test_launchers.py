@@ -250,8 +250,8 @@ SITECUSTOMIZE = textwrap.dedent('''
         original = mod.epoch_batches
 
         class Recorded:
-            def __init__(self, data, stage, epoch):
-                self.data, self.stage, self.epoch = data, stage, epoch
+            def __init__(self, data, stage, epoch, tp):
+                self.data, self.stage, self.epoch, self.tp = data, stage, epoch, tp
             def __len__(self):
                 return len(self.data)
             def __getitem__(self, i):
@@ -260,12 +260,12 @@ SITECUSTOMIZE = textwrap.dedent('''
                 world = dist.get_world_size() if dist.is_initialized() else 1
                 with open(os.path.join(log, f"rank{rank}.jsonl"), "a") as f:
                     f.write(json.dumps({"stage": self.stage, "epoch": self.epoch, "index": int(i),
-                                        "world": world, "size": len(self.data)}) + "\\n")
+                                        "world": world, "size": len(self.data), "tp": self.tp}) + "\\n")
                 return self.data[i]
 
-        def epoch_batches(data, micro_batch, collate, seed, epoch, skip=0):
+        def epoch_batches(data, micro_batch, collate, seed, epoch, skip=0, tp=1):
             stage = getattr(collate, "func", collate).__name__
-            return original(Recorded(data, stage, epoch), micro_batch, collate, seed, epoch, skip)
+            return original(Recorded(data, stage, epoch, tp), micro_batch, collate, seed, epoch, skip, tp)
         mod.epoch_batches = epoch_batches
 
     class _Hook(importlib.abc.MetaPathFinder):

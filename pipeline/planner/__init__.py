@@ -13,25 +13,45 @@ Order of preference (fastest first; the first that fits wins)
 1. ZeRO-0 < ZeRO-1 < ZeRO-2 < ZeRO-3: each stage adds communication (ZeRO-3 re-gathers weights
    every forward and backward, 1.5x the traffic of data parallelism), so the least sharding
    that fits is the fastest.
-2. + gradient checkpointing: one extra forward per step (~33% more compute) but no extra traffic.
-3. + LoRA: fewer gradients and optimizer states and a cheaper backward, but it changes what is
+2. + tensor parallelism (DeepSpeed AutoTP), degree 2, 4, ... up to a node's ranks, each with ZeRO
+   0 < 1 < 2 < 3 again: the lowest degree that fits. Its cost, per layer of every micro-batch: 2
+   all-reduces of b*s*h in the forward and one per column-parallel Linear (4 for OPT, 5 for LLaMA)
+   in the backward, blocking (nothing overlaps them), plus matmuls t times narrower. ZeRO-3's cost is
+   re-gathering the weights every forward and backward: per micro-batch ~3*P*d bytes (gather, gather,
+   reduce-scatter) against TP's ~(2 + 4) * 2(t-1)/t * L*b*s*h*d; with P ~ 12*L*h^2 that is ~3h/(b*s)
+   times more than TP's, so below ~3h tokens per micro-batch (15k for OPT-13B) ZeRO-3 moves more
+   bytes. TP still ranks after ZeRO-3 because it changes what a step is: the t ranks of a group
+   share one batch, so a step takes t times fewer examples (data parallelism over world / t; raise
+   gradient_accumulation_steps by t to keep the global batch); and because its all-reduces need a
+   node's links (NVLink, ~10x a node's network per GPU), it stays inside a node. It divides what
+   ZeRO cannot: activations (all but the layer inputs) and the KV cache. In PPO generation the
+   balance turns: an actor too large to gather on one device would otherwise fetch every module at
+   every decode step (P*d bytes per token), where a TP-split actor generates on its resident shards
+   with 2 all-reduces of b*h per layer per token (see the PPO order below). Not with LoRA (AutoTP
+   cannot split peft's layers) or the PPO EMA; the degree must divide the models' heads.
+3. + gradient checkpointing: one extra forward per step (~33% more compute) but no extra traffic.
+4. + LoRA: fewer gradients and optimizer states and a cheaper backward, but it changes what is
    learned; DeepSpeed-Chat's own single-GPU presets use it (dim 128), and it still beats offload
    on speed.
-4. + optimizer offload (ZeRO 1/2 + offload): Adam on the CPU and gradients over PCIe every step.
-5. + parameter offload (ZeRO-3 + offload): weights over PCIe every forward and backward too.
+5. + optimizer offload (ZeRO 1/2 + offload): Adam on the CPU and gradients over PCIe every step.
+6. + parameter offload (ZeRO-3 + offload): weights over PCIe every forward and backward too.
 Within an offload level: full fine-tuning before LoRA, then no checkpointing before checkpointing,
-then the lower ZeRO stage first. For PPO, layouts are ranked by, in this order:
-  1. the actor (the larger model, which also generates): generation gathering the whole ZeRO-3
-     actor once per call before module-by-module fetching (which re-gathers every module per token),
-     then its offload level, LoRA and checkpointing as above;
+then the lower tensor-parallel degree, then the lower ZeRO stage first. For PPO, layouts are ranked
+by, in this order:
+  1. the actor (the larger model, which also generates): generation with no per-token fetching
+     (the actor's own weights, its tensor-parallel shards, or the ZeRO-3 actor gathered once per
+     call) before module-by-module fetching (which re-gathers every module per token), then its
+     offload level, LoRA, checkpointing and tensor-parallel degree as above;
   2. the critic's offload level, LoRA and checkpointing;
   3. offloading the frozen reference and reward models (fewest bytes first): one host-to-device
      copy of their weights per experience batch, no extra compute, so it beats any lever above;
      never chosen on a CPU device;
   4. the actor's ZeRO stage, then the critic's: the cheapest levers, so they are raised first.
+The four PPO models share one tensor-parallel degree (DeepSpeed keeps one group per process: the
+critic takes the actor's, the frozen models their partner's); so do DPO's policy and reference.
 DPO (a trained policy beside its frozen reference, chosen and rejected answers in one forward of
-2 x batch rows) is ranked the same way: the policy's offload level, LoRA and checkpointing, then
-offloading the reference, then the policy's ZeRO stage.
+2 x batch rows) is ranked the same way: the policy's offload level, LoRA, checkpointing and
+tensor-parallel degree, then offloading the reference, then the policy's ZeRO stage.
 Explicit user settings always win: they filter the
 candidates, and when none of the remaining ones fits the planner warns and suggests what would.
 """
@@ -55,6 +75,8 @@ from pipeline.planner.memory import (
     layer_params,
     lora_params,
     reward_params,
+    tensor_parallel_params,
+    tensor_parallel_split,
     trained_state_bytes,
     training_activation_bytes,
 )
@@ -68,13 +90,14 @@ from pipeline.planner.search import (
     _plan_stages,
     _setting_key,
     _suggest,
+    _tp_options,
 )
 
 __all__ = ["DTYPE_BYTES", "GIB", "HEADROOM", "OVERHEAD_GIB", "Plan", "RolePlan", "StagePlan", "Strategy",
            "comm_buffer_bytes", "dry_run_report", "forward_transient_bytes", "frozen_state_bytes", "kv_cache_bytes",
            "layer_activation_bytes", "layer_params", "lora_params", "plan_run", "reward_params",
-           "trained_state_bytes", "training_activation_bytes", "_candidates", "_Constraint", "_inputs",
-           "_offload_level"]
+           "tensor_parallel_params", "tensor_parallel_split", "trained_state_bytes", "training_activation_bytes",
+           "_candidates", "_Constraint", "_inputs", "_offload_level", "_tp_options"]
 
 
 def plan_run(cfg: RunConfig) -> Plan:
@@ -139,6 +162,16 @@ def dry_run_report(cfg: RunConfig, plan: Optional[Plan] = None) -> str:
     if plan.stages["ppo"].phases:
         lines += ["", "PPO phases (GiB/device, peak = resident + the largest phase): "
                   + ", ".join(f"{k} {v:.1f}" for k, v in plan.stages["ppo"].phases.items())]
+    generation = plan.stages["ppo"].generation
+    if generation and plan.stages["ppo"].active:
+        lines += ["", f"PPO generation: {generation['path']}: {generation['why']}"]
+    split = [(name, sp.roles[0].strategy.tp_degree) for name, sp in plan.stages.items()
+             if sp.active and sp.roles and sp.roles[0].strategy.tp_degree > 1]
+    if split:
+        lines += ["", "Tensor parallelism: " + "; ".join(
+            f"{name} TP={tp} (groups of {tp} consecutive ranks in a node share one batch: {plan.world_size // tp} "
+            f"data-parallel replica{'s' if plan.world_size // tp != 1 else ''} of {plan.world_size} ranks, so a step "
+            f"takes {tp}x fewer examples than the same batch settings without TP)" for name, tp in split)]
     if plan.stages["dpo"].active:
         lines += ["", "DPO phases (GiB/device, peak = resident + the larger phase): "
                   + ", ".join(f"{k} {v:.1f}" for k, v in plan.stages["dpo"].phases.items())]

@@ -1,7 +1,7 @@
 """The memory model: bytes one device (and its host) holds for a model in a layout. Pure arithmetic.
 
 Memory model (bytes on one device; P = parameters, d = bytes per element of the compute dtype:
-2 for bf16/fp16, 4 for fp32; N = data-parallel world size)
+2 for bf16/fp16, 4 for fp32; N = data-parallel world size = world / t; t = tensor-parallel degree)
 -----------------------------------------------------------------------------------------
 Trained model, mixed precision (bf16/fp16), after DeepSpeed's ZeRO paper (Rajbhandari et al.):
     weights d*P = 2P, gradients 2P, Adam fp32 master copy + momentum + variance = 4+4+4 = 12P,
@@ -42,6 +42,20 @@ Generation (PPO actor): KV cache 2 * layers * b * s * kv_heads*head_dim * d; wit
     fits, else fetches it module by module at every decode step (slow; never from host RAM, so not
     with parameter offload unless asked): Plan.apply writes the choice to
     stage.ppo.generation.gather_weights, which the rollout engine follows.
+Tensor parallelism (DeepSpeed AutoTP, degree t; measured layouts in the TP research):
+    split by t: every attention and MLP Linear: OPT q/k/v/out_proj and fc1/fc2 weights, q/k/v and
+    fc1 biases; LLaMA q/k/v/o, gate/up/down, and an untied lm_head. Left whole on every rank: the
+    embeddings (and OPT's positions, project_in/out), the LayerNorms, the row-parallel biases (OPT's
+    out_proj.bias, fc2.bias), a tied LM head, the value head. Per rank P_t = split / t + whole
+    (tensor_parallel_params; OPT-66B at t=8: 65.2e9 / 8 + 0.49e9 = 8.64e9); weights, gradients and
+    optimizer states follow P_t, and ZeRO then partitions them over the N = world / t data-parallel
+    ranks. The degree must divide the heads (enforced), so the split is even.
+    Activations per layer: Q, K, V, the attention context and the MLP intermediates are split; the
+    layer inputs, LayerNorm inputs and the residual stream stay whole (no sequence parallelism):
+    per token 4h whole + (2h + 2kv + 2f) / t (SwiGLU: 4f); logits stay whole (an untied LLaMA head's
+    V / t slice is all-gathered, so that slice comes on top). All-reduces (2 per layer forward, one per
+    column-parallel Linear backward) run in place: one transient b*s*h buffer. The KV cache is split
+    (kv heads / t). ZeRO-3 gathers each rank's shards only: generation gathering the actor holds P_t.
 PPO peak = every model's resident state + max(generation, experience forward, training), since
     the phases run one after another (actor and critic backward are also sequential).
 Fit: peak <= (1 - HEADROOM) * device memory - fixed overhead (CUDA context, cuBLAS/NCCL
@@ -96,12 +110,41 @@ def layer_params(spec: ModelSpec) -> int:
     return 4 * (h * h + h) + 2 * h * f + f + h + 4 * h
 
 
+def tensor_parallel_split(spec: ModelSpec, lm: bool = True) -> tuple[int, int]:
+    """(parameters AutoTP splits over the tensor-parallel ranks, parameters it leaves whole on each) of
+    a causal LM, or (lm=False) of its reward model: no LM head, a Linear(h, 1) value head. They add up
+    to spec.num_params() (reward_params(spec)).
+
+    LLaMA layer: q, o (h x h), k, v (kv x h), gate, up, down (h x f) split; 2 RMSNorms (h) whole;
+    embedding and final norm whole; an untied lm_head split (column-parallel), a tied one whole.
+    OPT layer: q, k, v, out_proj (h x h) and fc1, fc2 (h x f) weights, q/k/v and fc1 biases split
+    (4h^2 + 3h + 2hf + f); out_proj and fc2 biases and 2 LayerNorms whole (6h); token and position
+    embeddings, project_in/out, the final LayerNorm and the tied head whole.
+    """
+    h, f, n, v = spec.hidden_size, spec.ffn_dim, spec.num_layers, spec.vocab_size
+    if spec.family == "llama":
+        kv = (spec.num_kv_heads or spec.num_heads) * (h // spec.num_heads)
+        split = n * (2 * h * h + 2 * h * kv + 3 * h * f) + (v * h if lm and not spec.tied_embeddings else 0)
+    else:
+        split = n * (4 * h * h + 3 * h + 2 * h * f + f)
+    total = spec.num_params() if lm else reward_params(spec)
+    return split, total - split
+
+
+def tensor_parallel_params(spec: ModelSpec, tp: int, lm: bool = True) -> float:
+    """Parameters on one rank of a tensor-parallel group of tp: split / tp + whole."""
+    split, whole = tensor_parallel_split(spec, lm)
+    return split / max(1, tp) + whole
+
+
 def trained_state_bytes(n_params: int, n_trainable: int, dtype: str, zero: int, offload: bool,
                         world: int) -> dict[str, float]:
     """Weights, gradients and optimizer states of a trained model on one device, and in host RAM.
 
-    n_params counts every weight (frozen base + adapters); n_trainable those with gradients.
-    Returns {"params", "grads", "optimizer", "host"} in bytes (host: per rank).
+    n_params counts every weight (frozen base + adapters) on one rank (under tensor parallelism its
+    shards: tensor_parallel_params); n_trainable those with gradients; world the data-parallel ranks
+    ZeRO partitions over (world / tp). Returns {"params", "grads", "optimizer", "host"} in bytes
+    (host: per rank).
     """
     d = DTYPE_BYTES[dtype]
     n = max(1, world)
@@ -136,61 +179,81 @@ def frozen_state_bytes(n_params: int, dtype: str, zero: int, offload: bool, worl
 
 
 def comm_buffer_bytes(spec: ModelSpec, n_params: int, n_trainable: int, dtype: str, zero: int,
-                      world: int, trained: bool) -> float:
-    """ZeRO-3 gather buffers (current + prefetched layer) or the ZeRO 0-2 reduce bucket."""
+                      world: int, trained: bool, tp: int = 1) -> float:
+    """ZeRO-3 gather buffers (current + prefetched layer; under tensor parallelism a layer's shards
+    and its whole parts) or the ZeRO 0-2 reduce bucket. world: every rank."""
     d = DTYPE_BYTES[dtype]
     if zero >= 3:  # also at N = 1: the gathered layer is a fresh tensor next to the shard
         emb = spec.vocab_size * (spec.embed_dim or spec.hidden_size)
-        return float(2 * max(layer_params(spec), emb) * d)
+        split, whole = _layer_split(spec)
+        return float(2 * max(split / max(1, tp) + whole, emb) * d)
     if trained and world > 1:
         return min(n_trainable, REDUCE_BUCKET) * d
     return 0.0
 
 
+def _layer_split(spec: ModelSpec) -> tuple[int, int]:
+    """(parameters AutoTP splits, parameters it leaves whole) of one transformer layer."""
+    h, f = spec.hidden_size, spec.ffn_dim
+    if spec.family == "llama":
+        kv = (spec.num_kv_heads or spec.num_heads) * (h // spec.num_heads)
+        return 2 * h * h + 2 * h * kv + 3 * h * f, 2 * h
+    return 4 * h * h + 3 * h + 2 * h * f + f, 6 * h
+
+
 def layer_activation_bytes(spec: ModelSpec, batch: int, seq: int, dtype: str, *, dropout: bool = False,
-                           eager_attention: bool = False) -> float:
-    """Activations one transformer layer keeps for its backward (Korthikanti et al.), bytes."""
+                           eager_attention: bool = False, tp: int = 1) -> float:
+    """Activations one transformer layer keeps for its backward (Korthikanti et al.), bytes, on one
+    rank of a tensor-parallel group of tp: the attention input, MLP input and LayerNorm inputs (4h per
+    token) whole, Q, K, V, the context and the MLP intermediates split."""
     d = DTYPE_BYTES[dtype]
     h, f, a = spec.hidden_size, spec.ffn_dim, spec.num_heads
     kv = (spec.num_kv_heads or a) * (h // a)
-    mlp = h + (4 * f if spec.family == "llama" else 2 * f)
-    per_token = (3 * h + 2 * kv + mlp + 2 * h) * d
+    split = 2 * h + 2 * kv + (4 * f if spec.family == "llama" else 2 * f)
+    per_token = (4 * h + split / max(1, tp)) * d
     if dropout:
         per_token += 2 * h  # two 1-byte dropout masks (attention output, MLP output)
     total = per_token * seq * batch
     if eager_attention:
-        total += a * seq * seq * batch * d  # softmax output
+        total += a * seq * seq * batch * d / max(1, tp)  # softmax output
     return float(total)
 
 
 def training_activation_bytes(spec: ModelSpec, batch: int, seq: int, dtype: str, *, grad_ckpt: bool,
-                              lm_head: bool, dropout: bool = False, eager_attention: bool = False) -> float:
+                              lm_head: bool, dropout: bool = False, eager_attention: bool = False, tp: int = 1) -> float:
     """Peak activation memory of one training micro-batch (forward + loss + backward), bytes.
 
     No checkpointing: layers * per-layer activations. Checkpointing: each layer's input
     (d*s*b*h) plus one layer's activations while it is recomputed. Plus embeddings and final
-    norm (2*d*s*b*h) and, for a language model, logits s*b*V at (d + 8) bytes.
+    norm (2*d*s*b*h) and, for a language model, logits s*b*V at (d + 8) bytes. Tensor parallelism
+    (tp > 1): per-layer activations as layer_activation_bytes, layer inputs and logits whole, plus the
+    all-reduce's transient d*s*b*h and an untied LLaMA head's local s*b*V/tp slice before its gather.
     """
     d = DTYPE_BYTES[dtype]
     sbh = seq * batch * spec.hidden_size
-    layer = layer_activation_bytes(spec, batch, seq, dtype, dropout=dropout, eager_attention=eager_attention)
+    layer = layer_activation_bytes(spec, batch, seq, dtype, dropout=dropout, eager_attention=eager_attention, tp=tp)
     body = spec.num_layers * d * sbh + layer if grad_ckpt else spec.num_layers * layer
     head = seq * batch * spec.vocab_size * (d + 8) if lm_head else seq * batch * 4
+    if tp > 1:
+        body += d * sbh
+        if lm_head and spec.family == "llama" and not spec.tied_embeddings:
+            head += seq * batch * spec.vocab_size * d / tp
     return float(body + 2 * d * sbh + head)
 
 
-def kv_cache_bytes(spec: ModelSpec, batch: int, seq: int, dtype: str) -> float:
-    """KV cache: 2 (K and V) * layers * b * s * kv_heads * head_dim * d."""
+def kv_cache_bytes(spec: ModelSpec, batch: int, seq: int, dtype: str, tp: int = 1) -> float:
+    """KV cache: 2 (K and V) * layers * b * s * kv_heads * head_dim * d, the kv heads split over tp."""
     d = DTYPE_BYTES[dtype]
     head_dim = spec.hidden_size // spec.num_heads
     kv = (spec.num_kv_heads or spec.num_heads) * head_dim
-    return float(2 * spec.num_layers * batch * seq * kv * d)
+    return float(2 * spec.num_layers * batch * seq * kv * d / max(1, tp))
 
 
-def forward_transient_bytes(spec: ModelSpec, batch: int, seq: int, dtype: str, *, lm_head: bool) -> float:
-    """A no-grad forward (PPO experience, generation prefill): one layer's working set plus the
-    full-sequence logits and their fp32 log-softmax (lm_head) — nothing is kept per layer."""
+def forward_transient_bytes(spec: ModelSpec, batch: int, seq: int, dtype: str, *, lm_head: bool, tp: int = 1) -> float:
+    """A no-grad forward (PPO experience, generation prefill): one layer's working set (its MLP
+    intermediate split over tp) plus the full-sequence logits and their fp32 log-softmax (lm_head) —
+    nothing is kept per layer."""
     d = DTYPE_BYTES[dtype]
-    work = seq * batch * (2 * spec.hidden_size + spec.ffn_dim) * d
+    work = seq * batch * (2 * spec.hidden_size + spec.ffn_dim / max(1, tp)) * d
     head = seq * batch * spec.vocab_size * (d + 8) if lm_head else 0
     return float(work + head)

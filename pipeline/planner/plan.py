@@ -19,9 +19,11 @@ class Strategy:
     offload: bool = False
     gradient_checkpointing: bool = False
     lora_dim: int = 0
+    tp_degree: int = 1
 
     def label(self) -> str:
-        return (f"ZeRO-{self.zero_stage}{' +offload' if self.offload else ''}"
+        return (f"ZeRO-{self.zero_stage}{f' +TP{self.tp_degree}' if self.tp_degree > 1 else ''}"
+                f"{' +offload' if self.offload else ''}"
                 f"{' +ckpt' if self.gradient_checkpointing else ''}{f' +LoRA{self.lora_dim}' if self.lora_dim else ''}")
 
 
@@ -50,6 +52,8 @@ class StagePlan:
     active: bool  # in run.stages
     phases: dict[str, float] = field(default_factory=dict)
     generation_gathers_params: Optional[bool] = None
+    # PPO: how the actor generates ({"path", "why"}: tensor-parallel, gathered, module by module, direct).
+    generation: dict[str, str] = field(default_factory=dict)
 
     def role(self, name: str) -> RolePlan:
         return next(r for r in self.roles if r.role == name)
@@ -74,7 +78,7 @@ class Plan:
         for stage, role, key in TRAINED_ROLES:
             chosen = self.stages[stage].role(role).strategy
             section = at(cfg, key)
-            for name in ("zero_stage", "offload", "gradient_checkpointing"):
+            for name in ("zero_stage", "offload", "gradient_checkpointing", "tp_degree"):
                 if getattr(section.strategy, name) is None:
                     setattr(section.strategy, name, getattr(chosen, name))
             if section.lora.dim is None:
@@ -100,6 +104,7 @@ class Plan:
                 "host_gib_per_rank": round(sp.host_gib, 3),
                 "phases_gib": {k: round(v, 3) for k, v in sp.phases.items()},
                 "generation_gathers_params": sp.generation_gathers_params,
+                "generation": dict(sp.generation),
                 "roles": [{
                     "role": r.role, "model": r.model, "params": r.params, "trained": r.trained,
                     **dataclasses.asdict(r.strategy), "device_gib": round(r.device_gib, 3),
@@ -122,7 +127,7 @@ class Plan:
         atomic_write(out / "plan.txt", "\n".join(notes) + "\n")
 
     def table(self) -> str:
-        head = ["stage", "role", "model", "params", "ZeRO", "offload", "LoRA", "grad ckpt",
+        head = ["stage", "role", "model", "params", "ZeRO", "offload", "LoRA", "grad ckpt", "TP",
                 "GiB/device", "device GiB", "fits?"]
         rows = []
         for name, sp in self.stages.items():
@@ -130,9 +135,9 @@ class Plan:
                 s = r.strategy
                 rows.append([name if sp.active else f"({name})", r.role, r.model, _fmt_params(r.params),
                              str(s.zero_stage), "yes" if s.offload else "no", str(s.lora_dim) if s.lora_dim else "-",
-                             "yes" if s.gradient_checkpointing else "no",
+                             "yes" if s.gradient_checkpointing else "no", str(s.tp_degree),
                              f"{r.device_gib:.1f}", "", ""])
-            rows.append([name if sp.active else f"({name})", "= peak", "", "", "", "", "", "",
+            rows.append([name if sp.active else f"({name})", "= peak", "", "", "", "", "", "", "",
                          f"{sp.peak_gib:.1f}", f"{sp.device_gib:.1f} ({sp.usable_gib:.1f} usable)",
                          "yes" if sp.fits else "NO"])
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from pipeline.catalog import ModelSpec, UnknownModelError, resolve_model
-from pipeline.config import FROZEN_ROLES, TRAINED_ROLES, RunConfig, at, role_key
+from pipeline.config import FROZEN_ROLES, TRAINED_ROLES, RunConfig, at, role_key, tensor_parallel_refusal
 from pipeline.planner.memory import (
     DEFAULT_LORA_DIM,
     DTYPE_BYTES,
@@ -24,10 +24,15 @@ from pipeline.planner.memory import (
     kv_cache_bytes,
     lora_params,
     reward_params,
+    tensor_parallel_params,
     trained_state_bytes,
     training_activation_bytes,
 )
 from pipeline.planner.plan import RolePlan, StagePlan, Strategy
+
+# Model families AutoTP was measured on here (OPT: name heuristics; LLaMA: the HF tp_plan). The planner
+# chooses tensor parallelism only for these; a degree given for another family is kept, with a warning.
+TP_FAMILIES = ("opt", "llama")
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class _Constraint:
     offload: Optional[bool] = None
     gradient_checkpointing: Optional[bool] = None
     lora_dim: Optional[int] = None
+    tp_degree: Optional[int] = None
 
     def given(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -92,15 +98,14 @@ def _spec(name: str) -> Optional[ModelSpec]:
 def _inputs(cfg: RunConfig) -> _Inputs:
     hw = cfg.hardware
     world = cfg.world_size
-    per_node = cfg.deployment.procs_per_node or (hw.devices_per_node if cfg.deployment.launcher != "in_process" else 1)
-    per_node = max(1, min(per_node, world))
+    per_node = cfg.ranks_per_node
     host = getattr(hw, "host_memory_gib", None)
     if host is None:
         host = hw.memory_gib if hw.device == "cpu" else HOST_RAM_PER_GPU_RAM * hw.memory_gib * max(1, hw.devices_per_node)
     cons = []
     for stage, role, key in TRAINED_ROLES:
         s, lora = at(cfg, key).strategy, at(cfg, key).lora
-        cons.append(((stage, role), _Constraint(s.zero_stage, s.offload, s.gradient_checkpointing, lora.dim)))
+        cons.append(((stage, role), _Constraint(s.zero_stage, s.offload, s.gradient_checkpointing, lora.dim, s.tp_degree)))
     for stage, role, key in FROZEN_ROLES:
         cons.append(((stage, role), _Constraint(offload=at(cfg, key))))
     dropout = cfg.model.dropout
@@ -125,8 +130,28 @@ def _offload_level(s: Strategy) -> int:
     return 0 if not s.offload else (2 if s.zero_stage >= 3 else 1)
 
 
-def _candidates(inp: _Inputs, c: _Constraint) -> list[Strategy]:
-    """Training layouts allowed by the explicit settings, fastest first (see module docstring)."""
+def _tp_options(inp: _Inputs, c: _Constraint, specs: tuple, ema: bool = False) -> tuple[list[int], str]:
+    """The tensor-parallel degrees a role may take (its stage's models `specs` share it), and why no
+    degree above 1 is among them ("" when one is). A given degree is kept (validation has checked it);
+    else divisors of a node's ranks that divide every model's heads, for the families AutoTP was
+    measured on, without LoRA (AutoTP cannot split peft's layers) or the EMA."""
+    if c.tp_degree is not None:
+        return [c.tp_degree], "" if c.tp_degree > 1 else "tp_degree=1 is given"
+    why = ("one rank per node" if inp.ranks_per_node == 1 else
+           "LoRA is given (AutoTP cannot split peft's layers)" if c.lora_dim else
+           "the EMA is on (stage.ppo.enable_ema)" if ema else
+           next((f"AutoTP is not measured on {s.family} models here" for s in specs if s.family not in TP_FAMILIES), ""))
+    if why:
+        return [1], why
+    options = [t for t in range(1, inp.ranks_per_node + 1) if inp.ranks_per_node % t == 0
+               and not any(tensor_parallel_refusal("", t, "", s.num_heads, s.num_kv_heads) for s in specs)]
+    return options, "" if len(options) > 1 else "no degree divides both the node's ranks and the models' heads"
+
+
+def _candidates(inp: _Inputs, c: _Constraint, tps: Optional[list[int]] = None) -> list[Strategy]:
+    """Training layouts allowed by the explicit settings, fastest first (see module docstring); tps:
+    the tensor-parallel degrees allowed (_tp_options; default 1 unless given)."""
+    tps = tps or [c.tp_degree or 1]
     zeros = [c.zero_stage] if c.zero_stage is not None else [0, 1, 2, 3]
     if c.offload is not None:
         offs = [c.offload]
@@ -141,9 +166,16 @@ def _candidates(inp: _Inputs, c: _Constraint) -> list[Strategy]:
                 continue  # offload needs ZeRO >= 1
             for gc in gcs:
                 for lora in loras:
-                    out.append(Strategy(z, off, gc, lora))
-    out.sort(key=lambda s: (_offload_level(s), s.lora_dim > 0, s.gradient_checkpointing, s.zero_stage))
+                    for tp in tps:
+                        if not (lora and tp > 1):  # AutoTP cannot split peft's LoRA layers
+                            out.append(Strategy(z, off, gc, lora, tp))
+    out.sort(key=_rank)
     return out
+
+
+def _rank(s: Strategy) -> tuple:
+    """Where a training layout sits in the order of preference (see pipeline.planner): lower first."""
+    return _offload_level(s), s.lora_dim > 0, s.gradient_checkpointing, s.tp_degree, s.zero_stage
 
 
 @dataclass
@@ -156,13 +188,14 @@ class _RoleMem:
 
 @functools.lru_cache(maxsize=8192)
 def _trained_mem(inp: _Inputs, spec: ModelSpec, s: Strategy, *, lm: bool, batch: int, seq: int) -> _RoleMem:
-    base = spec.num_params() if lm else reward_params(spec)
+    base = tensor_parallel_params(spec, s.tp_degree, lm)  # this rank's shards under tensor parallelism
     adapters = lora_params(spec, s.lora_dim)
     n_params, n_train = base + adapters, (adapters if s.lora_dim > 0 else base)
-    st = trained_state_bytes(n_params, n_train, inp.dtype, s.zero_stage, s.offload, inp.world)
-    buf = comm_buffer_bytes(spec, n_params, n_train, inp.dtype, s.zero_stage, inp.world, True)
+    dp = max(1, inp.world // s.tp_degree)  # ZeRO partitions over the data-parallel ranks
+    st = trained_state_bytes(n_params, n_train, inp.dtype, s.zero_stage, s.offload, dp)
+    buf = comm_buffer_bytes(spec, n_params, n_train, inp.dtype, s.zero_stage, inp.world, True, s.tp_degree)
     act = training_activation_bytes(spec, batch, seq, inp.dtype, grad_ckpt=s.gradient_checkpointing,
-                                    lm_head=lm, dropout=inp.dropout)
+                                    lm_head=lm, dropout=inp.dropout, tp=s.tp_degree)
     state = st["params"] + st["grads"] + st["optimizer"] + buf
     bd = {"params": st["params"], "grads": st["grads"], "optimizer": st["optimizer"], "buffers": buf,
           "activations": act}
@@ -170,15 +203,17 @@ def _trained_mem(inp: _Inputs, spec: ModelSpec, s: Strategy, *, lm: bool, batch:
 
 
 def _frozen_strategy(partner: Strategy, offload: bool) -> Strategy:
-    """A frozen model's layout: ZeRO-3 when offloaded or when its trained partner runs ZeRO-3."""
-    return Strategy(3 if offload or partner.zero_stage >= 3 else 0, offload)
+    """A frozen model's layout: ZeRO-3 when offloaded or when its trained partner runs ZeRO-3; split
+    over the partner's tensor-parallel degree."""
+    return Strategy(3 if offload or partner.zero_stage >= 3 else 0, offload, tp_degree=partner.tp_degree)
 
 
 @functools.lru_cache(maxsize=8192)
 def _frozen_mem(inp: _Inputs, spec: ModelSpec, layout: Strategy, *, lm: bool) -> _RoleMem:
-    n = spec.num_params() if lm else reward_params(spec)
-    st = frozen_state_bytes(n, inp.dtype, layout.zero_stage, layout.offload, inp.world)
-    buf = comm_buffer_bytes(spec, n, 0, inp.dtype, layout.zero_stage, inp.world, False) if layout.zero_stage >= 3 else 0.0
+    n = tensor_parallel_params(spec, layout.tp_degree, lm)
+    st = frozen_state_bytes(n, inp.dtype, layout.zero_stage, layout.offload, max(1, inp.world // layout.tp_degree))
+    buf = comm_buffer_bytes(spec, n, 0, inp.dtype, layout.zero_stage, inp.world, False,
+                            layout.tp_degree) if layout.zero_stage >= 3 else 0.0
     return _RoleMem(st["params"] + buf, st["host"], 0.0, {"params": st["params"] / GIB, "buffers": buf / GIB})
 
 
@@ -196,6 +231,7 @@ def _fallback_strategy(inp: _Inputs, c: _Constraint) -> Strategy:
         bool(c.offload) if c.offload is not None else False,
         c.gradient_checkpointing if c.gradient_checkpointing is not None else True,
         c.lora_dim if c.lora_dim is not None else 0,
+        c.tp_degree or 1,
     )
 
 
@@ -213,7 +249,7 @@ def _single_stage(inp: _Inputs, stage: str, role: str, spec: Optional[ModelSpec]
         return _unknown_stage(inp, stage, active, [(role, name, True)])
     c = inp.constraint(stage, role)
     usable = inp.usable_gib * GIB
-    cands = _candidates(inp, c)
+    cands = _candidates(inp, c, _tp_options(inp, c, (spec,))[0])
     chosen, mem = None, None
     for s in cands:
         m = _trained_mem(inp, spec, s, lm=lm, batch=batch, seq=seq)
@@ -255,6 +291,9 @@ def _ppo_unknown(inp: _Inputs, active: bool) -> StagePlan:
     """A model of unknown size: fallback layouts; a frozen model offloads when told to, or when its
     partner runs ZeRO-3 + offload (what the engine does with a null switch)."""
     sp = _unknown_stage(inp, "ppo", active, [("actor", inp.actor_name, True), ("critic", inp.reward_name, True)])
+    shared = inp.constraint("ppo", "actor").tp_degree or inp.constraint("ppo", "critic").tp_degree or 1
+    for r in sp.roles:  # the stage's models share one tensor-parallel degree
+        r.strategy = dataclasses.replace(r.strategy, tp_degree=shared)
     a, c = sp.role("actor").strategy, sp.role("critic").strategy
     for role, name, partner in (("ref", inp.actor_name, a), ("reward", inp.reward_name, c)):
         given = inp.constraint("ppo", role)
@@ -278,22 +317,33 @@ def _ppo_stage(inp: _Inputs, active: bool) -> StagePlan:
     usable, host_cap = inp.usable_gib * GIB, inp.host_gib_per_rank * GIB
 
     n_actor, n_reward = A.num_params(), reward_params(R)
-    kv_full = kv_cache_bytes(A, inp.ppo_gen_batch, seq, inp.dtype)
-    prefill = forward_transient_bytes(A, inp.ppo_gen_batch, inp.prompt_len, inp.dtype, lm_head=False) \
-        + inp.ppo_gen_batch * A.vocab_size * (d + 8)
-    experience = max(forward_transient_bytes(A, inp.ppo_gen_batch, seq, inp.dtype, lm_head=True),
-                     forward_transient_bytes(R, inp.ppo_gen_batch, seq, inp.dtype, lm_head=False))
+    # The four models share one tensor-parallel degree (DeepSpeed holds one group per process).
+    tps_a, why_a = _tp_options(inp, ca, (A, R), ema=inp.ema)
+    tps_c, why_c = _tp_options(inp, cc, (A, R))
+    tps = [t for t in tps_a if t in tps_c] or tps_a  # none in common: validation names the conflict
+
+    def kv(tp: int) -> float:
+        return kv_cache_bytes(A, inp.ppo_gen_batch, seq, inp.dtype, tp)
+
+    def prefill(tp: int) -> float:
+        return forward_transient_bytes(A, inp.ppo_gen_batch, inp.prompt_len, inp.dtype, lm_head=False, tp=tp) \
+            + inp.ppo_gen_batch * A.vocab_size * (d + 8)
+
+    def experience(tp: int) -> float:
+        return max(forward_transient_bytes(A, inp.ppo_gen_batch, seq, inp.dtype, lm_head=True, tp=tp),
+                   forward_transient_bytes(R, inp.ppo_gen_batch, seq, inp.dtype, lm_head=False, tp=tp))
 
     def gen_bytes(a: Strategy, gather: bool) -> float:
         lora_extra = lora_params(A, a.lora_dim) * d
-        weights = n_actor * d + lora_extra if a.zero_stage >= 3 and gather else 0.0  # gathered copy (the shard stays)
-        return weights + kv_full + prefill
+        # ZeRO-3 gathers this rank's shards (the whole actor at tp 1); the partition stays beside them.
+        weights = tensor_parallel_params(A, a.tp_degree) * d + lora_extra if a.zero_stage >= 3 and gather else 0.0
+        return weights + kv(a.tp_degree) + prefill(a.tp_degree)
 
     # A layout is an actor side (its layout, whole-actor gathering or not), the reference model's
     # offload (with the EMA's place) and a critic side (its layout, the reward model's offload),
     # ranked as the module docstring says: groups by costly levers, ZeRO stages within a group.
     actor_groups: dict[tuple, list] = {}
-    for a in _candidates(inp, ca):  # lower ZeRO stage first within a group
+    for a in _candidates(inp, ca, tps):  # lower ZeRO stage first within a group
         am = _trained_mem(inp, A, a, lm=True, batch=inp.ppo_train_batch, seq=seq)
         frozen = {}
         for ref_off in _frozen_offload_options(inp, cref):
@@ -301,25 +351,27 @@ def _ppo_stage(inp: _Inputs, active: bool) -> StagePlan:
             if inp.ema:
                 frozen[ref_off]["ema"] = _ema_mem(A, a, inp.world, a.offload or ref_off)
         for gather in _gather_options(a, inp.gather_weights):
-            key = (not gather, _offload_level(a), a.lora_dim > 0, a.gradient_checkpointing)
-            actor_groups.setdefault(key, []).append((a, gather, am, frozen, max(am.act, gen_bytes(a, gather), experience)))
-    critic_groups: dict[tuple, list] = {}
-    for c in _candidates(inp, cc):
+            key = (not gather, *_rank(a)[:-1])  # the ZeRO stage (last) orders within the group
+            transient = max(am.act, gen_bytes(a, gather), experience(a.tp_degree))
+            actor_groups.setdefault(key, []).append((a, gather, am, frozen, transient))
+    critic_groups: dict[int, dict[tuple, list]] = {}  # by tensor-parallel degree: the actor's
+    for c in _candidates(inp, cc, tps):
         cm = _trained_mem(inp, R, c, lm=False, batch=inp.ppo_train_batch, seq=seq)
         for rew_off in _frozen_offload_options(inp, crew):
             side_c = (c, rew_off, {"critic": cm, "reward": _frozen_mem(inp, R, _frozen_strategy(c, rew_off), lm=False)})
             for ref_off in _frozen_offload_options(inp, cref):
                 key = (_offload_level(c), c.lora_dim > 0, c.gradient_checkpointing, ref_off * n_actor + rew_off * n_reward)
-                critic_groups.setdefault(key, []).append((ref_off, side_c))
+                critic_groups.setdefault(c.tp_degree, {}).setdefault(key, []).append((ref_off, side_c))
 
     def memory(side_a, ref_off, side_c) -> dict[str, _RoleMem]:
         return {"actor": side_a[2], **side_a[3][ref_off], **side_c[2]}
 
     def layouts():
         for a_key in sorted(actor_groups):
-            for c_key in sorted(critic_groups):
+            tp = actor_groups[a_key][0][0].tp_degree
+            for c_key in sorted(critic_groups.get(tp, {})):
                 for side_a in actor_groups[a_key]:
-                    for ref_off, side_c in critic_groups[c_key]:
+                    for ref_off, side_c in critic_groups[tp][c_key]:
                         yield side_a, ref_off, side_c
 
     chosen, smallest = None, None
@@ -341,11 +393,10 @@ def _ppo_stage(inp: _Inputs, active: bool) -> StagePlan:
     resident = sum(m.state for m in mems.values())
     host = sum(m.host for m in mems.values())
     peak = resident + max(transient, cm.act)
-    phases = {"generation": gen_bytes(a, gather), "experience": experience, "train": max(am.act, cm.act)}
     gen_a = gen_bytes(a, gather)
+    phases = {"generation": gen_a, "experience": experience(a.tp_degree), "train": max(am.act, cm.act)}
     roles = [
-        RolePlan("actor", inp.actor_name, n_actor, True, a,
-                 (am.state + max(am.act, gen_a, experience)) / GIB, am.host / GIB,
+        RolePlan("actor", inp.actor_name, n_actor, True, a, (am.state + transient) / GIB, am.host / GIB,
                  {**am.breakdown, "generation": gen_a / GIB}, ca.given()),
         RolePlan("critic", inp.reward_name, n_reward, True, c, (cm.state + cm.act) / GIB, cm.host / GIB,
                  cm.breakdown, cc.given()),
@@ -360,8 +411,37 @@ def _ppo_stage(inp: _Inputs, active: bool) -> StagePlan:
         roles.append(RolePlan("ema", inp.actor_name, averaged, False, Strategy(3 if a.zero_stage >= 3 else 0, m.host > 0), m.state / GIB,
                               m.host / GIB, m.breakdown))
     ph = {"resident": resident / GIB, **{k: v / GIB for k, v in phases.items()}}
+    whole_gather = n_actor * d + kv(1) + prefill(1)
+    generation = _generation_path(a, gather, gen_a, whole_gather, inp.usable_gib, why_a or why_c, n_actor,
+                                  tensor_parallel_params(A, a.tp_degree))
     return StagePlan("ppo", roles, peak / GIB, inp.usable_gib, inp.device_gib, host / GIB, fit, active, ph,
-                     generation_gathers_params=(gather if a.zero_stage >= 3 else None))
+                     generation_gathers_params=(gather if a.zero_stage >= 3 else None), generation=generation)
+
+
+def _generation_path(a: Strategy, gather: bool, gen_bytes: float, whole_gather: float, usable_gib: float,
+                     why_no_tp: str, n_actor: int, n_local: float) -> dict[str, str]:
+    """How step 3 generates with the actor's layout `a` (path) and why (for the plan and the dry run):
+    on the tensor-parallel shards, gathered once per call, module by module, or as it is."""
+    tp, z3 = a.tp_degree, a.zero_stage >= 3
+    whole = f"the whole actor gathered for generation would need {whole_gather / GIB:.1f} GiB per device"
+    whole += f" (more than the {usable_gib:.1f} GiB usable)" if whole_gather / GIB > usable_gib else ""
+    if tp > 1:
+        how = ("its ZeRO-3 partitions of them gathered once per call" if z3 and gather else
+               "its ZeRO-3 partitions of them fetched module by module at every decode step" if z3 else "no gather")
+        return {"path": f"tensor-parallel (TP={tp}, the lowest degree that fits)",
+                "why": f"each of the {tp} ranks of a node's group generates on its shards of the split layers "
+                       f"({n_local / 1e9:.2f}B of the actor's {n_actor / 1e9:.2f}B parameters; {how}; "
+                       f"{gen_bytes / GIB:.1f} GiB for generation), with 2 all-reduces of batch x hidden per layer "
+                       f"per token inside the node; {whole}"}
+    no_tp = f"; tensor parallelism is not possible here: {why_no_tp}" if why_no_tp else ""
+    if z3 and gather:
+        return {"path": "gathered (ZeRO-3 weights gathered once per generate call)",
+                "why": f"the whole actor fits one device for the call ({gen_bytes / GIB:.1f} GiB of {usable_gib:.1f} usable)"}
+    if z3:
+        return {"path": "module by module (ZeRO-3 fetches every module at every decode step)",
+                "why": f"{whole}{no_tp or '; no tensor-parallel layout fits either'}"}
+    return {"path": f"direct (ZeRO-{a.zero_stage}: the actor's weights are whole on every device)",
+            "why": "nothing to gather"}
 
 
 def _dpo_stage(inp: _Inputs, active: bool) -> StagePlan:
@@ -379,17 +459,20 @@ def _dpo_stage(inp: _Inputs, active: bool) -> StagePlan:
         return sp
     A, rows, seq = inp.actor, 2 * inp.dpo_batch, inp.prompt_len + inp.answer_len
     c, cref = inp.constraint("dpo", "actor"), inp.constraint("dpo", "ref")
-    reference_forward = forward_transient_bytes(A, rows, seq, inp.dtype, lm_head=True)
+
+    def reference_forward(tp: int) -> float:
+        return forward_transient_bytes(A, rows, seq, inp.dtype, lm_head=True, tp=tp)
+
     layouts = []
-    for a in _candidates(inp, c):
+    for a in _candidates(inp, c, _tp_options(inp, c, (A,))[0]):
         am = _trained_mem(inp, A, a, lm=True, batch=rows, seq=seq)
         for ref_off in _frozen_offload_options(inp, cref):
-            rank = (_offload_level(a), a.lora_dim > 0, a.gradient_checkpointing, ref_off, a.zero_stage)
+            rank = (*_rank(a)[:-1], ref_off, a.zero_stage)
             layouts.append((rank, a, am, ref_off, _frozen_mem(inp, A, _frozen_strategy(a, ref_off), lm=True)))
     layouts.sort(key=lambda layout: layout[0])
 
     def peak(layout) -> float:
-        return layout[2].state + layout[4].state + max(layout[2].act, reference_forward)
+        return layout[2].state + layout[4].state + max(layout[2].act, reference_forward(layout[1].tp_degree))
 
     def host(layout) -> float:
         return layout[2].host + layout[4].host
@@ -400,10 +483,11 @@ def _dpo_stage(inp: _Inputs, active: bool) -> StagePlan:
         chosen = min(layouts, key=peak)
     _, a, am, ref_off, rm = chosen
     n = A.num_params()
+    ref_fwd = reference_forward(a.tp_degree)
     roles = [RolePlan("actor", inp.actor_name, n, True, a, (am.state + am.act) / GIB, am.host / GIB, am.breakdown, c.given()),
-             RolePlan("ref", inp.actor_name, n, False, _frozen_strategy(a, ref_off), (rm.state + reference_forward) / GIB,
+             RolePlan("ref", inp.actor_name, n, False, _frozen_strategy(a, ref_off), (rm.state + ref_fwd) / GIB,
                       rm.host / GIB, rm.breakdown, cref.given())]
-    phases = {"resident": (am.state + rm.state) / GIB, "reference forward": reference_forward / GIB, "train": am.act / GIB}
+    phases = {"resident": (am.state + rm.state) / GIB, "reference forward": ref_fwd / GIB, "train": am.act / GIB}
     return StagePlan("dpo", roles, peak(chosen) / GIB, inp.usable_gib, inp.device_gib, host(chosen) / GIB, fits, active,
                      phases)
 
@@ -449,6 +533,11 @@ def _explicit_warnings(inp: _Inputs) -> list[str]:
             out.append(f"{sk}.offload=true has no effect with {sk}.zero_stage=0 (offload needs ZeRO >= 1)")
         if c.offload and inp.device == "cpu":
             out.append(f"{_setting_key(stage, role, 'offload')}=true on a CPU device only moves memory within the same RAM")
+        spec = inp.reward if role in ("reward", "critic") else inp.actor
+        if (c.tp_degree or 1) > 1 and spec is not None and spec.family not in TP_FAMILIES:
+            out.append(f"{_setting_key(stage, role, 'tp_degree')}={c.tp_degree}: DeepSpeed AutoTP was measured here on "
+                       f"{' and '.join(TP_FAMILIES)} models only, not on {spec.family} ({spec.name}); compare its first "
+                       f"losses with a run at tp_degree=1")
     return out
 
 
