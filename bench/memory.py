@@ -2,6 +2,7 @@
 
     python bench/memory.py            # CPU: peak RSS of one process per shape (fp32, AdamW)
     python bench/memory.py --gpu      # CUDA: torch.cuda.max_memory_allocated, bf16, OPT-125m..1.3b
+    python bench/memory.py --tp 2     # CPU: peak RSS per rank of 2 gloo ranks under DeepSpeed AutoTP
 
 Each shape runs in its own subprocess: a random-init OPT built from OPTConfig (dropout 0, as
 the pipeline's model.dropout=0.0), plain torch AdamW, gradients kept between steps
@@ -10,6 +11,17 @@ states are created by a warm-up step on a tiny batch, then the measured step run
 Measured = peak minus the baseline taken after imports and a warm-up op, before the model exists.
 Predicted = pipeline.planner's formulas for a trained model at ZeRO-0 (params + grads + Adam
 states + training activations); the planner adds headroom and runtime overhead on top of it.
+
+--tp N: each shape runs under torchrun on N gloo ranks through the pipeline's own engine set-up
+(pipeline.engine.initialize: DeepSpeed ZeRO-0 with "tensor_parallel": {"autotp_size": N}, torch
+AdamW, gradient clipping), the model built whole on every rank as from_pretrained leaves it, then
+split by deepspeed.initialize. The peak is taken over the steps only (VmHWM reset after the warm-up
+step, /proc/self/clear_refs): the whole model a rank holds for a moment before the split is a load
+transient the planner does not size. glibc is told to return freed large blocks to the system
+(MALLOC_MMAP_THRESHOLD_), so the freed whole weights do not stay in the RSS. Measured = the larger
+rank's peak minus its RSS before the model existed. Predicted = the planner's tensor-parallel terms:
+weights, gradients and Adam states of P_t = split / N + whole parameters, DeepSpeed's gradient
+all-reduce bucket (N ranks), training activations at degree N.
 """
 
 from __future__ import annotations
@@ -57,6 +69,112 @@ def predict(layers, hidden, heads, ffn, vocab, batch, seq, ckpt, dtype):
     act = P.training_activation_bytes(spec, batch, seq, dtype, grad_ckpt=ckpt, lm_head=True, dropout=False)
     return {"params": n, "state": st["params"] + st["grads"] + st["optimizer"], "act": act,
             "total": st["params"] + st["grads"] + st["optimizer"] + act}
+
+
+def predict_tp(layers, hidden, heads, ffn, vocab, batch, seq, ckpt, tp):
+    from pipeline import planner as P
+
+    spec = _spec(layers, hidden, heads, ffn, vocab)
+    n = P.tensor_parallel_params(spec, tp)
+    st = P.trained_state_bytes(n, n, "fp32", 0, False, 1)
+    buf = P.comm_buffer_bytes(spec, n, n, "fp32", 0, tp, True, tp)
+    act = P.training_activation_bytes(spec, batch, seq, "fp32", grad_ckpt=ckpt, lm_head=True, dropout=False, tp=tp)
+    state = st["params"] + st["grads"] + st["optimizer"] + buf
+    return {"params": spec.num_params(), "local_params": n, "state": state, "act": act, "total": state + act}
+
+
+def _hwm() -> int:
+    """This process's peak RSS since the last reset_hwm (VmHWM), bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def tp_child(args: dict, out: Path) -> None:
+    """One rank of a --tp run (under torchrun): writes out/rank<r>.json."""
+    import gc
+
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from pipeline.config import load_config
+    from pipeline.dist import init_distributed, rank
+    from pipeline.engine import initialize
+
+    tp = args["tp"]
+    torch.manual_seed(0)
+    cfg = load_config({"hardware": {"name": "cpu", "device": "cpu"}, "run": {"dtype": "fp32", "device": "cpu"},
+                       "deployment": {"name": "single_node", "launcher": "torchrun", "procs_per_node": tp},
+                       "stage": {"sft": {"strategy": {"zero_stage": 0, "tp_degree": tp, "offload": False,
+                                                      "gradient_checkpointing": args["ckpt"]},
+                                         "lora": {"dim": 0}, "optim": {"learning_rate": 1e-5, "lr_scheduler_type": "constant"}}}},
+                      check_paths=False)
+    init_distributed(cfg)
+    x = torch.randn(256, 256)
+    (x @ x).sum().item()
+    del x
+    base = _rss()
+    model = OPTForCausalLM(OPTConfig(num_hidden_layers=args["layers"], hidden_size=args["hidden"],
+                                     num_attention_heads=args["heads"], ffn_dim=args["ffn"], vocab_size=args["vocab"],
+                                     max_position_embeddings=2048, word_embed_proj_dim=args["hidden"], dropout=0.0,
+                                     attention_dropout=0.0, activation_dropout=0.0))
+    model.config.use_cache = False
+    engine = initialize(cfg, model, cfg.stage.sft, "stage.sft", micro_batch=args["batch"], grad_accum=1, total_steps=10)
+    engine.train()
+
+    def step(b, s):
+        ids = torch.randint(0, args["vocab"], (b, s), generator=torch.Generator().manual_seed(b * s))  # same on every rank
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+
+    step(1, 8)  # optimizer states and DeepSpeed's buffers
+    gc.collect()
+    reset_hwm()
+    t = time.time()
+    step(args["batch"], args["seq"])
+    secs = time.time() - t
+    local = sum(p.numel() for p in engine.module.parameters())
+    (out / f"rank{rank()}.json").write_text(json.dumps({"measured": _hwm() - base, "seconds": secs, "local_params": local}))
+
+
+def run_tp(shapes, tp: int) -> list[dict]:
+    """Every shape on tp gloo ranks (torchrun), predicted vs measured."""
+    import tempfile
+
+    from pipeline.dist import free_port
+
+    rows = []
+    print(f"{'shape':20s} {'params':>8s} {'per rank':>8s} {'b x s':>8s} {'pred GiB':>9s} {'meas GiB':>9s} {'ratio':>6s}"
+          f"  (state / act pred)")
+    for name, L, h, heads, f, V, b, s, ck in shapes:
+        args = dict(layers=L, hidden=h, heads=heads, ffn=f, vocab=V, batch=b, seq=s, ckpt=ck, tp=tp)
+        pred = predict_tp(L, h, heads, f, V, b, s, ck, tp)
+        with tempfile.TemporaryDirectory() as out:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                   "MALLOC_MMAP_THRESHOLD_": "65536", "DS_ACCELERATOR": "cpu",
+                   "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // tp))}
+            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={tp}",
+                                   f"--master_port={free_port()}", __file__, "--tp-child", json.dumps(args), "--out", out],
+                                  capture_output=True, text=True, env=env)
+            if proc.returncode:
+                print(name, "failed:", proc.stderr[-2000:])
+                continue
+            ranks = [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(tp)]
+        assert all(r["local_params"] == pred["local_params"] for r in ranks), ([r["local_params"] for r in ranks], pred)
+        measured = max(r["measured"] for r in ranks)
+        ratio = pred["total"] / measured
+        rows.append({"shape": name, "params": pred["params"], "local_params": pred["local_params"], "batch": b, "seq": s,
+                     "grad_ckpt": ck, "tp": tp, "predicted_gib": pred["total"] / 2**30, "measured_gib": measured / 2**30,
+                     "ratio": ratio, "step_s": max(r["seconds"] for r in ranks)})
+        print(f"{name:20s} {pred['params'] / 1e6:7.1f}M {pred['local_params'] / 1e6:7.1f}M {b:>3d}x{s:<4d} "
+              f"{pred['total'] / 2**30:9.2f} {measured / 2**30:9.2f} {ratio:6.2f}  "
+              f"({pred['state'] / 2**30:.2f} / {pred['act'] / 2**30:.2f})", flush=True)
+    return rows
 
 
 def _rss() -> int:
@@ -135,11 +253,24 @@ def child(args: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: that many gloo ranks per shape (CPU)")
     ap.add_argument("--child")
+    ap.add_argument("--tp-child")
+    ap.add_argument("--out")
     ap.add_argument("--json", help="write results here")
     a = ap.parse_args()
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
+        return
+    if a.tp_child:
+        tp_child(json.loads(a.tp_child), Path(a.out))
+        return
+    if a.tp > 1:
+        rows = run_tp(CPU_SHAPES, a.tp)
+        if a.json:
+            Path(a.json).write_text(json.dumps(rows, indent=1))
+        if len(rows) < len(CPU_SHAPES):
+            sys.exit(f"{len(CPU_SHAPES) - len(rows)} of {len(CPU_SHAPES)} shapes failed (their errors are above)")
         return
     shapes = GPU_SHAPES if a.gpu else CPU_SHAPES
     dtype = "bf16" if a.gpu else "fp32"
