@@ -274,15 +274,16 @@ def test_ppo_resume_with_generation_batches_epochs_ptx_and_normalisation(continu
 
 def test_every_rank_evaluates_the_same_number_of_batches(monkeypatch):
     """Under ZeRO-3 an eval forward is a collective: a rank with one batch more would hang."""
+    import pipeline.dist as dist
     import pipeline.training as training
 
     data = list(range(33))
     for world in (1, 2, 3, 4, 40):
         for batch in (1, 2, 8, 16, 64):
             counts, seen = [], []
-            for r in range(world):
-                monkeypatch.setattr(training, "rank", lambda r=r: r)
-                monkeypatch.setattr(training, "world_size", lambda w=world: w)
+            for r in range(world):  # the data-parallel rank and width come from pipeline.dist
+                monkeypatch.setattr(dist, "rank", lambda r=r: r)
+                monkeypatch.setattr(dist, "world_size", lambda w=world: w)
                 batches = list(training.eval_batches(data, batch, lambda rows: rows))
                 counts.append(len(batches))
                 assert all(0 < len(b) <= batch for b in batches)
