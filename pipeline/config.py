@@ -230,6 +230,21 @@ class GenerationSection(Section):
 
 
 @dataclass
+class GoldCheckSection(Section):
+    """A held-out gold check against reward over-optimisation (the built-in task only: its answers have
+    a ground truth, pipeline.truth): the actor answers the held-out questions greedily during PPO."""
+
+    # Check every N PPO steps (and before the first); the share answered right is logged in
+    # ppo/metrics.jsonl (split "gold"). 0 = off.
+    every_steps: int = 0
+    # Keep the best: ppo/final/actor is the actor of the best check (ties: the earliest), the last
+    # step's actor goes to ppo/final/actor_last when they differ.
+    keep_best: bool = True
+    # Stop PPO early after this many checks in a row below the best one. 0 = never stop early.
+    patience: int = 0
+
+
+@dataclass
 class PPOSection(Section):
     per_device_generation_batch_size: int = 16
     per_device_training_batch_size: int = 16
@@ -270,6 +285,8 @@ class PPOSection(Section):
     critic: RoleSection = field(default_factory=lambda: RoleSection(
         optim=OptimSection(learning_rate=5e-6, num_warmup_steps=100)))
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    # Ground truth on held-out questions during training: stage.ppo.gold_check.{every_steps,keep_best,patience}.
+    gold_check: GoldCheckSection = field(default_factory=GoldCheckSection)
 
     def offloads_frozen(self, role: str) -> bool:
         """Whether the frozen `ref` or `reward` model keeps its weights in host RAM: its switch, or
@@ -759,6 +776,13 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     _check(p.unsup_coef >= 0, "stage.ppo.unsup_coef", p.unsup_coef, "must be >= 0 (0 = no PTX loss)")
     _check(0.0 < p.ema_beta < 1.0, "stage.ppo.ema_beta", p.ema_beta, "must be in (0, 1)")
     _check_checkpoint(p.checkpoint, "stage.ppo.checkpoint")
+    gold = p.gold_check
+    _check(gold.every_steps >= 0, "stage.ppo.gold_check.every_steps", gold.every_steps, "must be >= 0 (0 = off)")
+    _check(gold.patience >= 0, "stage.ppo.gold_check.patience", gold.patience, "must be >= 0 (0 = never stop early)")
+    data_names = sorted({ds.name for ds in (*cfg.data_blend.datasets, *cfg.data_blend.sft_only)})
+    _check(gold.every_steps == 0 or set(data_names) <= {"builtin", "builtin-sft"}, "stage.ppo.gold_check.every_steps",
+           gold.every_steps, f"needs answers with a ground truth (data_blend=builtin), but the data is "
+           f"{', '.join(data_names)}; set it to 0")
     g = p.generation
     _check(g.max_new_tokens >= 1, "stage.ppo.generation.max_new_tokens", g.max_new_tokens, "must be >= 1")
     _check(g.temperature >= 0, "stage.ppo.generation.temperature", g.temperature, "must be >= 0 (0 = greedy decoding)")

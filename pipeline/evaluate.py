@@ -13,6 +13,11 @@
     reward   the reward model's score of policies' answers to held-out prompts
         python -m pipeline.evaluate reward run=outputs/demo                   # sft vs ppo, the run's PPO eval prompts
         python -m pipeline.evaluate reward models=a,b rm=outputs/x/rm/final prompts=questions.jsonl
+    truth    ground truth on the built-in task's held-out questions (pipeline.truth): the share of
+             answers that state the right fact, greedy and sampled, with 95% intervals; each policy
+             minus the first (paired bootstrap); the reward model's held-out accuracy per rejection kind
+        python -m pipeline.evaluate truth run=outputs/demo                    # sft, ppo (and dpo) vs sft, rm
+        python -m pipeline.evaluate truth models=outputs/a/sft/final,outputs/b/dpo/final samples=16
     python -m pipeline.evaluate --help                                        # this, and every option
 
 Data: anything the pipeline trains on, described as for training: `data_blend=<group>` and
@@ -69,7 +74,7 @@ from pipeline.data_schema import DataBlendSection, DatasetSpec, validate_data_bl
 from pipeline.errors import USER_ERROR_EXIT_CODE, UserError
 from pipeline.tracking import progress
 
-COMMANDS = ("compare", "rm", "reward")
+COMMANDS = ("compare", "rm", "reward", "truth")
 # Evaluation formats the data as the model was trained; these data_blend keys have options of their own.
 OWN_OPTIONS = {"data_blend.prompt_format": "prompt_format", "data_blend.max_prompt_len": "max_prompt_len",
                "data_blend.max_answer_len": "max_answer_len"}
@@ -81,7 +86,8 @@ class EvalSettings:
     run: Optional[str] = option(None, "a run folder: fills a/b, models, rm and the data (its held-out split)")
     a: Optional[str] = option(None, "compare: the first model (folder or hub id; run: sft/final)")
     b: Optional[str] = option(None, "compare: the second model (run: ppo/final/actor)")
-    models: Optional[str] = option(None, "reward: the policies to score, comma-separated (run: sft and ppo)")
+    models: Optional[str] = option(None, "reward, truth: the policies to score, comma-separated (run: sft and ppo)")
+    samples: int = option(8, "truth: sampled answers per question (temperature 1; 0 = greedy only)")
     rm: Optional[str] = option(None, "the reward model folder (run: rm/final)")
     prompts: Optional[str] = option(None, "compare, reward: a prompt file (see the module doc)")
     data: Optional[str] = option(None, "a data file (short for data_blend=local data_blend.path=FILE) or builtin")
@@ -558,9 +564,55 @@ def reward_eval(s: EvalSettings) -> dict:
     return results
 
 
+# --------------------------------------------------------------------------- ground truth
+
+
+def truth_eval(s: EvalSettings) -> dict:
+    """Policies (and a reward model) on the built-in world's held-out questions: see pipeline.truth.
+    The world is that of the run's seed (run=) or of seed=."""
+    from pipeline.truth import compare_policies, policy_truth, reward_model_by_kind, run_policies, summary_lines
+
+    cfg = load_run_config(s.run) if s.run else None
+    paths = [m for m in (s.models or "").split(",") if m]
+    if not paths and s.run:
+        paths = [str(p) for p in run_policies(Path(s.run), ("sft", "ppo", "dpo")).values()]
+    rm_path = s.rm or (f"{s.run}/rm/final" if s.run and (Path(s.run) / "rm" / "final" / "config.json").exists() else None)
+    if not paths and not rm_path:
+        raise ConfigError("truth needs models=<m1,m2,...> and/or rm=<reward model> (or run=<run folder>)")
+    if s.samples < 0:
+        raise ConfigError(f"samples={s.samples}: must be >= 0 (0 = greedy answers only)")
+    seed = cfg.run.seed if cfg else (s.seed or 0)
+    max_new = s.max_new_tokens or (cfg.stage.ppo.generation.max_new_tokens if cfg else 24)
+    truth: dict = {"world_seed": seed, "questions": None, "samples_per_question": s.samples, "policies": {}, "gains": {}}
+    for path in paths:
+        model, tokenizer = load_policy(path, s.device, s.dtype, s.trust_remote_code)
+        label = _label(path, s.run)
+        truth["policies"][label] = {**policy_truth(model, tokenizer, resolve_prompt_format(path, s.prompt_format),
+                                                   seed, max_new, s.samples), "path": path}
+        truth["questions"] = truth["policies"][label]["questions"]
+        del model
+    labels = list(truth["policies"])
+    for label in labels[1:]:
+        truth["gains"][label] = compare_policies(truth["policies"][label], truth["policies"][labels[0]], seed)
+    if rm_path:
+        rm, tokenizer = load_reward_model(rm_path, s)
+        max_answer_len = s.max_answer_len or (cfg.data_blend.max_answer_len if cfg else 256)
+        truth["reward_model"] = reward_model_by_kind(rm, tokenizer, resolve_prompt_format(rm_path, s.prompt_format),
+                                                     seed, max_answer_len, s.batch_size)
+    truth["baseline"] = labels[0] if labels else None
+    print(f"ground truth on the held-out questions of the built-in world (seed {seed}):")
+    print("\n".join(summary_lines(truth, prefix="  ")))
+    for label, r in truth["policies"].items():
+        print(f"  {label}: greedy verdicts {r['greedy_verdicts']}; contested facts right (greedy) "
+              f"{r['greedy_contested']['accuracy']:.3f} of {r['greedy_contested']['n']}")
+    _write(s.out, truth)
+    return truth
+
+
 # --------------------------------------------------------------------------- the command
 
-RUN: dict[str, Callable[[EvalSettings], Any]] = {"compare": compare, "rm": rm_eval, "reward": reward_eval}
+RUN: dict[str, Callable[[EvalSettings], Any]] = {"compare": compare, "rm": rm_eval, "reward": reward_eval,
+                                                 "truth": truth_eval}
 
 
 def parse_command_line(argv: Sequence[str]) -> EvalSettings:

@@ -7,7 +7,7 @@ stage's manifest.json) and each stage's metrics.jsonl, so it works on a finished
 partial run, or a run copied from another machine. Plots (matplotlib, Agg backend):
   plots/sft_loss.png      SFT train loss per step (and eval loss)
   plots/rm_accuracy.png   RM train accuracy per step, smoothed (and held-out accuracy)
-  plots/ppo.png           PPO reward, KL and answer length per step
+  plots/ppo.png           PPO reward, KL and answer length per step (and the gold check's held-out accuracy)
   plots/dpo.png           DPO loss, implicit reward margin and preference accuracy per step (and held-out)
 """
 
@@ -142,6 +142,8 @@ def make_plots(run: Path) -> dict[str, Path]:
             w = max(1, len(x) // 25)
             lines = [(x, y, f"{label} (raw)", "-"), (x, _smooth(y, w), f"mean of {w}", "-")] if w > 1 else [(x, y, label, "-")]
             panels.append({"ylabel": label, "lines": lines})
+        gx, gy = _series(ppo, "gold", "gold_accuracy")
+        panels.append({"ylabel": "gold check", "lines": [(gx, gy, "held-out greedy accuracy", "o-")]})
         p = _plot(plots / "ppo.png", panels, "PPO")
         if p:
             made["ppo"] = p
@@ -209,8 +211,14 @@ def _stage_numbers(stage: str, r: dict) -> list[str]:
         return [f"- held-out accuracy {_num(r.get('accuracy_before'))} -> **{_num(r['accuracy_after'])}**",
                 f"- mean held-out score: chosen {_num(r.get('chosen_score'))}, rejected {_num(r.get('rejected_score'))}"]
     if stage == "ppo" and "reward_last" in r:
-        return [f"- mean reward {_num(r.get('reward_first'))} (first steps) -> **{_num(r['reward_last'])}** (last steps)",
-                f"- KL to reference (last steps) {_num(r.get('kl_last'))}, answer length {_num(r.get('answer_length_last'))}"]
+        lines = [f"- mean reward {_num(r.get('reward_first'))} (first steps) -> **{_num(r['reward_last'])}** (last steps)",
+                 f"- KL to reference (last steps) {_num(r.get('kl_last'))}, answer length {_num(r.get('answer_length_last'))}"]
+        if r.get("gold_best") is not None:
+            lines.append(f"- gold check (greedy accuracy on the held-out validation questions): best {_num(r['gold_best'])} at step "
+                         f"{r['gold_best_step']}, last {_num(r.get('gold_last'))} at step {r.get('gold_last_step')}"
+                         f"{', stopped early' if r.get('gold_stopped_early') else ''}; final/actor is the actor of step "
+                         f"{r.get('final_step')}")
+        return lines
     if stage == "dpo" and "accuracy_after" in r:
         def interval(key: str, when: str) -> str:
             return f"95% interval {_num(r.get(f'{key}_low_{when}'))}-{_num(r.get(f'{key}_high_{when}'))}"
@@ -239,6 +247,37 @@ def _timing(stage: str, r: dict, rows: list[dict]) -> str:
         if gen and tot and sum(tot) > 0:
             parts.append(f"{sum(tot) / len(tot):.2f} s/step, generation {100 * sum(gen) / sum(tot):.0f}% of it")
     return "- " + ", ".join(parts)
+
+
+def _interval(p: dict) -> str:
+    return f"{p['accuracy']:.3f} ({p['low']:.3f}-{p['high']:.3f})"
+
+
+def _truth_section(truth: dict | None) -> list[str]:
+    """Ground truth on the built-in task's held-out questions (pipeline.truth), when the run measured it."""
+    if not truth or not truth.get("policies"):
+        return []
+    k = truth.get("samples_per_question")
+    md = ["## Ground truth on held-out questions", "",
+          f"Each fact of the built-in world asked in the one phrasing no stage trained on ({truth.get('questions')} "
+          "questions); an answer is right when its first sentence states the true fact (checked by rule, "
+          "`pipeline.data.builtin.judge_answer`). Greedy: one answer per question; sampled: "
+          f"{k} per question at temperature 1. 95% Wilson intervals in brackets.", "",
+          "| policy | greedy right | sampled right | contested facts, greedy | greedy verdicts |", "|---|---|---|---|---|"]
+    for label, r in truth["policies"].items():
+        sampled = _interval(r["sampled"]) if r.get("sampled") else "-"
+        verdicts = ", ".join(f"{v} {n}" for v, n in sorted(r.get("greedy_verdicts", {}).items()))
+        md.append(f"| {label} | {_interval(r['greedy'])} | {sampled} | {_interval(r['greedy_contested'])} | {verdicts} |")
+    for label, g in truth.get("gains", {}).items():
+        parts = [f"{kind} **{d['difference']:+.3f}** ({d['low']:+.3f} to {d['high']:+.3f})" for kind, d in g.items()]
+        md += ["", f"- {label} minus {truth.get('baseline', 'sft')}: {', '.join(parts)} (95% paired bootstrap over the questions)"]
+    rm = truth.get("reward_model")
+    if rm:
+        md += ["", "Reward model on held-out pairs (true answer vs a rejected one), by rejection kind:", "",
+               "| rejected answer | pairs | ranked right | mean margin |", "|---|---|---|---|"]
+        md += [f"| {kind} | {r['n']} | {_interval(r)} | {r['margin']:.3f} |"
+               for kind, r in sorted(rm.items(), key=lambda kv: kv[1]["accuracy"])]
+    return md + [""]
 
 
 def build_report(run: str | Path) -> Path:
@@ -306,12 +345,15 @@ def build_report(run: str | Path) -> Path:
     if not any_stage:
         md += ["(no stage has written metrics yet)", ""]
 
+    md += _truth_section(results.get("truth"))
+
     target = next((p for p in (run / "ppo" / "final" / "actor", run / "dpo" / "final", run / "sft" / "final") if p.exists()), None)
     if target is not None:
         md += ["## Next", "", "```",
                f"python -m pipeline.chat path={target}",
                f"python -m pipeline.evaluate compare run={run}",
-               f"python -m pipeline.evaluate reward run={run}", "```", ""]
+               f"python -m pipeline.evaluate reward run={run}",
+               f"python -m pipeline.evaluate truth run={run}", "```", ""]
     path = run / "report.md"
     atomic_write(path, "\n".join(md))
     return path

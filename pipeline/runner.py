@@ -219,8 +219,9 @@ def run_pipeline(cfg: RunConfig) -> dict[str, dict]:
         barrier()  # the next stage reads this manifest on every rank
         results[stage] = result
     if is_main:
-        write_json_atomic(out / "results.json", results)
-        print(summary(cfg, results), flush=True)
+        truth = ground_truth(cfg, out)
+        write_json_atomic(out / "results.json", {**results, **({"truth": truth} if truth else {})})
+        print(summary(cfg, results, truth), flush=True)
         try:  # the report must never fail a finished run
             from pipeline.report import build_report
 
@@ -232,7 +233,25 @@ def run_pipeline(cfg: RunConfig) -> dict[str, dict]:
     return results
 
 
-def summary(cfg: RunConfig, results: dict[str, dict]) -> str:
+def ground_truth(cfg: RunConfig, out: Path) -> dict | None:
+    """The policies' ground truth on the built-in task's held-out questions (pipeline.truth), or None
+    when the data has none or no policy was trained. It must never fail a finished run."""
+    from pipeline.truth import evaluate_run, run_has_ground_truth
+
+    if not run_has_ground_truth(cfg) or not {"sft", "ppo", "dpo"} & set(cfg.run.stages):
+        return None
+    try:
+        return evaluate_run(out, cfg, device="cuda" if cfg.hardware.device == "cuda" else "cpu")
+    except Exception as err:
+        print(f"warning: ground truth not measured ({type(err).__name__}: {err}); "
+              f"retry with: python -m pipeline.evaluate truth run={out}", flush=True)
+        return None
+
+
+def summary(cfg: RunConfig, results: dict[str, dict], truth: dict | None = None) -> str:
+    """The run's closing lines: each stage's numbers, the ground truth (truth: pipeline.truth.evaluate_run)."""
+    from pipeline.truth import summary_lines
+
     lines = ["", f"== run {cfg.output_dir} =="]
     if "sft" in results:
         r = results["sft"]
@@ -254,6 +273,12 @@ def summary(cfg: RunConfig, results: dict[str, dict]) -> str:
                      f"(95% interval {r['accuracy_low_after']:.3f}-{r['accuracy_high_after']:.3f}, {r['eval_pairs']} pairs), "
                      f"reward margin {r['margin_before']:.3f} -> {r['margin_after']:.3f}, loss {r['loss_before']:.3f} -> "
                      f"{r['loss_after']:.3f}, {r['steps']} steps, {r.get('seconds', 0):.0f} s")
+    if "ppo" in results and results["ppo"].get("gold_best") is not None:
+        r = results["ppo"]
+        lines.append(f"PPO   gold check (greedy accuracy on held-out validation questions): best {r['gold_best']:.3f} at step {r['gold_best_step']}, "
+                     f"last {r['gold_last']:.3f} at step {r['gold_last_step']}"
+                     f"{', stopped early' if r.get('gold_stopped_early') else ''}; final/actor is step {r['final_step']}")
+    lines += summary_lines(truth or {})
     for stage in results:
         lines.append(f"{stage.upper():5} model: {cfg.stage_dir(stage) / 'final'}")
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from pipeline.resume import resume_stage, stop_requested
 from pipeline.rlhf import PPOTrainer, RLHFEngine, ptx_enabled
 from pipeline.tracking import MetricsLogger
 from pipeline.training import StageContext, epoch_batches, total_steps
+from pipeline.truth import GoldCheck
 
 STAT_KEYS = ("reward", "kl", "entropy", "clip_frac", "approx_kl", "value_error", "answer_length")
 
@@ -94,9 +95,11 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     rank_states = {"actor_ema": engine.ema} if engine.ema is not None else {}
     state = resume_stage(cfg, checkpointer, "ppo", logger, engines, rank_states)
     step = state["step"]
+    gold = GoldCheck(cfg, tokenizer, out)  # stage.ppo.gold_check: ground truth on held-out questions
     if step:
         trainer.kl_ctl.load_state_dict(state["kl_ctl"])
         trainer.reward_moments.load_state_dict(state["reward_moments"])
+        gold.load_state_dict(state.get("gold_check") or gold.state_dict())
 
     # ---- train
     logger.begin(n_steps, step)
@@ -106,6 +109,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     # A step's span ends where the previous one's did, so steps tile the loop: what is not generation,
     # experience or training (batching prompts, the KL controller, the previous step's logging and
     # checkpoint) is other_s, and the four add up to step_s.
+    if gold.due(step):
+        gold.check(step, engine.actor, logger)
     t_mark = time.perf_counter()
     while step < n_steps:
         skip = (step - epoch * per_epoch) * p.generation_batches
@@ -148,9 +153,13 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
             if ctx.is_main and step % cfg.run.log_interval == 0:
                 print(throughput_line(step, n_steps, counters, step_s, training_s, samples,
                                       experiences[0].seq.shape[1]), flush=True)
+            if gold.due(step):
+                gold.check(step, engine.actor, logger)
+                n_steps = step if gold.should_stop() else n_steps  # early stop: the gold check kept falling
             if checkpointer.due(step) or stop_requested():
                 checkpointer.save(step, engines, {"epoch": epoch, "kl_ctl": trainer.kl_ctl.state_dict(),
-                                                  "reward_moments": trainer.reward_moments.state_dict()}, rank_states)
+                                                  "reward_moments": trainer.reward_moments.state_dict(),
+                                                  "gold_check": gold.state_dict()}, rank_states)
                 stop_requested(exit_if_set=True)
             if step >= n_steps:
                 break
@@ -161,7 +170,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     save_hf(engine.critic, out / "final" / "critic", tokenizer)
     if engine.ema is not None:
         engine.ema.save(out / "final" / "actor_ema", tokenizer)
-    return summarize(logger.path, step, trainer.guard.skipped)
+    return {**summarize(logger.path, step, trainer.guard.skipped), **gold.finish(out / "final" / "actor", step, ctx.is_main)}
 
 
 def summarize(metrics_path, steps: int, skipped: int) -> dict:

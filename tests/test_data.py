@@ -495,14 +495,28 @@ def digest(rows) -> str:
 
 
 def test_builtin_demo_blend_unchanged(tmp_path, builtin_tok):
-    """The demo's examples: sizes, and every token id in order as the list-based builder (before
-    the memory-mapped cache) gave them (train digest, eval digest)."""
+    """The built-in task's examples: sizes, and every token id in order (train digest, eval digest);
+    renewed when the task held one phrasing per fact out and gained contested facts (cache version 3)."""
     cfg = cfg_of(tmp_path, [{"name": "builtin", "max_records": 4000}], max_prompt_len=32, max_answer_len=24)
     seen = {st: (len(d.train), len(d.eval), digest(d.train), digest(d.eval)) for st in ("sft", "rm", "ppo")
             for d in [load_stage_data(cfg, st, builtin_tok)]}
-    assert seen == {"sft": (720, 80, "847d75fe3e45e5ba", "179374253b8b3375"),
-                    "rm": (1440, 160, "039171518728f394", "d580f2541e820248"),
-                    "ppo": (1440, 160, "bcc14c185be7f865", "df34b607c4b08f69")}
+    assert seen == {"sft": (720, 80, "8b37a728ebadb649", "c5eaa8352a105881"),
+                    "rm": (1440, 160, "4a4c23f59030daf4", "7a0da39b0fc34df2"),
+                    "ppo": (1440, 160, "a3d61b85e1fbd03e", "750b2c87d420fd5c")}
+
+
+def test_a_stage_with_no_share_takes_only_sft_only_data(tmp_path, builtin_tok):
+    """The demo's blend: split 0,1,1 gives SFT nothing of the preference pairs, only the SFT
+    demonstrations (builtin-sft); without sft_only, SFT's empty share is refused naming the key."""
+    cfg = cfg_of(tmp_path, [{"name": "builtin", "max_records": 400}], split="0,1,1", max_prompt_len=32, max_answer_len=24,
+                 sft_only=[{"name": "builtin-sft", "max_records": 100}])
+    sft = load_stage_data(cfg, "sft", builtin_tok)
+    assert [(s.name, s.kept) for s in sft.stats] == [("builtin-sft", 100)] and (len(sft.train), len(sft.eval)) == (90, 10)
+    rm = load_stage_data(cfg, "rm", builtin_tok)
+    assert [(s.name, s.kept) for s in rm.stats] == [("builtin", 200)]
+    with pytest.raises(DataError, match=r"^data_blend.split=0,1,1 gives the sft stage no data and data_blend.sft_only "
+                                        r"is empty; give it a share above 0$"):
+        load_stage_data(cfg_of(tmp_path, [{"name": "builtin", "max_records": 400}], split="0,1,1"), "sft", builtin_tok)
 
 
 def test_stage_data_memory_mapped_and_batches_as_from_a_list(tmp_path, builtin_tok, monkeypatch):

@@ -325,7 +325,7 @@ def test_two_gloo_ranks_under_zero3(tmp_path: Path):
     assert "--nproc_per_node=2" in proc.stdout
     result = json.loads((out / "results.json").read_text())["dpo"]
     assert result["loss_before"] == pytest.approx(math.log(2), abs=1e-6) and result["accuracy_before"] == 0.5
-    assert result["eval_pairs"] == 32 and result["loss_after"] < result["loss_before"] and result["margin_after"] > 0
+    assert result["eval_pairs"] == 40 and result["loss_after"] < result["loss_before"] and result["margin_after"] > 0
     rows = [json.loads(line) for line in (out / "dpo" / "metrics.jsonl").read_text().splitlines()]
     keys = [(r["step"], r["split"]) for r in rows]
     assert len(keys) == len(set(keys)) and [s for s, split in keys if split == "train"] == list(range(1, 13))

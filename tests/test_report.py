@@ -97,3 +97,37 @@ def test_report_of_a_partial_run_and_the_command(tmp_path: Path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.report", str(tmp_path / "missing")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no such run folder" in proc.stderr
+
+
+def test_report_shows_the_ground_truth_and_the_gold_check(tmp_path: Path):
+    from pipeline.report import build_report
+    from pipeline.truth import paired_difference, proportion
+
+    run = fake_run(tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    results["ppo"].update(gold_best=0.875, gold_best_step=20, gold_last=0.75, gold_last_step=40,
+                          gold_stopped_early=False, final_step=20)
+    sft_right, ppo_right = [1] * 16 + [0] * 8, [1] * 21 + [0] * 3
+    results["truth"] = {
+        "questions": 24, "samples_per_question": 8, "baseline": "sft",
+        "policies": {"sft": {"greedy": proportion(sft_right), "sampled": proportion([6] * 24, 8),
+                             "greedy_contested": proportion([0] * 8), "greedy_verdicts": {"right": 16, "wrong_fact": 8}},
+                     "ppo": {"greedy": proportion(ppo_right), "sampled": proportion([7] * 24, 8),
+                             "greedy_contested": proportion([1] * 5 + [0] * 3), "greedy_verdicts": {"right": 21, "wrong_fact": 3}}},
+        "gains": {"ppo": {"greedy": paired_difference(ppo_right, sft_right)}},
+        "reward_model": {"wrong_fact": {**proportion([1] * 130 + [0] * 30), "margin": 2.5},
+                         "garbled": {**proportion([1] * 24), "margin": 9.0}}}
+    (run / "results.json").write_text(json.dumps(results))
+    rows = [{"step": s, "split": "gold", "gold_accuracy": a} for s, a in ((0, 0.625), (20, 0.875), (40, 0.75))]
+    with open(run / "ppo" / "metrics.jsonl", "a") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows))
+    text = build_report(run).read_text()
+    for needle in ("## Ground truth on held-out questions",
+                   "| sft | 0.667 (0.467-0.820) | 0.750 (0.684-0.806) | 0.000 (0.000-0.324) | right 16, wrong_fact 8 |",
+                   "| ppo | 0.875 (0.690-0.957) |",
+                   "- ppo minus sft: greedy **+0.208** (+0.042 to +0.375)",
+                   "| wrong_fact | 160 | 0.812 (0.745-0.865) | 2.500 |",
+                   "- gold check (greedy accuracy on the held-out validation questions): best 0.875 at step 20, "
+                   "last 0.75 at step 40; final/actor is the actor of step 20",
+                   "python -m pipeline.evaluate truth run="):
+        assert needle in text, needle

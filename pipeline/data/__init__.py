@@ -332,7 +332,10 @@ def _build_stage(cfg: RunConfig, stage: str, tokenizer, work: Path):
     weights: list[float | None] = []
     evaluation: list[int] = []
     all_stats: list[SourceStats] = []
+    own_share = float(d.split.split(",")[STAGE_INDEX[stage]])
     for n, (key, spec, sft_only) in enumerate(_specs(cfg, stage)):
+        if own_share == 0 and not sft_only:  # split gives this stage nothing (its data is sft_only)
+            continue
         src: SourceData = read_source(spec, seed, key)
         stats = SourceStats(spec.name, read=src.read, dropped=Counter(src.dropped), path=spec.path)
         # The shuffle's key: the dataset and its file's last two path parts (stable across machines).
@@ -381,6 +384,9 @@ def _build_stage(cfg: RunConfig, stage: str, tokenizer, work: Path):
         weights.append(spec.weight)
         evaluation += eval_ix
         all_stats.append(stats)
+    if not tables:
+        raise DataError(f"data_blend.split={d.split} gives the {stage} stage no data"
+                        f"{' and data_blend.sft_only is empty' if stage == 'sft' else ''}; give it a share above 0")
     counts = blend_counts([len(t) for t in trains], weights)
     train: list[int] = []
     for i, (rows, count) in enumerate(zip(trains, counts)):

@@ -511,19 +511,19 @@ def _hub_rows(spec: DatasetSpec, key: str, limit: int | None) -> Iterator[tuple[
 def read_source(spec: DatasetSpec, seed: int, key: str = "data_blend.datasets[0]") -> SourceData:
     """All records of one dataset, with counts of rows read and dropped (by reason)."""
     out = SourceData(spec.name)
-    if spec.name == "builtin":
-        from pipeline.data.builtin import generate_pairs
+    if spec.name in ("builtin", "builtin-sft"):  # pipeline.data.builtin.SOURCES
+        from pipeline.data.builtin import source_records
 
-        pairs = generate_pairs(spec.max_records or 4000, seed=seed)
-        out.train = [Record([{"role": "user", "content": p["prompt"]}], p["chosen"], p["rejected"]) for p in pairs]
-        out.read = len(pairs)
+        rows = source_records(spec.name, spec.max_records or 4000, seed=seed)
+        out.train = [Record([{"role": "user", "content": prompt}], chosen, rejected) for prompt, chosen, rejected in rows]
+        out.read = len(rows)
         return out
     adapter = ADAPTERS.get(spec.name)
     if adapter is None:
         if spec.path:  # any local file with a field mapping
             adapter = adapt_local
         else:
-            raise DataError(f"{key}.name={spec.name}: unknown dataset; known: builtin, local, "
+            raise DataError(f"{key}.name={spec.name}: unknown dataset; known: builtin, builtin-sft, local, "
                             f"{', '.join(sorted(k for k in ADAPTERS if k != 'local'))} "
                             f"(or set {key}.path to read a local file with {key}.fields)")
     from pipeline.tracking import progress
