@@ -500,9 +500,9 @@ def test_builtin_demo_blend_unchanged(tmp_path, builtin_tok):
     cfg = cfg_of(tmp_path, [{"name": "builtin", "max_records": 4000}], max_prompt_len=32, max_answer_len=24)
     seen = {st: (len(d.train), len(d.eval), digest(d.train), digest(d.eval)) for st in ("sft", "rm", "ppo")
             for d in [load_stage_data(cfg, st, builtin_tok)]}
-    assert seen == {"sft": (720, 80, "8b37a728ebadb649", "c5eaa8352a105881"),
-                    "rm": (1440, 160, "4a4c23f59030daf4", "7a0da39b0fc34df2"),
-                    "ppo": (1440, 160, "a3d61b85e1fbd03e", "750b2c87d420fd5c")}
+    assert seen == {"sft": (720, 80, "3704f637cd1caaa9", "f89edae5dc8b7192"),
+                    "rm": (1440, 160, "25db5a91fd7db6d0", "bce554d4efb4de38"),
+                    "ppo": (1440, 160, "cc6aecfe7b2914f2", "aee06a962edeccb9")}
 
 
 def test_a_stage_with_no_share_takes_only_sft_only_data(tmp_path, builtin_tok):

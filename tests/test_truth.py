@@ -42,7 +42,7 @@ def test_held_out_questions_are_in_no_training_data_and_mean_something():
     facts, contested = builtin.world(seed), builtin.contested_facts(seed)
     validation = builtin.held_out_questions(seed, "validation")
     assert len(held) == len(validation) == 24 and len({q["prompt"] for q in held + validation}) == 48
-    assert sum(q["contested"] for q in held) == len(contested) == 8
+    assert sum(q["contested"] for q in held) == len(contested) == 12
     pairs, demos = builtin.generate_pairs(4000, seed), builtin.generate_demonstrations(4000, seed)
     held_prompts = {q["prompt"] for q in held + validation}
     assert not held_prompts & {p["prompt"] for p in pairs} and not held_prompts & {d["prompt"] for d in demos}
@@ -67,7 +67,7 @@ def test_held_out_questions_are_in_no_training_data_and_mean_something():
     # Held-out pairs for the reward model: each kind once per question, every wrong value for wrong_fact.
     kinds = Counter(p["kind"] for p in builtin.held_out_pairs(seed))
     assert kinds["off_topic"] == 24 and kinds["wrong_fact"] + kinds["wrong_fact (decoy)"] == 24 * 7
-    assert kinds["wrong_fact (decoy)"] == 8
+    assert kinds["wrong_fact (decoy)"] == 12
     assert facts  # the world the questions are about
 
 

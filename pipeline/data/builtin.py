@@ -9,7 +9,7 @@ The world knows its facts, so answers have a ground truth, checked by rule (`jud
 an answer states the fact when its first sentence is the true one. Held out from every
 stage's data: two of the four phrasings of each fact's question, one for the test and one for
 validation (different ones per fact, so every phrasing and every fact is seen in training, never
-together: `held_out_questions`). A third of the
+together: `held_out_questions`). Half of the
 facts are contested (`contested_facts`): the demonstrations of `builtin-sft` (the SFT data,
 written by imperfect annotators) mostly state a decoy value for them, while the preference
 pairs (`builtin`, which train the reward model) always prefer the truth and often reject the
@@ -42,7 +42,7 @@ REJECTION_KINDS = ("off_topic", "wrong_fact", "wrong_relation", "garbled", "trun
 # truth above a wrong value in only 73% of held-out pairs (and above every other kind in 100%).
 KIND_WEIGHTS = (1, 3, 1, 1, 1, 1)
 # Share of contested facts, and how often the SFT annotators state such a fact's truth (else its decoy).
-CONTESTED_SHARE = 1 / 3
+CONTESTED_SHARE = 1 / 2
 SFT_RIGHT_ON_CONTESTED = 0.25
 # How often a wrong_fact pair about a contested fact rejects its decoy (else another wrong value).
 DECOY_REJECTED = 0.5
