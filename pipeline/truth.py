@@ -253,10 +253,12 @@ def summary_lines(truth: dict, prefix: str = "TRUTH ") -> list[str]:
 
 
 class GoldCheck:
-    """stage.ppo.gold_check: every `every_steps` PPO steps (and at step 0) the actor answers the held-out
-    validation questions greedily (not the test ones the summary reports); the share right is logged (split "gold": gold_accuracy, low, high). Keep-best
-    writes the best check's actor to <ppo>/best_actor (collective, like every save) and puts it in
-    final/actor at the end; with patience, training stops after that many checks in a row below the best."""
+    """stage.ppo.gold_check: before the first step (the SFT start's baseline), every `every_steps` PPO
+    steps and at the last one, the actor answers the held-out validation questions greedily (not the
+    test ones the summary reports); the share right is logged (split "gold": gold_accuracy, low, high).
+    Keep-best writes the best PPO step's actor (the baseline is no candidate) to <ppo>/best_actor
+    (collective, like every save) and puts it in final/actor at the end; with patience, training stops
+    after that many checks in a row below the best."""
 
     def __init__(self, cfg, tokenizer, stage_dir: Path):
         self.section = cfg.stage.ppo.gold_check
@@ -265,8 +267,10 @@ class GoldCheck:
         self.tokenizer, self.best_dir = tokenizer, Path(stage_dir) / "best_actor"
         self.best, self.best_step, self.last, self.below = -1.0, -1, None, 0
 
-    def due(self, step: int) -> bool:
-        return self.section.every_steps > 0 and step % self.section.every_steps == 0 and step != self.last_step
+    def due(self, step: int, last: bool = False) -> bool:
+        """Whether to check at `step` (last: the final step, checked wherever it falls)."""
+        on_grid = last or step % max(self.section.every_steps, 1) == 0
+        return self.section.every_steps > 0 and on_grid and step != self.last_step
 
     @property
     def last_step(self) -> int | None:
@@ -283,11 +287,11 @@ class GoldCheck:
         logger.log(step, "gold", gold_accuracy=accuracy, gold_low=result["greedy"]["low"],
                    gold_high=result["greedy"]["high"])
         self.last = (step, accuracy)
-        if accuracy > self.best:
+        if step > 0 and accuracy > self.best:
             self.best, self.best_step, self.below = accuracy, step, 0
             if self.section.keep_best:
                 save_hf(actor, self.best_dir, self.tokenizer)
-        else:
+        elif step > 0:
             self.below += accuracy < self.best
         return accuracy
 

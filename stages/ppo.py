@@ -165,6 +165,9 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
                 break
         epoch += 1
 
+    if gold.due(step, last=True):
+        gold.check(step, engine.actor, logger)
+
     # ---- write
     save_hf(engine.actor, out / "final" / "actor", tokenizer)
     save_hf(engine.critic, out / "final" / "critic", tokenizer)

@@ -167,7 +167,7 @@ def test_the_demo_shows_ppo_beating_its_sft_start_on_held_out_truth(demo_run: Pa
     gold = [r for r in read_metrics(demo_run / "ppo" / "metrics.jsonl") if r["split"] == "gold"]
     assert [r["step"] for r in gold] == list(range(0, 81, 10))
     ppo = results["ppo"]
-    best = max(gold, key=lambda r: (r["gold_accuracy"], -r["step"]))  # ties: the earliest
+    best = max(gold[1:], key=lambda r: (r["gold_accuracy"], -r["step"]))  # ties: the earliest; step 0 is the baseline
     assert (ppo["gold_best"], ppo["gold_best_step"], ppo["final_step"]) == (best["gold_accuracy"], best["step"], best["step"])
     assert best["gold_accuracy"] > gold[0]["gold_accuracy"]  # PPO beat its SFT start on the validation questions too
     assert (demo_run / "ppo" / "final" / "actor_last").exists() == (best["step"] != 80)
@@ -190,16 +190,17 @@ def test_evaluate_truth_on_the_demo_run(demo_run: Path, tmp_path: Path, capsys):
 
 
 def test_gold_check_keeps_the_best_and_stops_after_patience(tmp_path: Path, monkeypatch):
-    """Scripted validation accuracies 0.5, 0.75, 0.75, 0.625, 0.5 at steps 0-40: the best is step 10 (a
-    tie keeps the earliest), two checks below it stop training at step 40 (patience 2), and final/actor
-    becomes step 10's actor, step 40's kept as final/actor_last."""
+    """Scripted validation accuracies 0.8 (the SFT start: a baseline, not a candidate), 0.75, 0.75, 0.625,
+    0.5 at steps 0-40: the best PPO step is 10 (a tie keeps the earliest), two checks below it stop
+    training at step 40 (patience 2), and final/actor becomes step 10's actor, step 40's kept as
+    final/actor_last."""
     from types import SimpleNamespace
 
     import pipeline.engine
     import pipeline.export
     import pipeline.truth as truth
 
-    scripted = iter([0.5, 0.75, 0.75, 0.625, 0.5])
+    scripted = iter([0.8, 0.75, 0.75, 0.625, 0.5])  # step 0 (the SFT start) is the baseline, never kept
 
     def fake_truth(*args, **kwargs):
         assert kwargs["split"] == "validation" and kwargs["samples"] == 0  # never the test questions
@@ -226,8 +227,9 @@ def test_gold_check_keeps_the_best_and_stops_after_patience(tmp_path: Path, monk
             if gold.should_stop():
                 stopped_at = step
                 break
-    assert stopped_at == 40 and not gold.due(40)  # a resumed run does not check the same step again
-    assert logged == [(0, "gold", 0.5), (10, "gold", 0.75), (20, "gold", 0.75), (30, "gold", 0.625), (40, "gold", 0.5)]
+    assert stopped_at == 40 and not gold.due(40) and not gold.due(40, last=True)  # not the same step twice
+    assert gold.due(43, last=True) and not gold.due(43)  # the last step is checked wherever it falls
+    assert logged == [(0, "gold", 0.8), (10, "gold", 0.75), (20, "gold", 0.75), (30, "gold", 0.625), (40, "gold", 0.5)]
     restored = truth.GoldCheck(cfg, tokenizer=None, stage_dir=tmp_path)
     restored.load_state_dict(gold.state_dict())
     assert restored.state_dict() == gold.state_dict() and restored.should_stop()
