@@ -232,10 +232,101 @@ def gae_advantages(
     return advantages, (advantages + values) * mask
 
 
+# --------------------------------------------------------------------------- critic-free estimators
+# Rows of a batch come in groups: `group_size` consecutive rows are samples for the same prompt.
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi. logprobs, ref_logprobs: (B, T) -> (B, T).
+      k1: log pi - log pi_ref (unbiased, can be negative; DeepSpeed-Chat's, what PPO puts in the reward);
+      k3: exp(d) - d - 1 with d = log pi_ref - log pi (unbiased, >= 0, lower variance; Schulman's estimator,
+          the GRPO paper's KL term in the loss)."""
+    if estimator == "k1":
+        return logprobs - ref_logprobs
+    if estimator == "k3":
+        d = ref_logprobs - logprobs
+        return torch.exp(d) - d - 1.0
+    raise ValueError(f"estimator must be k1 or k3, got {estimator!r}")
+
+
+def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    if scores.dim() != 1 or scores.shape[0] % group_size:
+        raise ValueError(f"scores of shape {tuple(scores.shape)} do not split into groups of {group_size}")
+    return scores.view(-1, group_size)
+
+
+def grpo_advantages(scores: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): each row's score minus its group's mean, divided by the group's
+    (unbiased) std + eps when scale_by_std (Dr. GRPO drops the division: it up-weights groups that are
+    nearly all right or all wrong). scores: (B,), B = groups x group_size -> (B,) advantages."""
+    g = _groups(scores.float(), group_size)
+    centred = g - g.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (g.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024): each row's score minus the mean of the other group_size - 1 rows of
+    its group (the leave-one-out baseline, unbiased). scores: (B,) -> (B,); group_size >= 2."""
+    if group_size < 2:
+        raise ValueError("RLOO needs at least 2 samples per prompt")
+    g = _groups(scores.float(), group_size)
+    others = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
+    return (g - others).reshape(-1)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """G_t = sum over k >= t of gamma^(k - t) r_k on counted tokens. rewards, mask: (B, T) -> (B, T), 0 where mask == 0."""
+    rewards = rewards * mask
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return returns * mask
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ (Hu 2025): per-token rewards (the KL penalty on each token, the score on the last),
+    their discounted returns, whitened over every counted token of the batch (no critic, no groups).
+    rewards, mask: (B, T). Returns (advantages, returns), each (B, T), 0 where mask == 0."""
+    returns = discounted_returns(rewards, mask, gamma)
+    return masked_whiten(returns, mask) * mask, returns
+
+
+def sequence_kl_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                        kl_coef: float, estimator: str = "k1") -> tuple[torch.Tensor, torch.Tensor]:
+    """A sequence's reward with the KL penalty in it (GRPO's and RLOO's "KL in the reward"): score -
+    kl_coef x the per-token KL estimate summed over the answer. scores: (B,); the rest (B, T).
+    Returns (rewards (B,), kl (B, T), zero where mask == 0)."""
+    kl = kl_estimate(logprobs, ref_logprobs, estimator) * mask
+    return scores.float() - kl_coef * kl.sum(dim=1), kl
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str = "token",
+                   horizon: int | None = None) -> torch.Tensor:
+    """A per-token loss (B, T) reduced to a scalar over mask == 1, three ways:
+      token:    sum / number of counted tokens in the batch (every token weighs the same; DAPO);
+      sequence: mean over rows of each row's token mean (the GRPO paper's 1/|o_i|: a long answer's
+                tokens weigh less, which Dr. GRPO (Liu et al. 2025) shows biases towards long wrong answers);
+      constant: sum / (B x horizon), horizon = the generation cap (Dr. GRPO's fix: no length in the weight).
+    """
+    if aggregation == "token":
+        return masked_mean(per_token, mask)
+    if aggregation == "sequence":
+        return masked_mean(per_token, mask, dim=1).mean()
+    if aggregation == "constant":
+        return (per_token * mask.to(per_token.dtype)).sum() / (per_token.shape[0] * (horizon or per_token.shape[1]))
+    raise ValueError(f"aggregation must be token, sequence or constant, got {aggregation!r}")
+
+
 def actor_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float,
+    aggregation: str = "token", horizon: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-clip policy loss: masked mean of max(-A * r, -A * clip(r, 1 - c, 1 + c)).
+    """PPO-clip policy loss: max(-A * r, -A * clip(r, 1 - c, 1 + c)) per token, reduced by
+    aggregate_loss(aggregation, horizon) (default: the masked mean, DeepSpeed-Chat's).
 
     All inputs (B, T). Returns (loss scalar, stats: clip_frac, approx_kl).
     """
@@ -243,7 +334,7 @@ def actor_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    loss = aggregate_loss(torch.max(unclipped, clipped), mask, aggregation, horizon)
     with torch.no_grad():
         clip_frac = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = masked_mean(0.5 * log_ratio**2, mask)

@@ -8,9 +8,13 @@ import torch
 from pipeline.rl_math import (
     AdaptiveKLController,
     actor_loss,
+    aggregate_loss,
     answer_mask,
     critic_loss,
+    discounted_returns,
     gae_advantages,
+    grpo_advantages,
+    kl_estimate,
     kl_penalized_rewards,
     last_index,
     logprobs_of_labels,
@@ -18,9 +22,12 @@ from pipeline.rl_math import (
     masked_whiten,
     next_tokens,
     pairwise_ranking_loss,
+    reinforce_pp_advantages,
+    rloo_advantages,
     sample_from_probs,
     sampling_block,
     sampling_probs,
+    sequence_kl_rewards,
 )
 
 
@@ -242,3 +249,66 @@ def test_next_tokens_give_greedy_tokens_logprobs_and_entropy(dtype):
         torch.testing.assert_close(ent.double(), entropy, atol=2e-5, rtol=0)
     # top_k 1 is greedy however the uniform numbers fall
     assert torch.equal(next_tokens(logits, greedy=False, top_k=1)[0][[0, 2, 3, 4]], logits.float().argmax(-1)[[0, 2, 3, 4]])
+
+
+# ---------------------------------------------------------------------- critic-free estimators, by hand
+
+
+def test_grpo_advantages_normalise_within_each_group():
+    # group 1: [1, 0, 0], mean 1/3, unbiased std sqrt(1/3) = 0.57735; group 2: all equal -> 0, not NaN
+    adv = grpo_advantages(t([1.0, 0.0, 0.0, 1.0, 1.0, 1.0]), group_size=3)
+    std = math.sqrt(1 / 3) + 1e-4
+    assert adv.tolist() == pytest.approx([(2 / 3) / std, (-1 / 3) / std, (-1 / 3) / std, 0.0, 0.0, 0.0], abs=1e-6)
+    # Dr. GRPO: centred only
+    plain = grpo_advantages(t([1.0, 0.0, 0.0, 3.0, 1.0, 2.0]), group_size=3, scale_by_std=False)
+    assert plain.tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, 1.0, -1.0, 0.0], abs=1e-6)
+    with pytest.raises(ValueError, match="groups of 4"):
+        grpo_advantages(t([1.0, 0.0, 0.0]), group_size=4)
+
+
+def test_rloo_advantages_use_the_other_samples_mean():
+    # [1, 0, 0]: 1 - (0 + 0)/2 = 1; 0 - (1 + 0)/2 = -0.5 twice. [3, 1, 2]: 3 - 1.5, 1 - 2.5, 2 - 2
+    adv = rloo_advantages(t([1.0, 0.0, 0.0, 3.0, 1.0, 2.0]), group_size=3)
+    assert adv.tolist() == pytest.approx([1.0, -0.5, -0.5, 1.5, -1.5, 0.0])
+    with pytest.raises(ValueError, match="at least 2"):
+        rloo_advantages(t([1.0, 0.0]), group_size=1)
+
+
+def test_reinforce_pp_returns_whitened_over_the_batch():
+    rewards = t([[0.0, 0.0, 1.0], [0.0, 2.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # the 5.0 is past row 2's end: ignored
+    adv, returns = reinforce_pp_advantages(rewards, mask, gamma=1.0)
+    assert returns.tolist() == [[1.0, 1.0, 1.0], [2.0, 2.0, 0.0]]
+    # counted returns 1, 1, 1, 2, 2: mean 1.4, variance 0.24
+    low, high = (1 - 1.4) / math.sqrt(0.24), (2 - 1.4) / math.sqrt(0.24)
+    assert adv.flatten().tolist() == pytest.approx([low, low, low, high, high, 0.0], abs=1e-5)
+    assert discounted_returns(t([[0.0, 0.0, 1.0]]), torch.ones(1, 3), gamma=0.5).tolist() == [[0.25, 0.5, 1.0]]
+
+
+def test_kl_estimators_k1_and_k3():
+    logp, ref = t([[-1.0, -2.0]]), t([[-2.0, -2.0]])
+    assert kl_estimate(logp, ref, "k1").tolist() == [[1.0, 0.0]]
+    # k3 with d = ref - logp = -1: e^-1 + 1 - 1
+    assert kl_estimate(logp, ref, "k3")[0].tolist() == pytest.approx([math.exp(-1.0), 0.0])
+    assert (kl_estimate(t([[-3.0, -0.1]]), t([[-0.5, -2.0]]), "k3") >= 0).all()  # k3 never negative
+
+
+def test_sequence_kl_rewards_subtract_the_answers_kl():
+    scores = t([1.0, 0.0])
+    logp, ref = t([[-1.0, -1.0], [-2.0, -2.0]]), t([[-2.0, -1.0], [-2.0, -3.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])  # row 2's second token (kl 1) is past its end
+    rewards, kl = sequence_kl_rewards(scores, logp, ref, mask, kl_coef=0.1)
+    assert rewards.tolist() == pytest.approx([0.9, 0.0])
+    assert kl.tolist() == [[1.0, 0.0], [0.0, 0.0]]
+
+
+def test_loss_aggregation_variants():
+    per_token = t([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert float(aggregate_loss(per_token, mask, "token")) == pytest.approx(10 / 4)  # every token alike
+    assert float(aggregate_loss(per_token, mask, "sequence")) == pytest.approx((2 + 4) / 2)  # GRPO's 1/|o_i|
+    assert float(aggregate_loss(per_token, mask, "constant", horizon=4)) == pytest.approx(10 / 8)  # Dr. GRPO
+    # actor_loss at ratio 1: -A per token, aggregated the same way
+    adv = t([[1.0, 1.0, 1.0], [-2.0, 0.0, 0.0]])
+    loss, _ = actor_loss(t([[0.0] * 3] * 2), t([[0.0] * 3] * 2), adv, mask, 0.2, aggregation="sequence")
+    assert float(loss) == pytest.approx((-1.0 + 2.0) / 2)
