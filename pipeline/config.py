@@ -27,6 +27,8 @@ STAGES = ("sft", "rm", "ppo", "dpo")
 # What a run does when run.stages is not given: InstructGPT's three steps.
 DEFAULT_STAGES = ("sft", "rm", "ppo")
 DTYPES = ("fp32", "bf16", "fp16")
+# Step 3's advantage estimators; only gae has a critic.
+ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
 
 
 class ConfigError(UserError, ValueError):
@@ -278,6 +280,27 @@ class PPOSection(Section):
     offload_reward_model: Optional[bool] = None
     # Weight of the pretraining (PTX) loss; used when data_blend.ptx_path is set.
     unsup_coef: float = 27.8
+    # Where the score comes from: model (the reward model of step 2) or the name of a reward function
+    # registered in pipeline.rewards (e.g. gsm8k_exact_match); a function needs no reward model (no rm stage).
+    reward: str = "model"
+    # gae: PPO with a critic (DeepSpeed-Chat's). Critic-free (no critic is built, planned or saved):
+    # grpo (group-normalised scores), rloo (leave-one-out baseline), reinforce_pp (batch-whitened returns).
+    advantage_estimator: str = "gae"
+    # Answers sampled per prompt (the group of grpo and rloo, >= 2 for them); a generation batch holds
+    # per_device_generation_batch_size prompts x this many rows, per_device_training_batch_size counts rows.
+    samples_per_prompt: int = 1
+    # The KL penalty to the reference (weight kl_ctl): in the reward (per token for gae and reinforce_pp,
+    # summed per answer for grpo and rloo) or in the loss (the GRPO paper's), estimated by k1 or k3.
+    kl_placement: str = "reward"
+    kl_estimator: str = "k1"
+    # grpo: divide by the group's std (the GRPO paper); false = Dr. GRPO's unbiased centring only.
+    scale_advantages_by_std: bool = True
+    # How the per-token policy loss becomes a scalar: token (masked mean over the batch), sequence (mean of
+    # per-answer means: the GRPO paper's length-biased one) or constant (sum / (rows x max_new_tokens): Dr. GRPO).
+    loss_aggregation: str = "token"
+    # Held-out prompts (the ppo slice's eval split) answered greedily before and after training when the
+    # reward is a function: their accuracy and 95% interval go to the stage's results (0 = off).
+    eval_prompts: int = 256
     generation: GenerationSection = field(default_factory=GenerationSection)
     # The two trained models: stage.ppo.actor.{optim,lora,strategy}, stage.ppo.critic.{...}.
     actor: RoleSection = field(default_factory=lambda: RoleSection(
@@ -287,6 +310,20 @@ class PPOSection(Section):
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     # Ground truth on held-out questions during training: stage.ppo.gold_check.{every_steps,keep_best,patience}.
     gold_check: GoldCheckSection = field(default_factory=GoldCheckSection)
+
+    @property
+    def needs_critic(self) -> bool:
+        """Only GAE learns a value function; the critic-free estimators build none."""
+        return self.advantage_estimator == "gae"
+
+    @property
+    def reward_model(self) -> bool:
+        """The score comes from a reward model (not a reward function)."""
+        return self.reward == "model"
+
+    @property
+    def rows_per_generation_batch(self) -> int:
+        return self.per_device_generation_batch_size * self.samples_per_prompt
 
     def offloads_frozen(self, role: str) -> bool:
         """Whether the frozen `ref` or `reward` model keeps its weights in host RAM: its switch, or
@@ -757,11 +794,32 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
 
     p = cfg.stage.ppo
     _check(p.per_device_generation_batch_size >= 1, "stage.ppo.per_device_generation_batch_size", p.per_device_generation_batch_size, "must be >= 1")
-    # Each generation batch is cut into equal PPO minibatches.
+    _check(p.samples_per_prompt >= 1, "stage.ppo.samples_per_prompt", p.samples_per_prompt, "must be >= 1")
+    # Each generation batch (prompts x samples_per_prompt rows) is cut into equal PPO minibatches.
     _check(p.per_device_training_batch_size >= 1
-           and p.per_device_generation_batch_size % p.per_device_training_batch_size == 0,
+           and p.rows_per_generation_batch % p.per_device_training_batch_size == 0,
            "stage.ppo.per_device_training_batch_size", p.per_device_training_batch_size,
-           f"must divide stage.ppo.per_device_generation_batch_size={p.per_device_generation_batch_size}")
+           f"must divide the rows of a generation batch, stage.ppo.per_device_generation_batch_size="
+           f"{p.per_device_generation_batch_size} x stage.ppo.samples_per_prompt={p.samples_per_prompt}")
+    _check(p.advantage_estimator in ESTIMATORS, "stage.ppo.advantage_estimator", p.advantage_estimator,
+           f"must be one of {list(ESTIMATORS)}")
+    _check(p.advantage_estimator not in ("grpo", "rloo") or p.samples_per_prompt >= 2, "stage.ppo.samples_per_prompt",
+           p.samples_per_prompt, f"must be >= 2 for stage.ppo.advantage_estimator={p.advantage_estimator} (the "
+           "group its baseline comes from)")
+    _check(p.kl_placement in ("reward", "loss"), "stage.ppo.kl_placement", p.kl_placement, "must be reward or loss")
+    _check(p.kl_estimator in ("k1", "k3"), "stage.ppo.kl_estimator", p.kl_estimator, "must be k1 or k3")
+    _check(p.loss_aggregation in ("token", "sequence", "constant"), "stage.ppo.loss_aggregation", p.loss_aggregation,
+           "must be token, sequence or constant")
+    _check(p.eval_prompts >= 0, "stage.ppo.eval_prompts", p.eval_prompts, "must be >= 0 (0 = off)")
+    if not p.reward_model:
+        from pipeline.rewards import REWARD_FUNCTIONS
+
+        _check(p.reward in REWARD_FUNCTIONS, "stage.ppo.reward", p.reward,
+               f"is not a registered reward function; choose model (the reward model) or one of "
+               f"{sorted(REWARD_FUNCTIONS)} (register your own with pipeline.rewards.register_reward)")
+        _check(p.needs_critic or not ("rm" in r.stages and "ppo" in r.stages and "dpo" not in r.stages), "run.stages",
+               r.stages, f"trains a reward model that neither stage.ppo.reward={p.reward} nor a critic (stage.ppo."
+               f"advantage_estimator={p.advantage_estimator}) uses; drop rm from run.stages")
     _check(p.generation_batches >= 1, "stage.ppo.generation_batches", p.generation_batches, "must be >= 1")
     _check(p.ppo_epochs >= 1, "stage.ppo.ppo_epochs", p.ppo_epochs, "must be >= 1")
     _check(p.num_train_epochs >= 1, "stage.ppo.num_train_epochs", p.num_train_epochs, "must be >= 1")

@@ -66,11 +66,13 @@ def load_tokenizer(source: str, work_dir: Path, trust_remote_code: bool = False)
     from transformers import AutoTokenizer
 
     if source == "builtin" or source.startswith("builtin:"):
-        from pipeline.data.builtin import save_tokenizer
+        from pipeline.data import builtin, pick
 
-        path = work_dir / "builtin_tokenizer"
+        # builtin:pick is the verifiable task's tokenizer; builtin and builtin:<model> the preference task's
+        task, folder = (pick, "pick_tokenizer") if source == pick.TOKENIZER else (builtin, "builtin_tokenizer")
+        path = work_dir / folder
         if rank() == 0 and not (path / "tokenizer_config.json").exists():
-            atomic_dir(path, save_tokenizer)
+            atomic_dir(path, task.save_tokenizer)
         barrier()
         source = str(path)
     ensure_available(source, "tokenizer")

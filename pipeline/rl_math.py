@@ -195,13 +195,15 @@ def kl_penalized_rewards(
     mask: torch.Tensor,
     kl_coef: float,
     clip_reward_value: float,
+    estimator: str = "k1",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards: -kl_coef * (logp - logp_ref), plus the clipped score on the last token.
+    """Per-token rewards: -kl_coef * kl, kl = logp - logp_ref (or kl_estimate's k3), plus the clipped
+    score on the last token.
 
     logprobs, ref_logprobs, mask: (B, T); scores: (B,). Returns (rewards (B, T), kl (B, T)),
     both zero where mask == 0.
     """
-    kl = (logprobs - ref_logprobs) * mask
+    kl = kl_estimate(logprobs, ref_logprobs, estimator) * mask
     rewards = -kl_coef * kl
     ends = last_index(mask)
     clipped = scores.clamp(-clip_reward_value, clip_reward_value).to(rewards.dtype)

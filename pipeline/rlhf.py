@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,18 +24,25 @@ from pipeline.dist import collective_device, gather_rows, rank, world_size
 from pipeline.engine import inference_engine, initialize, tp_degree, unwrap, zero3_construction
 from pipeline.export import save_hf
 from pipeline.models import RewardModel, load_causal_lm
+from pipeline.rewards import score_texts
 from pipeline.rl_math import (
     AdaptiveKLController,
     FixedKLController,
     actor_loss,
+    aggregate_loss,
     answer_mask,
     critic_loss,
     gae_advantages,
+    grpo_advantages,
+    kl_estimate,
     kl_penalized_rewards,
     last_index,
     logprobs_of_labels,
     masked_mean,
     masked_whiten,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    sequence_kl_rewards,
 )
 from pipeline.rollout import Rollout, RolloutEngine, check_backend, position_ids
 from pipeline.training import NonFiniteGuard
@@ -81,9 +88,10 @@ def ptx_enabled(args: RunConfig) -> bool:
 
 @dataclass
 class Experience:
-    """A batch of rollouts scored by the four models: what `generate_experience` returns and
-    `train_rlhf` learns from. B = rows, Lp = prompt length (left-padded), T = answer length
-    (right-padded after each answer's end), L = Lp + T."""
+    """A batch of rollouts scored by the four models (or fewer: no critic for a critic-free estimator,
+    a reward function instead of a reward model): what `generate_experience` returns and `train_rlhf`
+    learns from. B = rows (prompts x samples_per_prompt, each prompt's samples consecutive),
+    Lp = prompt length (left-padded), T = answer length (right-padded after each answer's end), L = Lp + T."""
 
     seq: torch.Tensor  # (B, L) prompt + answer token ids
     attention_mask: torch.Tensor  # (B, L) 1 on real tokens (the eos included)
@@ -92,10 +100,15 @@ class Experience:
     logprobs: torch.Tensor  # (B, T) the actor's log-probs of the answer tokens when they were sampled (taken while decoding)
     entropy: torch.Tensor  # (B, T) the actor's entropy at each answer position when it was sampled
     ref_logprobs: torch.Tensor  # (B, T) the frozen reference model's
-    values: torch.Tensor  # (B, T) the critic's value before each answer token
+    values: torch.Tensor  # (B, T) the critic's value before each answer token (0 without a critic)
     scores: torch.Tensor  # (B,) the reward model's score at the last answer token
     train_scores: torch.Tensor  # (B,) the scores PPO learns from (normalised with stage.ppo.normalize_reward)
     prompt_len: int  # Lp
+    # Critic-free estimators: computed over the whole batch (groups intact) before it is cut into
+    # minibatches; None for GAE, which computes them per minibatch in train_rlhf.
+    advantages: torch.Tensor | None = None  # (B, T)
+    returns: torch.Tensor | None = None  # (B, T)
+    kl: torch.Tensor | None = None  # (B, T) the KL estimate per answer token
 
     @property
     def answer(self) -> torch.Tensor:
@@ -106,12 +119,15 @@ class Experience:
         """Consecutive row slices of `size` rows each (PPO's minibatches)."""
         for start in range(0, self.seq.shape[0], size):
             yield dataclasses.replace(self, **{f.name: getattr(self, f.name)[start: start + size]
-                                               for f in dataclasses.fields(self) if f.name != "prompt_len"})
+                                               for f in dataclasses.fields(self)
+                                               if f.name != "prompt_len" and getattr(self, f.name) is not None})
 
 
 class RLHFEngine:
     """The four models of step 3: trained actor and critic (DeepSpeed engines), frozen reference
-    (a copy of the starting actor) and frozen reward model; plus the actor's EMA when asked.
+    (a copy of the starting actor) and frozen reward model; plus the actor's EMA when asked. A
+    critic-free estimator (stage.ppo.advantage_estimator) builds no critic (`critic` is None), a
+    reward function (stage.ppo.reward) no reward model (`reward` is None).
 
     The reference and reward models are sharded like the actor and the critic when those run
     ZeRO-3, else plain frozen modules on the device; stage.ppo.offload_reference_model and
@@ -119,7 +135,7 @@ class RLHFEngine:
     with parameter offload). The EMA (an ActorEMA) lives in host RAM when the actor or the
     reference model is offloaded."""
 
-    def __init__(self, actor_model_name_or_path: str | Path, critic_model_name_or_path: str | Path, tokenizer,
+    def __init__(self, actor_model_name_or_path: str | Path, critic_model_name_or_path: str | Path | None, tokenizer,
                  num_total_iters: int, args: RunConfig, reward_model_name_or_path: str | Path | None = None):
         p = args.stage.ppo
         self.tokenizer, self.args = tokenizer, args
@@ -138,18 +154,22 @@ class RLHFEngine:
         if p.enable_ema:
             device = "cpu" if p.actor.strategy.offload or p.offloads_frozen("ref") else self.actor.device
             self.ema = ActorEMA(self.actor, p.ema_beta, device)
-        with zero3_construction(args, p.critic.strategy):
-            critic = RewardModel.from_pretrained(critic_model_name_or_path, args.dtype, args.model.dropout, trust)
-        self.critic = initialize(args, critic, p.critic, "stage.ppo.critic", micro_batch=p.per_device_training_batch_size,
-                                 grad_accum=1, total_steps=num_total_iters // (2 if ptx_enabled(args) else 1))
-        reward_path = reward_model_name_or_path or critic_model_name_or_path
-        self.reward = inference_engine(args, lambda: RewardModel.from_pretrained(reward_path, args.dtype, None, trust),
-                                       p.critic.strategy, p.offloads_frozen("reward"))
-        self.sizes = {name: model_size(getattr(self, name)) for name in ("actor", "ref", "critic", "reward")}
+        self.critic = self.reward = None
+        if p.needs_critic:
+            with zero3_construction(args, p.critic.strategy):
+                critic = RewardModel.from_pretrained(critic_model_name_or_path, args.dtype, args.model.dropout, trust)
+            self.critic = initialize(args, critic, p.critic, "stage.ppo.critic", micro_batch=p.per_device_training_batch_size,
+                                     grad_accum=1, total_steps=num_total_iters // (2 if ptx_enabled(args) else 1))
+            self.critic.train()
+        if p.reward_model:
+            reward_path = reward_model_name_or_path or critic_model_name_or_path
+            self.reward = inference_engine(args, lambda: RewardModel.from_pretrained(reward_path, args.dtype, None, trust),
+                                           p.critic.strategy, p.offloads_frozen("reward"))
+        self.sizes = {name: model_size(getattr(self, name)) for name in ("actor", "ref", "critic", "reward")
+                      if getattr(self, name) is not None}
         # Training layout (from_pretrained returns eval mode): dropout as configured, and gradient
         # checkpointing, which transformers applies only in train mode.
         self.actor.train()
-        self.critic.train()
 
     @property
     def device(self) -> torch.device:
@@ -266,6 +286,9 @@ class PPOTrainer:
         return out
 
     def _flops(self, role: str, batch: int, seq_len: int, head_len: int = 0) -> float:
+        """0 for a model this run does not build (no critic, a reward function)."""
+        if role not in self.engine.sizes:
+            return 0.0
         return forward_flops(*self.engine.sizes[role], batch, seq_len, head_len)
 
     def _train_factor(self, role: str) -> float:
@@ -275,16 +298,23 @@ class PPOTrainer:
     # ------------------------------------------------------------------ experience
 
     @torch.no_grad()
-    def generate_experience(self, prompt_batch: dict[str, torch.Tensor]) -> Experience:
-        """Sample answers to left-padded prompts (input_ids, attention_mask: (B, Lp)), then score them.
-        generation_s counts the sampling with the actor's log-probs, which the decoding computes;
-        experience_s the scoring: between them, the whole call."""
+    def generate_experience(self, prompt_batch: dict) -> Experience:
+        """Sample stage.ppo.samples_per_prompt answers to each left-padded prompt (input_ids,
+        attention_mask: (B, Lp); "reference": B strings, the reference answers a reward function checks
+        against), then score them; a critic-free estimator's advantages are computed here, over the
+        whole batch. generation_s counts the sampling with the actor's log-probs, which the decoding
+        computes; experience_s the scoring: between them, the whole call."""
         t0 = time.perf_counter()
-        e = self.engine
-        prompt_mask = prompt_batch["attention_mask"].to(e.device)
-        rollout = self.rollout.rollout(prompt_batch["input_ids"].to(e.device), prompt_mask)
+        e, n = self.engine, self.p.samples_per_prompt
+        prompt_mask = prompt_batch["attention_mask"].to(e.device).repeat_interleave(n, dim=0)
+        prompt_ids = prompt_batch["input_ids"].to(e.device).repeat_interleave(n, dim=0)
+        given = prompt_batch.get("reference") or [None] * prompt_batch["input_ids"].shape[0]
+        references = [reference for reference in given for _ in range(n)]  # as repeat_interleave
+        rollout = self.rollout.rollout(prompt_ids, prompt_mask)
         t1 = time.perf_counter()
-        exp = self.score(rollout, prompt_mask)
+        exp = self.score(rollout, prompt_mask, references)
+        if not self.p.needs_critic:
+            exp.advantages, exp.returns, exp.kl = self.advantages(exp)
         t2 = time.perf_counter()
 
         batch, length = exp.seq.shape
@@ -298,9 +328,11 @@ class PPOTrainer:
         return exp
 
     @torch.no_grad()
-    def score(self, rollout: Rollout, prompt_mask: torch.Tensor) -> Experience:
+    def score(self, rollout: Rollout, prompt_mask: torch.Tensor, references: list[str | None] | None = None) -> Experience:
         """What the other models make of a rollout: the frozen reference's log-probs, the critic's
-        values and the frozen reward model's scores, one forward each (prompt_mask: (B, Lp))."""
+        values (zeros without a critic) and the scores of the frozen reward model or of the reward
+        function (stage.ppo.reward; references: a reference answer per row), one forward each
+        (prompt_mask: (B, Lp))."""
         e = self.engine
         seq, prompt_len = rollout.seq, prompt_mask.shape[1]
         answer = seq[:, prompt_len:]
@@ -309,18 +341,34 @@ class PPOTrainer:
         positions = position_ids(attention)
         inputs = {"input_ids": seq, "attention_mask": attention, "position_ids": positions}
         ref_logprobs = logprobs_of_labels(answer_logits(e.ref, answer.shape[1], **inputs), answer)
-        critic = unwrap(e.critic)
-        was_training = critic.training
-        critic.eval()
-        values = e.critic(seq, attention, positions)[:, prompt_len - 1: -1]
-        critic.train(was_training)
-        reward_values = e.reward(seq, attention, positions)
-        rows = torch.arange(seq.shape[0], device=seq.device)
-        scores = reward_values[rows, prompt_len + last_index(mask)].float()
+        if e.critic is not None:
+            critic = unwrap(e.critic)
+            was_training = critic.training
+            critic.eval()
+            values = e.critic(seq, attention, positions)[:, prompt_len - 1: -1]
+            critic.train(was_training)
+        else:
+            values = torch.zeros(answer.shape, device=seq.device)
+        if e.reward is not None:
+            reward_values = e.reward(seq, attention, positions)
+            rows = torch.arange(seq.shape[0], device=seq.device)
+            scores = reward_values[rows, prompt_len + last_index(mask)].float()
+        else:
+            scores = self.function_scores(seq[:, :prompt_len], prompt_mask, answer, mask, references)
         return Experience(seq=seq, attention_mask=attention, position_ids=positions, answer_mask=mask,
                           logprobs=rollout.logprobs, entropy=rollout.entropy, ref_logprobs=ref_logprobs,
                           values=values.float(), scores=scores, train_scores=self._train_scores(scores),
                           prompt_len=prompt_len)
+
+    def function_scores(self, prompts: torch.Tensor, prompt_mask: torch.Tensor, answers: torch.Tensor,
+                        mask: torch.Tensor, references: list[str | None] | None) -> torch.Tensor:
+        """stage.ppo.reward's function over the decoded rows (special tokens dropped). prompts, prompt_mask:
+        (B, Lp); answers, mask: (B, T) -> (B,) float32 on the answers' device."""
+        decode = self.engine.tokenizer.batch_decode
+        prompt_texts = decode([row[m.bool()].tolist() for row, m in zip(prompts, prompt_mask)], skip_special_tokens=True)
+        answer_texts = decode([row[m.bool()].tolist() for row, m in zip(answers, mask)], skip_special_tokens=True)
+        refs = references if references is not None else [None] * len(answer_texts)
+        return torch.tensor(score_texts(self.p.reward, prompt_texts, answer_texts, refs), device=answers.device)
 
     def _train_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """The scores PPO learns from: normalised by running statistics over every rank's batch
@@ -334,38 +382,67 @@ class PPOTrainer:
 
     @torch.no_grad()
     def advantages(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """PPO's advantage estimation: per-token rewards (-kl_coef x (logp - logp_ref), plus the clipped
-        score on the last answer token), then GAE over the critic's values, whitened when
-        stage.ppo.whiten_advantages. Returns (advantages, returns, kl), each (B, T), 0 after the answers."""
+        """Advantages by stage.ppo.advantage_estimator. The KL penalty (kl_ctl x the k1 or k3 estimate) is in
+        the rewards when stage.ppo.kl_placement=reward (else train_rlhf puts it in the loss):
+          gae: per-token rewards (-kl_coef x kl, plus the clipped score on the last answer token), GAE over
+               the critic's values, whitened when stage.ppo.whiten_advantages (DeepSpeed-Chat's PPO);
+          reinforce_pp: the same per-token rewards, their returns whitened over the batch;
+          grpo / rloo: one reward per answer (clipped score - kl_coef x its summed kl), baselined within
+               its prompt's group of samples_per_prompt answers, the same advantage on every token.
+        Returns (advantages, returns, kl), each (B, T), 0 after the answers."""
         p, mask = self.p, exp.answer_mask
-        rewards, kl = kl_penalized_rewards(exp.logprobs, exp.ref_logprobs, exp.train_scores, mask,
-                                           self.kl_ctl.value, p.clip_reward_value)
-        advantages, returns = gae_advantages(exp.values, rewards, mask, p.gamma, p.lam)
-        if p.whiten_advantages:
-            advantages = masked_whiten(advantages, mask) * mask
-        return advantages, returns, kl
+        coef = self.kl_ctl.value if p.kl_placement == "reward" else 0.0
+        if p.advantage_estimator in ("gae", "reinforce_pp"):
+            rewards, kl = kl_penalized_rewards(exp.logprobs, exp.ref_logprobs, exp.train_scores, mask,
+                                               coef, p.clip_reward_value, p.kl_estimator)
+            if p.advantage_estimator == "reinforce_pp":
+                advantages, returns = reinforce_pp_advantages(rewards, mask, p.gamma)
+                return advantages, returns, kl
+            advantages, returns = gae_advantages(exp.values, rewards, mask, p.gamma, p.lam)
+            if p.whiten_advantages:
+                advantages = masked_whiten(advantages, mask) * mask
+            return advantages, returns, kl
+        scores = exp.train_scores.clamp(-p.clip_reward_value, p.clip_reward_value)
+        rewards, kl = sequence_kl_rewards(scores, exp.logprobs, exp.ref_logprobs, mask, coef, p.kl_estimator)
+        if p.advantage_estimator == "grpo":
+            per_answer = grpo_advantages(rewards, p.samples_per_prompt, p.scale_advantages_by_std)
+        else:
+            per_answer = rloo_advantages(rewards, p.samples_per_prompt)
+        return per_answer[:, None] * mask, rewards[:, None] * mask, kl
 
     def train_rlhf(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
-        """One PPO update of actor and critic on an experience batch; returns (actor_loss, critic_loss).
+        """One PPO update of actor and critic (no critic: the actor alone) on an experience batch; returns
+        (actor_loss, critic_loss), the critic's 0 without one. With stage.ppo.kl_placement=loss the actor
+        loss adds kl_ctl x the KL estimate (k1 or k3) of the current policy, aggregated as the policy loss.
 
         The EMA is not touched here: call `update_ema()` after the step (and its PTX step, if any)."""
         p, e = self.p, self.engine
         mask, start, answer = exp.answer_mask, exp.prompt_len, exp.answer
-        advantages, returns, kl = self.advantages(exp)
+        if exp.advantages is not None:
+            advantages, returns, kl = exp.advantages, exp.returns, exp.kl
+        else:
+            advantages, returns, kl = self.advantages(exp)
         inputs = {"input_ids": exp.seq, "attention_mask": exp.attention_mask, "position_ids": exp.position_ids}
         logits = answer_logits(e.actor, answer.shape[1], **inputs)
         logprobs = logprobs_of_labels(logits, answer)
-        a_loss, a_stats = actor_loss(logprobs, exp.logprobs, advantages, mask, p.cliprange)
-        values = e.critic(exp.seq, exp.attention_mask, exp.position_ids)[:, start - 1: -1].float()
-        c_loss, c_stats = critic_loss(values, exp.values, returns, mask, p.cliprange_value)
+        horizon = p.generation.max_new_tokens
+        a_loss, a_stats = actor_loss(logprobs, exp.logprobs, advantages, mask, p.cliprange, p.loss_aggregation, horizon)
+        if p.kl_placement == "loss":
+            kl_loss = aggregate_loss(kl_estimate(logprobs, exp.ref_logprobs, p.kl_estimator), mask, p.loss_aggregation, horizon)
+            a_loss = a_loss + self.kl_ctl.value * kl_loss
+        c_loss, c_stats = torch.zeros((), device=a_loss.device), {}
+        if e.critic is not None:
+            values = e.critic(exp.seq, exp.attention_mask, exp.position_ids)[:, start - 1: -1].float()
+            c_loss, c_stats = critic_loss(values, exp.values, returns, mask, p.cliprange_value)
         # A non-finite loss skips the whole update on every rank (before any backward: no NaN applied).
         if not self.guard.ok(a_loss + c_loss, "ppo update"):
             self.last_stats = None
             return a_loss.detach(), c_loss.detach()
         e.actor.backward(a_loss)
         e.actor.step()
-        e.critic.backward(c_loss)
-        e.critic.step()
+        if e.critic is not None:
+            e.critic.backward(c_loss)
+            e.critic.step()
 
         batch, length = exp.seq.shape
         self._count(training_flops=self._train_factor("actor") * self._flops("actor", batch, length, answer.shape[1])
@@ -379,8 +456,7 @@ class PPOTrainer:
                 "entropy": float(masked_mean(exp.entropy, mask)),
                 "clip_frac": float(a_stats["clip_frac"]),
                 "approx_kl": float(a_stats["approx_kl"]),
-                "value_error": float(c_stats["value_error"]),
-                "value_clip_frac": float(c_stats["value_clip_frac"]),
+                **{key: float(value) for key, value in c_stats.items()},  # value_error, value_clip_frac
                 "answer_length": float(mask.sum(1).float().mean()),
                 "advantage": float(masked_mean(advantages, mask)),
                 "return": float(masked_mean(returns, mask)),
@@ -399,6 +475,26 @@ class PPOTrainer:
         batch_size, length = batch["input_ids"].shape
         self._count(training_flops=self._train_factor("actor") * self._flops("actor", batch_size, length, length))
         return loss.detach()
+
+    @torch.no_grad()
+    def heldout_accuracy(self, prompt_batches: Iterable[dict], greedy: bool) -> tuple[int, int]:
+        """(right, answered): the actor's answers to held-out prompt batches (collate_prompts, with
+        references) that stage.ppo.reward's function scores >= 0.5; greedy, or sampled as in training
+        (stage.ppo.generation). The same work on every rank (ZeRO-3's gathers are collective)."""
+        gen = dataclasses.replace(self.p.generation, do_sample=False, temperature=1.0, top_k=0, top_p=1.0) \
+            if greedy else self.p.generation
+        engine = RolloutEngine(self.engine.actor, self.engine.tokenizer, gen, show_progress=False)
+        right = answered = 0
+        for batch in prompt_batches:
+            prompt_mask = batch["attention_mask"].to(self.engine.device)
+            seq = engine.rollout(batch["input_ids"].to(self.engine.device), prompt_mask).seq
+            prompt_len = prompt_mask.shape[1]
+            answer = seq[:, prompt_len:]
+            scores = self.function_scores(seq[:, :prompt_len], prompt_mask, answer, answer_mask(answer, self.eos_id),
+                                          batch.get("reference"))
+            right += int((scores >= 0.5).sum())
+            answered += len(scores)
+        return right, answered
 
     def update_ema(self) -> None:
         """The EMA's update after an actor step (see ActorEMA); nothing when EMA is off."""

@@ -67,6 +67,8 @@ def stage_inputs(cfg: RunConfig, stage: str) -> dict[str, StageInput]:
     """The models `stage` starts from (see STAGE_INPUTS)."""
     out = {}
     for name, (upstream, key) in STAGE_INPUTS[stage].items():
+        if (stage, name) == ("ppo", "reward") and not (cfg.stage.ppo.needs_critic or cfg.stage.ppo.reward_model):
+            continue  # a reward function and no critic: nothing starts from a reward model
         final = cfg.stage_dir(upstream) / "final"
         manifest = read_manifest(cfg.stage_dir(upstream))
         done = bool(manifest) and manifest.get("config_hash") == stage_hash(cfg, upstream) and final.exists()

@@ -1,6 +1,8 @@
 """Step 3: RLHF with PPO. The actor starts from sft/final (or model.actor when SFT is not part of the
 run), the critic and the frozen reward model from rm/final (or model.reward: a reward-model folder),
-the frozen reference is a copy of the starting actor.
+the frozen reference is a copy of the starting actor. A critic-free estimator (stage.ppo.advantage_estimator
+grpo, rloo, reinforce_pp) builds no critic; a reward function (stage.ppo.reward) loads no reward model,
+and then the actor's greedy accuracy on held-out prompts is measured before and after training.
 
 Each step: generate answers for `generation_batches` prompt batches, score them (actor and
 reference log-probs, critic values, reward), then `ppo_epochs` passes of PPO updates over
@@ -8,11 +10,13 @@ minibatches of `per_device_training_batch_size`; after each update an optional P
 (data_blend.ptx_path set and unsup_coef > 0) and the EMA update (enable_ema, beta ema_beta).
 
 Reads: sft/final or model.actor, rm/final or model.reward, data_blend (the ppo slice; ptx_path for mixed training), stage.ppo.
-Writes: ppo/final/{actor,critic,actor_ema} (Hugging Face format), ppo/metrics.jsonl, ppo/checkpoints/.
+Writes: ppo/final/{actor,critic,actor_ema} (Hugging Face format; no critic without one), ppo/metrics.jsonl,
+ppo/checkpoints/, ppo/heldout.json (held-out accuracy, with a reward function).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from functools import partial
 
@@ -23,12 +27,16 @@ from pipeline.data.collate import collate_prompts, collate_text
 from pipeline.dist import all_reduce_mean, dp_world_size, world_size
 from pipeline.engine import tp_degree
 from pipeline.export import save_hf
+from pipeline.files import write_json_atomic
 from pipeline.resume import resume_stage, stop_requested
+from pipeline.rl_math import wilson_interval
 from pipeline.rlhf import PPOTrainer, RLHFEngine, ptx_enabled
 from pipeline.tracking import MetricsLogger
 from pipeline.training import StageContext, epoch_batches, total_steps
 from pipeline.truth import GoldCheck
 
+# Held-out accuracy is measured with greedy answers and with answers sampled as in training.
+MODES = ("greedy", "sampled")
 STAT_KEYS = ("reward", "kl", "entropy", "clip_frac", "approx_kl", "value_error", "answer_length")
 
 
@@ -76,22 +84,23 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
         if ptx_enabled(cfg) else None
     collate_ptx = partial(collate_text, pad_id=tokenizer.pad_token_id)
 
-    # ---- the four models
+    # ---- the models (actor and reference; critic and reward model when used)
     prompts_per_step = p.per_device_generation_batch_size * p.generation_batches
     tp = tp_degree(p.actor.strategy)  # the four models share it; a group's ranks share their prompts
     n_steps = total_steps(len(data.train), p.per_device_generation_batch_size, p.generation_batches,
                           p.num_train_epochs, p.max_steps, "stage.ppo", tp)
     per_epoch = len(data.train) // (prompts_per_step * dp_world_size(tp))
-    minibatches_per_step = p.ppo_epochs * (prompts_per_step // p.per_device_training_batch_size)
+    minibatches_per_step = p.ppo_epochs * (prompts_per_step * p.samples_per_prompt // p.per_device_training_batch_size)
     updates_per_step = minibatches_per_step * (2 if ptx is not None else 1)  # actor optimizer steps (PTX has its own)
-    engine = RLHFEngine(actor_model_name_or_path=ctx.inputs["actor"], critic_model_name_or_path=ctx.inputs["reward"],
+    engine = RLHFEngine(actor_model_name_or_path=ctx.inputs["actor"], critic_model_name_or_path=ctx.inputs.get("reward"),
                         tokenizer=tokenizer, num_total_iters=n_steps * updates_per_step, args=cfg)
     trainer = PPOTrainer(engine=engine, args=cfg)
+    stat_keys = [k for k in STAT_KEYS if k != "value_error" or engine.critic is not None]
 
     # ---- resume
     checkpointer = Checkpointer(out, p.checkpoint.every_steps, p.checkpoint.every_minutes, p.checkpoint.keep,
                                 ctx.config)
-    engines = {"actor": engine.actor, "critic": engine.critic}
+    engines = {"actor": engine.actor, **({"critic": engine.critic} if engine.critic is not None else {})}
     rank_states = {"actor_ema": engine.ema} if engine.ema is not None else {}
     state = resume_stage(cfg, checkpointer, "ppo", logger, engines, rank_states)
     step = state["step"]
@@ -100,6 +109,19 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
         trainer.kl_ctl.load_state_dict(state["kl_ctl"])
         trainer.reward_moments.load_state_dict(state["reward_moments"])
         gold.load_state_dict(state.get("gold_check") or gold.state_dict())
+
+    # ---- held-out accuracy of the start (a reward function checks greedy and sampled answers); a
+    # resumed run reads it from heldout.json
+    n_eval = min(p.eval_prompts, len(data.eval)) if not p.reward_model else 0
+    size = p.per_device_generation_batch_size
+    eval_batches = [prompts_of(data.eval.rows(range(i, min(i + size, n_eval)))) for i in range(0, n_eval, size)]
+    heldout_path, heldout = out / "heldout.json", {}
+    if eval_batches and step == 0:
+        heldout = {f"{mode}_before": trainer.heldout_accuracy(eval_batches, greedy=mode == "greedy") for mode in MODES}
+        if ctx.is_main:
+            write_json_atomic(heldout_path, heldout_report(heldout))
+    elif eval_batches and heldout_path.exists():
+        heldout = {key: tuple(value[:2]) for key, value in json.loads(heldout_path.read_text()).items()}
 
     # ---- train
     logger.begin(n_steps, step)
@@ -134,7 +156,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
                         trainer.update_ema()
             training_s = time.perf_counter() - t_train
             step += 1
-            mean = {k: sum(s[k] for s in stats) / max(len(stats), 1) for k in STAT_KEYS}
+            mean = {k: sum(s[k] for s in stats) / max(len(stats), 1) for k in stat_keys}
             trainer.update_kl_controller(all_reduce_mean([mean["kl"]], len(stats))[0], prompts_per_step * dp_world_size(tp))
             counters = trainer.pop_counters()
             now = time.perf_counter()
@@ -145,7 +167,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
             extra = {"ptx_loss": sum(ptx_losses) / len(ptx_losses)} if ptx_losses else {}
             logger.log(step, "train", **mean,
                        actor_loss=sum(a for a, _ in losses) / max(len(losses), 1),
-                       critic_loss=sum(c for _, c in losses) / max(len(losses), 1),
+                       **({"critic_loss": sum(c for _, c in losses) / max(len(losses), 1)} if engine.critic is not None else {}),
                        kl_coef=trainer.kl_ctl.value, **extra,
                        generation_s=generation_s, experience_s=experience_s, training_s=training_s,
                        other_s=step_s - generation_s - experience_s - training_s, step_s=step_s,
@@ -170,10 +192,28 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
 
     # ---- write
     save_hf(engine.actor, out / "final" / "actor", tokenizer)
-    save_hf(engine.critic, out / "final" / "critic", tokenizer)
+    if engine.critic is not None:
+        save_hf(engine.critic, out / "final" / "critic", tokenizer)
     if engine.ema is not None:
         engine.ema.save(out / "final" / "actor_ema", tokenizer)
-    return {**summarize(logger.path, step, trainer.guard.skipped), **gold.finish(out / "final" / "actor", step, ctx.is_main)}
+    result = {**summarize(logger.path, step, trainer.guard.skipped), **gold.finish(out / "final" / "actor", step, ctx.is_main)}
+    if eval_batches:
+        heldout.update({f"{mode}_after": trainer.heldout_accuracy(eval_batches, greedy=mode == "greedy") for mode in MODES})
+        report = heldout_report(heldout)
+        if ctx.is_main:
+            write_json_atomic(heldout_path, report)
+            print(f"[ppo] held-out accuracy ({n_eval} prompts, stage.ppo.reward={p.reward}): "
+                  + ", ".join(f"{key} {r}/{n} = {r / n:.3f} [{lo:.3f}, {hi:.3f}]" for key, (r, n, lo, hi) in report.items()),
+                  flush=True)
+        for key, (right, n, low, high) in report.items():
+            result[f"heldout_{key}"], result[f"heldout_{key}_ci95"] = right / n, [low, high]
+        result["heldout_prompts"] = n_eval
+    return result
+
+
+def heldout_report(heldout: dict[str, tuple[int, int]]) -> dict[str, list]:
+    """{"greedy_before", ...: [right, answered, 95% low, 95% high]} (Wilson interval)."""
+    return {when: [right, n, *wilson_interval(right, n)] for when, (right, n) in heldout.items()}
 
 
 def summarize(metrics_path, steps: int, skipped: int) -> dict:

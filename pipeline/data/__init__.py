@@ -9,7 +9,7 @@ sets); the train sets are blended by weight:
 
   sft: {"input_ids": prompt + answer + eos, "prompt_len": int}
   rm:  {"chosen_input_ids": ..., "rejected_input_ids": ..., "prompt_len": int}
-  ppo: {"prompt_input_ids": ...}
+  ppo: {"prompt_input_ids": ..., "reference": str} (the source's answer, for reward functions)
 
 Results are cached (Arrow, never pickle) under a hash of everything that shapes them;
 see pipeline.data.cache. Every rank memory-maps the cached tables (`Examples`) instead of
@@ -219,7 +219,7 @@ def _encode_batch(batch: dict[str, list], tokenizer, stage: str, prompt_format: 
                         add_special_tokens=specials).input_ids
     drop = [TOO_LONG if len(p) > max_prompt_len else KEEP for p in prompts]
     if stage == "ppo":
-        return {"prompt_input_ids": prompts, "drop": drop}
+        return {"prompt_input_ids": prompts, "reference": batch["reference"], "drop": drop}
     eos = tokenizer.eos_token_id
 
     def answers(texts: list[str]) -> list[list[int]]:
@@ -243,7 +243,7 @@ def _features(stage: str):
     ids, number = datasets.List(datasets.Value("int32")), datasets.Value("int32")
     columns = {"sft": {"input_ids": ids, "prompt_len": number},
                "rm": {"chosen_input_ids": ids, "rejected_input_ids": ids, "prompt_len": number},
-               "ppo": {"prompt_input_ids": ids}}[stage]
+               "ppo": {"prompt_input_ids": ids, "reference": datasets.Value("string")}}[stage]
     return datasets.Features({**columns, "drop": datasets.Value("int8")})
 
 
@@ -274,6 +274,8 @@ def _texts(records: list[Record], stage: str):
         columns["chosen"] = [r.chosen for r in records]
     if stage == "rm":
         columns["rejected"] = [r.rejected for r in records]
+    if stage == "ppo":  # what a reward function checks an answer against
+        columns["reference"] = [r.chosen if r.reference is None else r.reference for r in records]
     return datasets.Dataset.from_dict(columns)
 
 
@@ -312,7 +314,8 @@ def _stage_key(cfg: RunConfig, stage: str, tokenizer) -> str:
     for k in ("cache_dir", "ptx_path", "ptx_field", "ptx_max_blocks", "name"):
         d.pop(k)
     files = {key: file_fingerprint(source_files(spec, key)) for key, spec, _ in _specs(cfg, stage)}
-    return key_of({"kind": "stage", "stage": stage, "seed": cfg.run.seed, "data_blend": d,
+    # layout 2: ppo examples carry the reference answer (entries written before lack the column)
+    return key_of({"kind": "stage", "layout": 2, "stage": stage, "seed": cfg.run.seed, "data_blend": d,
                    "tokenizer": tokenizer_fingerprint(tokenizer), "files": files})
 
 

@@ -34,10 +34,14 @@ def collate_pairs(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def collate_prompts(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """prompt input_ids, attention_mask: (B, Lp), left-padded so generation continues every row."""
+def collate_prompts(batch: list[dict], pad_id: int) -> dict:
+    """prompt input_ids, attention_mask: (B, Lp), left-padded so generation continues every row; and the
+    rows' reference answers (a list of B strings) when the examples carry them."""
     ids, mask = _pad([b["prompt_input_ids"] for b in batch], pad_id, left=True)
-    return {"input_ids": ids, "attention_mask": mask}
+    out = {"input_ids": ids, "attention_mask": mask}
+    if "reference" in batch[0]:
+        out["reference"] = [b["reference"] for b in batch]
+    return out
 
 
 def collate_text(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

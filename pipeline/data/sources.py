@@ -43,6 +43,9 @@ class Record:
     messages: list[dict[str, str]]  # [{"role": "user"|"assistant"|"system", "content"}], ends with a user turn
     chosen: str
     rejected: str | None = None
+    # The right answer a reward function checks against, when it is not `chosen` (a source whose SFT
+    # answers may be wrong); None = chosen is the reference.
+    reference: str | None = None
 
 
 @dataclass
@@ -240,6 +243,13 @@ def adapt_sharegpt_vicuna(row, where, spec, key):
     return Record(messages, _answer(str(label)))
 
 
+def adapt_gsm8k(row, where, spec, key):
+    """GSM8K {"question", "answer"}: the solution, which ends with "#### <number>", is the SFT answer and
+    the reference a reward function (gsm8k_exact_match) checks against."""
+    question, answer = _get(row, "question", where, key), _get(row, "answer", where, key)
+    return Record([{"role": "user", "content": str(question).strip()}], str(answer).strip())
+
+
 def adapt_local(row, where, spec, key):
     """Any local file with a field mapping in `fields` (see DatasetSpec.fields); auto-detected when empty."""
     f = {k: v for k, v in (spec.fields or {}).items() if v is not None}
@@ -338,6 +348,8 @@ ADAPTERS: dict[str, Adapter] = {
     "mkqa-Japanese": _mkqa("ja"),
     "lmqg/qg_jaquad": _sft_only("question", "sentence"),
     "lmqg/qag_jaquad": adapt_qag_jaquad,
+    "gsm8k": adapt_gsm8k,
+    "openai/gsm8k": adapt_gsm8k,
     "local": adapt_local,
 }
 # Names that are not hub ids (DeepSpeed-Chat's): the hub id to load.
@@ -518,12 +530,18 @@ def read_source(spec: DatasetSpec, seed: int, key: str = "data_blend.datasets[0]
         out.train = [Record([{"role": "user", "content": prompt}], chosen, rejected) for prompt, chosen, rejected in rows]
         out.read = len(rows)
         return out
+    if spec.name == "builtin_pick":
+        from pipeline.data.pick import generate_records
+
+        out.train = generate_records(spec.max_records or 4000, seed=seed)
+        out.read = len(out.train)
+        return out
     adapter = ADAPTERS.get(spec.name)
     if adapter is None:
         if spec.path:  # any local file with a field mapping
             adapter = adapt_local
         else:
-            raise DataError(f"{key}.name={spec.name}: unknown dataset; known: builtin, builtin-sft, local, "
+            raise DataError(f"{key}.name={spec.name}: unknown dataset; known: builtin, builtin-sft, builtin_pick, local, "
                             f"{', '.join(sorted(k for k in ADAPTERS if k != 'local'))} "
                             f"(or set {key}.path to read a local file with {key}.fields)")
     from pipeline.tracking import progress

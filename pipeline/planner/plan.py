@@ -58,6 +58,9 @@ class StagePlan:
     def role(self, name: str) -> RolePlan:
         return next(r for r in self.roles if r.role == name)
 
+    def has(self, name: str) -> bool:
+        return any(r.role == name for r in self.roles)
+
 
 @dataclass
 class Plan:
@@ -76,6 +79,8 @@ class Plan:
     def apply(self, cfg: RunConfig) -> None:
         """Fill the strategy and LoRA fields the user left null (explicit values stay)."""
         for stage, role, key in TRAINED_ROLES:
+            if not self.stages[stage].has(role):  # a model the run does not build (no critic)
+                continue
             chosen = self.stages[stage].role(role).strategy
             section = at(cfg, key)
             for name in ("zero_stage", "offload", "gradient_checkpointing", "tp_degree"):
@@ -85,7 +90,7 @@ class Plan:
                 section.lora.dim = chosen.lora_dim
         for stage, role, key in FROZEN_ROLES:
             parent, name = key.rsplit(".", 1)
-            if getattr(at(cfg, parent), name) is None:
+            if getattr(at(cfg, parent), name) is None and self.stages[stage].has(role):
                 setattr(at(cfg, parent), name, self.stages[stage].role(role).strategy.offload)
         generation = cfg.stage.ppo.generation
         if generation.gather_weights is None:

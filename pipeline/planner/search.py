@@ -71,6 +71,8 @@ class _Inputs:
     gather_weights: Optional[bool] = None  # stage.ppo.generation.gather_weights
     constraints: tuple = ()  # ((stage, role), _Constraint) pairs
     dpo_batch: int = 1  # stage.dpo.per_device_train_batch_size (pairs: 2 x this many rows per forward)
+    ppo_critic: bool = True  # stage.ppo.advantage_estimator=gae (the critic-free ones build no critic)
+    ppo_reward_model: bool = True  # stage.ppo.reward=model (a reward function loads none)
 
     def constraint(self, stage: str, role: str) -> _Constraint:
         return dict(self.constraints).get((stage, role), _Constraint())
@@ -116,13 +118,14 @@ def _inputs(cfg: RunConfig) -> _Inputs:
         actor=_spec(cfg.model.actor), reward=_spec(cfg.model.reward),
         actor_name=cfg.model.actor, reward_name=cfg.model.reward,
         sft_batch=cfg.stage.sft.per_device_train_batch_size, rm_batch=cfg.stage.rm.per_device_train_batch_size,
-        ppo_gen_batch=cfg.stage.ppo.per_device_generation_batch_size,
+        ppo_gen_batch=cfg.stage.ppo.rows_per_generation_batch,
         ppo_train_batch=cfg.stage.ppo.per_device_training_batch_size,
         prompt_len=cfg.data_blend.max_prompt_len, answer_len=cfg.data_blend.max_answer_len,
         new_tokens=cfg.stage.ppo.generation.max_new_tokens, ema=cfg.stage.ppo.enable_ema,
         gather_weights=cfg.stage.ppo.generation.gather_weights,
         constraints=tuple(cons),
         dpo_batch=cfg.stage.dpo.per_device_train_batch_size,
+        ppo_critic=cfg.stage.ppo.needs_critic, ppo_reward_model=cfg.stage.ppo.reward_model,
     )
 
 
@@ -295,7 +298,10 @@ def _ppo_unknown(inp: _Inputs, active: bool) -> StagePlan:
     for r in sp.roles:  # the stage's models share one tensor-parallel degree
         r.strategy = dataclasses.replace(r.strategy, tp_degree=shared)
     a, c = sp.role("actor").strategy, sp.role("critic").strategy
-    for role, name, partner in (("ref", inp.actor_name, a), ("reward", inp.reward_name, c)):
+    if not inp.ppo_critic:
+        sp.roles = [r for r in sp.roles if r.role != "critic"]
+    frozen = [("ref", inp.actor_name, a)] + ([("reward", inp.reward_name, c)] if inp.ppo_reward_model else [])
+    for role, name, partner in frozen:
         given = inp.constraint("ppo", role)
         offload = given.offload if given.offload is not None else (partner.offload and partner.zero_stage >= 3)
         sp.roles.append(RolePlan(role, name, 0, False, _frozen_strategy(partner, offload), 0.0, 0.0, {}, given.given()))
@@ -307,16 +313,18 @@ def _ppo_unknown(inp: _Inputs, active: bool) -> StagePlan:
 
 
 def _ppo_stage(inp: _Inputs, active: bool) -> StagePlan:
-    if inp.actor is None or inp.reward is None:
+    """Step 3's layouts. A critic-free estimator has no critic and a reward function no reward model: their
+    side of the search is then one empty layout, and the plan lists neither role."""
+    if inp.actor is None or (inp.reward is None and (inp.ppo_critic or inp.ppo_reward_model)):
         return _ppo_unknown(inp, active)
-    A, R = inp.actor, inp.reward
+    A, R = inp.actor, inp.reward or inp.actor  # R is not sized when neither critic nor reward model is built
     d = DTYPE_BYTES[inp.dtype]
     seq = inp.prompt_len + inp.new_tokens
     ca, cc = inp.constraint("ppo", "actor"), inp.constraint("ppo", "critic")
     cref, crew = inp.constraint("ppo", "ref"), inp.constraint("ppo", "reward")
     usable, host_cap = inp.usable_gib * GIB, inp.host_gib_per_rank * GIB
 
-    n_actor, n_reward = A.num_params(), reward_params(R)
+    n_actor, n_reward = A.num_params(), reward_params(R) if inp.ppo_reward_model else 0
     # The four models share one tensor-parallel degree (DeepSpeed holds one group per process).
     tps_a, why_a = _tp_options(inp, ca, (A, R), ema=inp.ema)
     tps_c, why_c = _tp_options(inp, cc, (A, R))
@@ -331,7 +339,8 @@ def _ppo_stage(inp: _Inputs, active: bool) -> StagePlan:
 
     def experience(tp: int) -> float:
         return max(forward_transient_bytes(A, inp.ppo_gen_batch, seq, inp.dtype, lm_head=True, tp=tp),
-                   forward_transient_bytes(R, inp.ppo_gen_batch, seq, inp.dtype, lm_head=False, tp=tp))
+                   forward_transient_bytes(R, inp.ppo_gen_batch, seq, inp.dtype, lm_head=False, tp=tp)
+                   if inp.ppo_critic or inp.ppo_reward_model else 0.0)
 
     def gen_bytes(a: Strategy, gather: bool) -> float:
         lora_extra = lora_params(A, a.lora_dim) * d
@@ -355,10 +364,12 @@ def _ppo_stage(inp: _Inputs, active: bool) -> StagePlan:
             transient = max(am.act, gen_bytes(a, gather), experience(a.tp_degree))
             actor_groups.setdefault(key, []).append((a, gather, am, frozen, transient))
     critic_groups: dict[int, dict[tuple, list]] = {}  # by tensor-parallel degree: the actor's
-    for c in _candidates(inp, cc, tps):
-        cm = _trained_mem(inp, R, c, lm=False, batch=inp.ppo_train_batch, seq=seq)
-        for rew_off in _frozen_offload_options(inp, crew):
-            side_c = (c, rew_off, {"critic": cm, "reward": _frozen_mem(inp, R, _frozen_strategy(c, rew_off), lm=False)})
+    nothing = _RoleMem(0.0, 0.0, 0.0, {})  # no critic / no reward model (critic-free, a reward function)
+    for c in _candidates(inp, cc, tps) if inp.ppo_critic else [Strategy(tp_degree=tp) for tp in tps]:
+        cm = _trained_mem(inp, R, c, lm=False, batch=inp.ppo_train_batch, seq=seq) if inp.ppo_critic else nothing
+        for rew_off in _frozen_offload_options(inp, crew) if inp.ppo_reward_model else [False]:
+            reward = _frozen_mem(inp, R, _frozen_strategy(c, rew_off), lm=False) if inp.ppo_reward_model else nothing
+            side_c = (c, rew_off, {"critic": cm, "reward": reward})
             for ref_off in _frozen_offload_options(inp, cref):
                 key = (_offload_level(c), c.lora_dim > 0, c.gradient_checkpointing, ref_off * n_actor + rew_off * n_reward)
                 critic_groups.setdefault(c.tp_degree, {}).setdefault(key, []).append((ref_off, side_c))
@@ -398,11 +409,14 @@ def _ppo_stage(inp: _Inputs, active: bool) -> StagePlan:
     roles = [
         RolePlan("actor", inp.actor_name, n_actor, True, a, (am.state + transient) / GIB, am.host / GIB,
                  {**am.breakdown, "generation": gen_a / GIB}, ca.given()),
-        RolePlan("critic", inp.reward_name, n_reward, True, c, (cm.state + cm.act) / GIB, cm.host / GIB,
-                 cm.breakdown, cc.given()),
     ]
-    for role, name, n, layout, given in (("ref", inp.actor_name, n_actor, ref_s, cref),
-                                         ("reward", inp.reward_name, n_reward, rew_s, crew)):
+    if inp.ppo_critic:
+        roles.append(RolePlan("critic", inp.reward_name, reward_params(R), True, c, (cm.state + cm.act) / GIB,
+                              cm.host / GIB, cm.breakdown, cc.given()))
+    frozen = [("ref", inp.actor_name, n_actor, ref_s, cref)]
+    if inp.ppo_reward_model:
+        frozen.append(("reward", inp.reward_name, n_reward, rew_s, crew))
+    for role, name, n, layout, given in frozen:
         m = mems[role]
         roles.append(RolePlan(role, name, n, False, layout, m.state / GIB, m.host / GIB, m.breakdown, given.given()))
     if inp.ema:
