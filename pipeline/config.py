@@ -795,17 +795,17 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     p = cfg.stage.ppo
     _check(p.per_device_generation_batch_size >= 1, "stage.ppo.per_device_generation_batch_size", p.per_device_generation_batch_size, "must be >= 1")
     _check(p.samples_per_prompt >= 1, "stage.ppo.samples_per_prompt", p.samples_per_prompt, "must be >= 1")
+    _check(p.advantage_estimator in ESTIMATORS, "stage.ppo.advantage_estimator", p.advantage_estimator,
+           f"must be one of {list(ESTIMATORS)}")
+    _check(p.advantage_estimator not in ("grpo", "rloo") or p.samples_per_prompt >= 2, "stage.ppo.samples_per_prompt",
+           p.samples_per_prompt, f"must be >= 2 for stage.ppo.advantage_estimator={p.advantage_estimator} (the "
+           "group its baseline comes from)")
     # Each generation batch (prompts x samples_per_prompt rows) is cut into equal PPO minibatches.
     _check(p.per_device_training_batch_size >= 1
            and p.rows_per_generation_batch % p.per_device_training_batch_size == 0,
            "stage.ppo.per_device_training_batch_size", p.per_device_training_batch_size,
            f"must divide the rows of a generation batch, stage.ppo.per_device_generation_batch_size="
            f"{p.per_device_generation_batch_size} x stage.ppo.samples_per_prompt={p.samples_per_prompt}")
-    _check(p.advantage_estimator in ESTIMATORS, "stage.ppo.advantage_estimator", p.advantage_estimator,
-           f"must be one of {list(ESTIMATORS)}")
-    _check(p.advantage_estimator not in ("grpo", "rloo") or p.samples_per_prompt >= 2, "stage.ppo.samples_per_prompt",
-           p.samples_per_prompt, f"must be >= 2 for stage.ppo.advantage_estimator={p.advantage_estimator} (the "
-           "group its baseline comes from)")
     _check(p.kl_placement in ("reward", "loss"), "stage.ppo.kl_placement", p.kl_placement, "must be reward or loss")
     _check(p.kl_estimator in ("k1", "k3"), "stage.ppo.kl_estimator", p.kl_estimator, "must be k1 or k3")
     _check(p.loss_aggregation in ("token", "sequence", "constant"), "stage.ppo.loss_aggregation", p.loss_aggregation,
