@@ -92,9 +92,8 @@ def test_critic_free_run_builds_saves_and_plans_no_critic(sft_run, tmp_path, est
 def test_grpo_resume_equals_continuous(sft_run, tmp_path, monkeypatch):
     """4 steps uninterrupted vs stopped after the step-2 checkpoint and resumed: the same metrics and
     the same final weights (KL in the loss, k3, the GRPO paper's per-answer normalisation)."""
+    import pipeline.stages.ppo as ppo_stage
     from safetensors.torch import load_file
-
-    import stages.ppo
 
     settings = {"max_steps": 4, "checkpoint": {"every_steps": 2}, "kl_placement": "loss", "kl_estimator": "k3",
                 "kl_ctl": 0.04, "loss_aggregation": "sequence"}
@@ -107,7 +106,7 @@ def test_grpo_resume_equals_continuous(sft_run, tmp_path, monkeypatch):
         return False
 
     with monkeypatch.context() as patch:
-        patch.setattr(stages.ppo, "stop_requested", stop_at_first_checkpoint)
+        patch.setattr(ppo_stage, "stop_requested", stop_at_first_checkpoint)
         with pytest.raises(SystemExit):
             run_ppo(sft_run, tmp_path / "resumed", **settings)
     rows = [json.loads(line) for line in (tmp_path / "resumed" / "ppo" / "metrics.jsonl").read_text().splitlines()]
