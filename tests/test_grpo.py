@@ -178,3 +178,27 @@ def test_stage_options_compose():
             assert (cfg.stage.ppo.advantage_estimator, cfg.stage.ppo.samples_per_prompt) == (estimator, samples)
         cfg = load_config(compose("config", overrides=["+experiment=pick"]), check_paths=False)
         assert cfg.stage.ppo.advantage_estimator == "grpo" and cfg.model.tokenizer == "builtin:pick"
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_under_zero3(tmp_path: Path):
+    """[sft, ppo] with GRPO and the exact-match reward on 2 gloo ranks under torchrun, the actor and
+    its reference partitioned by ZeRO-3: each rank's groups are its own prompts' samples, rank 0 alone
+    writes metrics, heldout.json and the final actor; no critic anywhere."""
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    proc = run_cli("+experiment=pick", "data_blend.datasets.0.max_records=400", "run.log_interval=1",
+                   "stage.sft.max_steps=4", "stage.ppo.max_steps=3", "stage.ppo.samples_per_prompt=4",
+                   "stage.ppo.per_device_generation_batch_size=2", "stage.ppo.per_device_training_batch_size=4",
+                   "stage.ppo.eval_prompts=8", "stage.ppo.actor.strategy.zero_stage=3", "+deployment=single_node",
+                   "deployment.procs_per_node=2", f"run.output_dir={out}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "--nproc_per_node=2" in proc.stdout
+    rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3]
+    assert sorted(p.name for p in (out / "ppo" / "final").iterdir()) == ["actor"]
+    roles = json.loads((out / "plan.json").read_text())["stages"]["ppo"]["roles"]
+    assert {r["role"]: r["zero_stage"] for r in roles} == {"actor": 3, "ref": 3}
+    heldout = json.loads((out / "ppo" / "heldout.json").read_text())
+    assert all(n == 8 for _, n, _, _ in heldout.values())
