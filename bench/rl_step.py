@@ -1,6 +1,11 @@
-"""One online-RL step, ours (PPO) vs TRL's RLOOTrainer (TRL 1.x has no PPO trainer), A B A B.
+"""One online-RL step, ours vs TRL (TRL 1.x has no PPO trainer), A B A B.
 
-    python bench/rl_step.py                  # 2 pairs, 1 warm-up + 4 timed steps, 8 sequences x 64 new tokens
+    python bench/rl_step.py                  # our PPO vs RLOOTrainer: 2 pairs, 1 warm-up + 4 timed steps, 8 x 64 tokens
+    python bench/rl_step.py --method rloo    # our RLOO (no critic) vs RLOOTrainer, 4 prompts x 2 samples, KL beta 0.05
+    python bench/rl_step.py --method grpo    # our GRPO (no critic) vs GRPOTrainer, 4 prompts x 2 samples, KL beta 0.04 in the loss (k3)
+
+--method rloo / grpo: ours builds no critic (actor, reference, reward model), samples 2 answers per
+prompt like TRL's num_generations=2; per step the work is then the same on both sides.
 
 Ours: the DeepSpeed-Chat API, `RLHFEngine` (actor, frozen reference, critic, frozen reward; ZeRO 0,
 fp32, no LoRA) and `PPOTrainer`: per step `generate_experience` on 8 prompts then `train_rlhf`
@@ -30,8 +35,16 @@ MAX_PROMPT, NEW_TOKENS = 128, 64
 ACTOR_LR, CRITIC_LR = 1e-5, 5e-6
 
 
+# Our settings per method: the estimator and its KL (what TRL's trainer of the same name does).
+METHODS = {"ppo": {}, "rloo": {"advantage_estimator": "rloo", "samples_per_prompt": 2, "kl_ctl": 0.05},
+           "grpo": {"advantage_estimator": "grpo", "samples_per_prompt": 2, "kl_ctl": 0.04, "kl_placement": "loss",
+                    "kl_estimator": "k3"}}
+
+
 def config(args, out: Path) -> dict:
-    stage = {"ppo": {"per_device_generation_batch_size": args.batch, "per_device_training_batch_size": args.batch,
+    method = METHODS[args.method]
+    prompts_per_step = args.batch // method.get("samples_per_prompt", 1)
+    stage = {"ppo": {**method, "per_device_generation_batch_size": prompts_per_step, "per_device_training_batch_size": args.batch,
                      "generation": {"max_new_tokens": NEW_TOKENS, "temperature": 1.0, "top_p": 1.0, "top_k": 0},
                      "unsup_coef": 0.0,
                      "actor": {"optim": {"learning_rate": ACTOR_LR, "num_warmup_steps": 0}, "lora": C.NO_LORA,
@@ -62,11 +75,12 @@ def child_ours(args) -> dict:
     n = args.warmup + args.steps
     torch.manual_seed(C.SEED)
     engine = RLHFEngine(actor_model_name_or_path=work / "model", critic_model_name_or_path=work / "reward",
-                        tokenizer=tokenizer, num_total_iters=n, args=cfg)
+                        tokenizer=tokenizer, num_total_iters=n, args=cfg, reward_model_name_or_path=work / "reward")
     trainer = PPOTrainer(engine=engine, args=cfg)
     totals = {"step_s": 0.0, "generation_s": 0.0, "experience_s": 0.0, "training_s": 0.0, "flops": 0.0, "answer_tokens": 0.0}
+    per_step = cfg.stage.ppo.per_device_generation_batch_size
     for s in range(n):
-        batch = collate_prompts([{"prompt_input_ids": p} for p in all_prompts[s * args.batch:(s + 1) * args.batch]],
+        batch = collate_prompts([{"prompt_input_ids": p} for p in all_prompts[s * per_step:(s + 1) * per_step]],
                                 tokenizer.pad_token_id)
         t0 = time.perf_counter()
         exp = trainer.generate_experience(batch)
@@ -92,7 +106,7 @@ def child_trl(args) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
-    from trl import RLOOConfig, RLOOTrainer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     work = Path(args.work)
     tokenizer = C.load_tokenizer()
@@ -113,14 +127,15 @@ def child_trl(args) -> dict:
         def on_step_end(self, *a, **kw):
             times.append(time.perf_counter())
 
-    cfg = RLOOConfig(
-        output_dir=str(work / "runs" / f"trl_rloo_{time.time_ns()}"), per_device_train_batch_size=args.batch,
+    grpo = args.method == "grpo"
+    cfg = (GRPOConfig if grpo else RLOOConfig)(
+        output_dir=str(work / "runs" / f"trl_{args.method}_{time.time_ns()}"), per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1, num_generations=k, max_completion_length=NEW_TOKENS, temperature=1.0, top_p=1.0,
-        top_k=0, beta=0.05, num_iterations=1, max_steps=n, learning_rate=ACTOR_LR, lr_scheduler_type="cosine",
+        top_k=0, beta=0.04 if grpo else 0.05, num_iterations=1, max_steps=n, learning_rate=ACTOR_LR, lr_scheduler_type="cosine",
         warmup_steps=0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch", bf16=False, fp16=False,
         gradient_checkpointing=False, use_cpu=True, logging_strategy="no", save_strategy="no", eval_strategy="no",
         report_to=[], disable_tqdm=True, dataloader_num_workers=0, seed=C.SEED, shuffle_dataset=False)
-    trainer = RLOOTrainer(model=model, reward_funcs=[reward], args=cfg, train_dataset=Dataset.from_list([{"prompt": t} for t in texts]),
+    trainer = (GRPOTrainer if grpo else RLOOTrainer)(model=model, reward_funcs=[reward], args=cfg, train_dataset=Dataset.from_list([{"prompt": t} for t in texts]),
                           processing_class=tokenizer, reward_processing_classes=[tokenizer], callbacks=[Timer()])
     trainer.train()
     times = times[1:]  # end of each step
@@ -129,8 +144,11 @@ def child_trl(args) -> dict:
 
 
 def main() -> None:
-    ap = C.parser("One RL step: our PPO (RLHFEngine/PPOTrainer) vs TRL RLOOTrainer", steps=4, warmup=1)
+    ap = C.parser("One RL step: ours (RLHFEngine/PPOTrainer) vs TRL RLOOTrainer / GRPOTrainer", steps=4, warmup=1)
+    ap.add_argument("--method", choices=sorted(METHODS), default="ppo",
+                    help="ours: ppo (critic, vs RLOOTrainer), rloo (vs RLOOTrainer) or grpo (vs GRPOTrainer)")
     args = ap.parse_args()
+    args.extra = ["--method", args.method]  # to the child processes
     if args.child:
         C.emit(child_ours(args) if args.child == "ours" else child_trl(args))
         return
@@ -155,12 +173,21 @@ def main() -> None:
         print(f"ours/TRL samples/s: {C.spread(r)}  ({C.verdict(r, 1.5)})")
     if r and not args.no_record:
         o, t = runs["ours"], runs["trl"]
+        if args.method == "ppo":
+            title = "RL step: PPO vs TRL RLOOTrainer (CPU)"
+            what = ("`python bench/rl_step.py`: four OPT models of the bench shape (actor, reference, critic, reward), "
+                    "8 sampled sequences x 64 new tokens per step (TRL: 4 prompts x 2 generations), fp32. Ours does "
+                    "more work per step (critic forward + update, full-sequence logits): ~10 vs ~6 forward-equivalents. "
+                    "Split = generation / experience forwards / training share of our step. Median (min-max) over the pairs.")
+        else:
+            peer = "GRPOTrainer" if args.method == "grpo" else "RLOOTrainer"
+            title = f"RL step: {args.method.upper()} vs TRL {peer} (CPU)"
+            what = (f"`python bench/rl_step.py --method {args.method}`: actor, reference and reward model of the bench "
+                    f"shape, no critic on either side; 4 prompts x 2 samples x 64 new tokens per step, fp32, "
+                    f"{'KL beta 0.04 in the loss (k3)' if args.method == 'grpo' else 'KL beta 0.05'}. Split = generation / "
+                    "experience forwards / training share of our step. Median (min-max) over the pairs.")
         C.append_result(
-            "RL step: PPO vs TRL RLOOTrainer (CPU)",
-            "`python bench/rl_step.py`: four OPT models of the bench shape (actor, reference, critic, reward), "
-            "8 sampled sequences x 64 new tokens per step (TRL: 4 prompts x 2 generations), fp32. Ours does "
-            "more work per step (critic forward + update, full-sequence logits): ~10 vs ~6 forward-equivalents. "
-            "Split = generation / experience forwards / training share of our step. Median (min-max) over the pairs.",
+            title, what,
             ["machine", "steps (warm-up)", "ours samples/s", "TRL samples/s", "ratio ours/TRL", "ours gen / exp / train",
              "ours TFLOPs", "peak RSS MiB ours / TRL"],
             [C.machine(), f"{args.steps} ({args.warmup}) x {args.repeats}", C.spread([x["samples_per_s"] for x in o]),
