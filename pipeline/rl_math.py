@@ -490,3 +490,13 @@ def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[floa
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def difference_interval(right_a: float, n_a: int, right_b: float, n_b: int, z: float = 1.959964) -> tuple[float, float]:
+    """Interval (95% for the default z) of p_b - p_a for two independent proportions right / n, by
+    Newcombe's hybrid score method (his method 10: from the two Wilson intervals); it stays in [-1, 1]
+    and, unlike the Wald interval, keeps its coverage near 0 and 1."""
+    p_a, p_b = right_a / max(n_a, 1), right_b / max(n_b, 1)
+    (low_a, high_a), (low_b, high_b) = wilson_interval(right_a, n_a, z), wilson_interval(right_b, n_b, z)
+    d = p_b - p_a
+    return d - ((p_b - low_b) ** 2 + (high_a - p_a) ** 2) ** 0.5, d + ((high_b - p_b) ** 2 + (p_a - low_a) ** 2) ** 0.5

@@ -29,7 +29,7 @@ from pipeline.engine import tp_degree
 from pipeline.export import save_hf
 from pipeline.files import write_json_atomic
 from pipeline.resume import resume_stage, stop_requested
-from pipeline.rl_math import wilson_interval
+from pipeline.rl_math import difference_interval, wilson_interval
 from pipeline.rlhf import PPOTrainer, RLHFEngine, ptx_enabled
 from pipeline.tracking import MetricsLogger
 from pipeline.training import StageContext, epoch_batches, total_steps
@@ -207,6 +207,15 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
                   flush=True)
         for key, (right, n, low, high) in report.items():
             result[f"heldout_{key}"], result[f"heldout_{key}_ci95"] = right / n, [low, high]
+        for mode in MODES:  # after - before, with Newcombe's 95% interval
+            if f"{mode}_before" in heldout:
+                (r0, n0), (r1, n1) = heldout[f"{mode}_before"], heldout[f"{mode}_after"]
+                result[f"heldout_{mode}_gain"] = r1 / n1 - r0 / n0
+                result[f"heldout_{mode}_gain_ci95"] = list(difference_interval(r0, n0, r1, n1))
+        if ctx.is_main and "heldout_sampled_gain" in result:
+            print("[ppo] held-out gain: " + ", ".join(
+                f"{mode} {result[f'heldout_{mode}_gain']:+.3f} [{result[f'heldout_{mode}_gain_ci95'][0]:+.3f}, "
+                f"{result[f'heldout_{mode}_gain_ci95'][1]:+.3f}]" for mode in MODES), flush=True)
         result["heldout_prompts"] = n_eval
     return result
 

@@ -87,6 +87,9 @@ def test_critic_free_run_builds_saves_and_plans_no_critic(sft_run, tmp_path, est
     for key, (right, n, low, high) in heldout.items():
         assert n == 6 and 0 <= right <= n and low <= right / n <= high
         assert result[f"heldout_{key}"] == right / n and result[f"heldout_{key}_ci95"] == [low, high]
+    for mode in ("greedy", "sampled"):
+        gain, (low, high) = result[f"heldout_{mode}_gain"], result[f"heldout_{mode}_gain_ci95"]
+        assert gain == pytest.approx(result[f"heldout_{mode}_after"] - result[f"heldout_{mode}_before"]) and low <= gain <= high
 
 
 def test_grpo_resume_equals_continuous(sft_run, tmp_path, monkeypatch):

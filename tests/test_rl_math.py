@@ -11,6 +11,7 @@ from pipeline.rl_math import (
     aggregate_loss,
     answer_mask,
     critic_loss,
+    difference_interval,
     discounted_returns,
     gae_advantages,
     grpo_advantages,
@@ -312,3 +313,10 @@ def test_loss_aggregation_variants():
     adv = t([[1.0, 1.0, 1.0], [-2.0, 0.0, 0.0]])
     loss, _ = actor_loss(t([[0.0] * 3] * 2), t([[0.0] * 3] * 2), adv, mask, 0.2, aggregation="sequence")
     assert float(loss) == pytest.approx((-1.0 + 2.0) / 2)
+
+
+def test_difference_interval_is_newcombes():
+    # Newcombe (1998), table II, example (a): 56/70 vs 48/80, difference 0.2 with 95% interval 0.0524 to 0.3339
+    low, high = difference_interval(48, 80, 56, 70)
+    assert (low, high) == pytest.approx((0.0524, 0.3339), abs=1e-4)
+    assert difference_interval(5, 10, 5, 10)[0] < 0 < difference_interval(5, 10, 5, 10)[1]
