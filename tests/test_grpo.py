@@ -95,8 +95,9 @@ def test_critic_free_run_builds_saves_and_plans_no_critic(sft_run, tmp_path, est
 def test_grpo_resume_equals_continuous(sft_run, tmp_path, monkeypatch):
     """4 steps uninterrupted vs stopped after the step-2 checkpoint and resumed: the same metrics and
     the same final weights (KL in the loss, k3, the GRPO paper's per-answer normalisation)."""
-    import pipeline.stages.ppo as ppo_stage
     from safetensors.torch import load_file
+
+    import pipeline.stages.ppo as ppo_stage
 
     settings = {"max_steps": 4, "checkpoint": {"every_steps": 2}, "kl_placement": "loss", "kl_estimator": "k3",
                 "kl_ctl": 0.04, "loss_aggregation": "sequence"}
