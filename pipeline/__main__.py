@@ -3,7 +3,7 @@
     python -m pipeline +experiment=demo                 # offline tiny demo, CPU, minutes
     python -m pipeline                                  # DeepSpeed-Chat defaults (OPT-1.3B + OPT-350M)
     python -m pipeline +deployment=multi_node model.actor=opt-66b
-    python -m pipeline run.stages=[sft,rm] run.output_dir=/runs/a
+    python -m pipeline 'run.stages=[sft,rm]' run.output_dir=/runs/a
     python -m pipeline --cfg job --resolve              # print the composed config
 """
 

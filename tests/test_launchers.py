@@ -331,8 +331,8 @@ def test_two_rank_run_finishes_every_stage_under_torchrun(two_rank_run):
     out, _, proc = two_rank_run
     assert "launching torch.distributed.run" in proc.stdout and "--nproc_per_node=2" in proc.stdout
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"sft", "rm", "ppo"}
-    for stage in results:
+    assert set(results) == {"sft", "rm", "ppo", "truth"}  # truth: the built-in task's held-out ground truth
+    for stage in ("sft", "rm", "ppo"):
         assert json.loads((out / stage / "manifest.json").read_text())["result"]["steps"] >= 1
         # Only rank 0 writes metrics: one line per (step, split), not two.
         rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
@@ -416,7 +416,7 @@ def test_two_node_run_through_the_deepspeed_launcher_and_pdsh(tmp_path: Path):
     assert "launching deepspeed.launcher.runner" in proc.stdout
     assert "localhost: " in proc.stdout and "127.0.0.1: " in proc.stdout  # both nodes' output, through pdsh
     assert OmegaConf.load(out / "config.yaml").run.name == name
-    assert set(json.loads((out / "results.json").read_text())) == {"sft", "rm", "ppo"}
+    assert set(json.loads((out / "results.json").read_text())) == {"sft", "rm", "ppo", "truth"}
     assert_disjoint_shards(shards)
     assert not (out / ".launch" / "node_launch.json").exists()
     assert not (out / ".lock").exists()  # rank 0 had the parent's token through the launch file
