@@ -105,7 +105,7 @@ def test_demo_multirun_of_two_values_runs_as_two_slurm_jobs(slurm, tmp_path: Pat
         run = sweep / str(num)
         assert OmegaConf.load(run / "config.yaml").stage.ppo.actor.optim.learning_rate == pytest.approx(lr)
         results = json.loads((run / "results.json").read_text())
-        assert set(results) == {"sft", "rm", "ppo"}
+        assert set(results) == {"sft", "rm", "ppo", "truth"}  # truth: held-out ground truth of the built-in task
         for stage in ("sft", "rm", "ppo"):
             assert (run / stage / "manifest.json").exists()
         model = AutoModelForCausalLM.from_pretrained(run / "ppo" / "final" / "actor")
