@@ -12,6 +12,7 @@ exist, or holds no model, that is said in one line.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -182,6 +183,12 @@ def _cached_config_json(hub_id: str) -> Path | None:
         return None
     found = try_to_load_from_cache(hub_id, "config.json")
     return Path(found) if isinstance(found, (str, os.PathLike)) else None
+
+
+def fitted_vocab(model_vocab: int, tokenizer_tokens: int) -> int:
+    """Embedding rows a model has once loaded with a tokenizer of `tokenizer_tokens` tokens: grown to the
+    next multiple of 8 (what GPU matmul kernels prefer) when the tokenizer has more, else unchanged."""
+    return model_vocab if tokenizer_tokens <= model_vocab else 8 * math.ceil(tokenizer_tokens / 8)
 
 
 def resolve_model(name: str, key: str | None = None) -> ModelSpec:

@@ -9,6 +9,7 @@ loads them); the layout this pipeline wrote before and DeepSpeed-Chat's are read
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from pipeline.catalog import ModelSpec, local_folder, resolve_model
+from pipeline.catalog import ModelSpec, fitted_vocab, local_folder, resolve_model
 from pipeline.dist import barrier, rank
 from pipeline.engine import activation_checkpointing, gathered_params, set_activation_checkpointing
 from pipeline.errors import UserError
@@ -82,6 +83,27 @@ def load_tokenizer(source: str, work_dir: Path, trust_remote_code: bool = False)
     return tokenizer
 
 
+@functools.lru_cache(maxsize=8)
+def tokenizer_size(source: str, trust_remote_code: bool = False) -> int | None:
+    """len() of the tokenizer at `source` (what the models' embeddings are fitted to), read without
+    writing anything: built-in ones are built in a temporary folder, hub ids only from the local
+    cache. None when it cannot be read here (load_tokenizer says why when the run starts)."""
+    from transformers import AutoTokenizer
+
+    if source == "builtin" or source.startswith("builtin:"):
+        import tempfile
+
+        from pipeline.data import builtin, pick
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = (pick if source == pick.TOKENIZER else builtin).save_tokenizer(tmp)
+            return len(AutoTokenizer.from_pretrained(str(folder)))
+    try:
+        return len(AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True))
+    except (OSError, ValueError):
+        return None
+
+
 # --------------------------------------------------------------------------- base weights
 
 
@@ -90,7 +112,7 @@ def materialize(name: str, work_dir: Path, vocab_size: int, seed: int) -> str:
     spec = resolve_model(name)
     if not spec.is_builtin:
         return spec.source
-    vocab = max(spec.vocab_size, 8 * math.ceil(vocab_size / 8))
+    vocab = fitted_vocab(spec.vocab_size, vocab_size)
     path = work_dir / "base_models" / f"{spec.name}-v{vocab}-s{seed}"
     if rank() == 0 and not (path / "config.json").exists():  # rank 0 writes, the others wait
         atomic_dir(path, lambda tmp: _random_init(spec, vocab, seed).save_pretrained(tmp))
@@ -124,8 +146,9 @@ def _model_config(source: str, dropout: float | None, trust_remote_code: bool):
 def _fit_vocab(model, tokenizer) -> None:
     """Grow the embeddings (to a multiple of 8) when the tokenizer has more tokens than the model."""
     weight = model.get_input_embeddings().weight
-    if len(tokenizer) > getattr(weight, "ds_shape", weight.shape)[0]:  # ds_shape: built under ZeRO-3, partitioned
-        model.resize_token_embeddings(8 * math.ceil(len(tokenizer) / 8))
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # ds_shape: built under ZeRO-3, partitioned
+    if fitted_vocab(rows, len(tokenizer)) != rows:
+        model.resize_token_embeddings(fitted_vocab(rows, len(tokenizer)))
 
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

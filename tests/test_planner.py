@@ -386,6 +386,26 @@ def test_local_folder_model_is_sized_from_config_json(tmp_path):
     assert plan.fits and plan.stages["sft"].role("actor").params == CATALOG["tiny-opt"].num_params()
 
 
+def test_models_are_sized_with_the_embedding_rows_the_tokenizer_grows_them_to(shared_data, tmp_path):
+    """tiny-opt has 512 embedding rows; loaded with the OPT tokenizer (50265 tokens) it grows to 50272
+    (the next multiple of 8), and the plan counts those rows: 50272*64 + 514*64 positions + 2 layers *
+    49984 + 2*64 final LayerNorm = 3,350,400 parameters (165,760 with the built-in tokenizer); critic
+    and reward add their value head's 64 weights."""
+    from pipeline.models import load_causal_lm, load_tokenizer, materialize
+
+    cfg = make("tiny-opt", "cpu", reward="tiny-opt")
+    assert P.plan_run(cfg).stages["sft"].role("actor").params == 165_760
+    cfg.model.tokenizer = str(shared_data / "tokenizers" / "opt")
+    plan = P.plan_run(cfg)
+    assert {(r.role, r.params) for sp in plan.stages.values() for r in sp.roles} == {
+        ("actor", 3_350_400), ("ref", 3_350_400), ("critic", 3_350_464), ("reward", 3_350_464)}  # + value head
+    assert not any("different tokenizers" in w for w in plan.warnings)
+    tokenizer = load_tokenizer(cfg.model.tokenizer, tmp_path)
+    model = load_causal_lm(materialize("tiny-opt", tmp_path, len(tokenizer), seed=0), tokenizer)
+    assert model.get_input_embeddings().weight.shape[0] == 50272
+    assert sum(p.numel() for p in model.parameters()) == 3_350_400
+
+
 def test_reward_model_of_another_tokenizer_family_is_flagged():
     """DeepSpeed-Chat users hit embedding mismatches with a LLaMA actor and an OPT reward model; here
     one tokenizer serves every model, so the plan says what that costs instead."""

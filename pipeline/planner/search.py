@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
-from pipeline.catalog import ModelSpec, UnknownModelError, resolve_model
+from pipeline.catalog import ModelSpec, UnknownModelError, fitted_vocab, resolve_model
 from pipeline.config import FROZEN_ROLES, TRAINED_ROLES, RunConfig, at, role_key, tensor_parallel_refusal
 from pipeline.planner.memory import (
     DEFAULT_LORA_DIM,
@@ -90,11 +90,13 @@ class _Inputs:
         return self.host_gib / self.ranks_per_node
 
 
-def _spec(name: str) -> Optional[ModelSpec]:
+def _spec(name: str, tokenizer_tokens: Optional[int]) -> Optional[ModelSpec]:
+    """The model's numbers as it will be loaded: its embedding grown to hold the run's tokenizer."""
     try:
-        return resolve_model(name)
+        spec = resolve_model(name)
     except UnknownModelError:
         return None
+    return replace(spec, vocab_size=fitted_vocab(spec.vocab_size, tokenizer_tokens)) if tokenizer_tokens else spec
 
 
 def _inputs(cfg: RunConfig) -> _Inputs:
@@ -111,11 +113,14 @@ def _inputs(cfg: RunConfig) -> _Inputs:
     for stage, role, key in FROZEN_ROLES:
         cons.append(((stage, role), _Constraint(offload=at(cfg, key))))
     dropout = cfg.model.dropout
+    from pipeline.models import tokenizer_size  # transformers: imported only when a plan is made
+
+    tokens = tokenizer_size(cfg.tokenizer_source, cfg.model.trust_remote_code)
     return _Inputs(
         device=hw.device, memory_gib=float(hw.memory_gib), ranks_per_node=per_node, world=world,
         dtype=cfg.dtype, host_gib=float(host),
         dropout=bool(dropout is None or dropout > 0),
-        actor=_spec(cfg.model.actor), reward=_spec(cfg.model.reward),
+        actor=_spec(cfg.model.actor, tokens), reward=_spec(cfg.model.reward, tokens),
         actor_name=cfg.model.actor, reward_name=cfg.model.reward,
         sft_batch=cfg.stage.sft.per_device_train_batch_size, rm_batch=cfg.stage.rm.per_device_train_batch_size,
         ppo_gen_batch=cfg.stage.ppo.rows_per_generation_batch,
