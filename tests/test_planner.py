@@ -406,6 +406,34 @@ def test_models_are_sized_with_the_embedding_rows_the_tokenizer_grows_them_to(sh
     assert sum(p.numel() for p in model.parameters()) == 3_350_400
 
 
+def test_tokenizer_warning_compares_the_tokenizers_saved_beside_the_models(shared_data, tmp_path):
+    """Random-init models saved with the OPT tokenizer are not flagged whatever their family or embedding
+    size; one saved with another tokenizer is, even of the same family and size."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    from pipeline.data import builtin
+
+    opt_tokenizer = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "opt")
+    other_tokenizer = AutoTokenizer.from_pretrained(builtin.save_tokenizer(tmp_path / "builtin_tokenizer"))
+    small = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    folders = {
+        "opt": (OPTForCausalLM(OPTConfig(vocab_size=512, ffn_dim=256, word_embed_proj_dim=64, **small)), opt_tokenizer),
+        "llama": (LlamaForCausalLM(LlamaConfig(vocab_size=50272, intermediate_size=128, **small)), opt_tokenizer),
+        "opt_other": (OPTForCausalLM(OPTConfig(vocab_size=512, ffn_dim=256, word_embed_proj_dim=64, **small)),
+                      other_tokenizer),
+    }
+    for name, (model, tokenizer) in folders.items():
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+
+    def flagged(actor: str, reward: str) -> bool:
+        cfg = make(str(tmp_path / actor), "cpu", reward=str(tmp_path / reward))
+        return any("different tokenizers" in w for w in P.plan_run(cfg).warnings)
+
+    assert not flagged("opt", "llama") and not flagged("llama", "opt")
+    assert flagged("opt", "opt_other")
+
+
 def test_reward_model_of_another_tokenizer_family_is_flagged():
     """DeepSpeed-Chat users hit embedding mismatches with a LLaMA actor and an OPT reward model; here
     one tokenizer serves every model, so the plan says what that costs instead."""

@@ -58,6 +58,8 @@ candidates, and when none of the remaining ones fits the planner warns and sugge
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Optional
 
 from pipeline.catalog import ModelSpec
@@ -145,9 +147,28 @@ def plan_run(cfg: RunConfig) -> Plan:
 
 
 def _other_tokenizer(a: ModelSpec, b: ModelSpec) -> bool:
-    """Another model family, or vocabularies apart by more than padding (LLaMA-2 32000 vs LLaMA-3 128256;
-    Qwen2.5 0.5B 151936 vs 7B 152064 is padding)."""
+    """Folders saved with different tokenizers; for models without one saved beside them: another model
+    family, or vocabularies apart by more than padding (LLaMA-2 32000 vs LLaMA-3 128256; Qwen2.5 0.5B
+    151936 vs 7B 152064 is padding)."""
+    saved_a, saved_b = _saved_tokenizer(a.source), _saved_tokenizer(b.source)
+    if saved_a and saved_b:
+        return saved_a != saved_b
     return a.family != b.family or abs(a.vocab_size - b.vocab_size) > 0.01 * max(a.vocab_size, b.vocab_size)
+
+
+def _saved_tokenizer(source: str) -> Optional[str]:
+    """The vocabulary saved in a local model folder, as text to compare (tokenizer.json's model and added
+    tokens, whatever formatting the writer used; else the slow tokenizers' files); None when it has none."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    if (folder / "tokenizer.json").is_file():
+        saved = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        return json.dumps([saved.get("model"), saved.get("added_tokens")], sort_keys=True)
+    for names in (("vocab.json", "merges.txt"), ("tokenizer.model",), ("vocab.txt",)):
+        if all((folder / name).is_file() for name in names):
+            return "".join((folder / name).read_bytes().hex() for name in names)
+    return None
 
 
 def dry_run_report(cfg: RunConfig, plan: Optional[Plan] = None) -> str:
