@@ -122,11 +122,14 @@ def epoch_order(n: int, seed: int = SEED, epoch: int = 0) -> list[int]:
 # --------------------------------------------------------------------------- child side
 
 
-def time_engine_steps(stage_module) -> list[float]:
-    """Wrap `stage_module.initialize` so that every engine.step() of that stage appends a
-    perf_counter timestamp to the returned list (our side of the SFT and RM benches)."""
+def time_engine_steps() -> list[float]:
+    """Wrap `pipeline.training.initialize` (through which stages/sft.py, rm.py and dpo.py build their
+    engine) so that every engine.step() appends a perf_counter timestamp to the returned list (our side
+    of the SFT, RM and DPO benches)."""
+    import pipeline.training as training
+
     times: list[float] = []
-    original = stage_module.initialize
+    original = training.initialize
 
     def timed_initialize(*a, **k):
         engine = original(*a, **k)
@@ -140,7 +143,7 @@ def time_engine_steps(stage_module) -> list[float]:
         engine.step = timed_step
         return engine
 
-    stage_module.initialize = timed_initialize
+    training.initialize = timed_initialize
     return times
 
 

@@ -5,12 +5,13 @@ accuracy each side's policy reaches after the same number of pairs.
 
 Ours: `pipeline.runner.run_pipeline` with run.stages=[dpo] and model.actor = the bench model folder
 (stages/dpo.py as users run it: the policy a DeepSpeed engine at ZeRO 0, the frozen reference a plain
-module, one forward of each over the 2B chosen and rejected rows, fp32, AdamW, cosine schedule,
-clipping 1.0); each `engine.step()` is timed by wrapping the engine `pipeline.stages.dpo` builds. Theirs:
-`trl.DPOTrainer` with the same model folder as policy and reference, the same tokenized pairs (prompt,
-chosen and rejected ids from our data layer, so TRL's own tokenization is skipped) in the same order
-(a sequential sampler over our epoch order), beta 0.1, sigmoid loss, the same optimizer settings, no
-eval/saving/logging. pairs/s counts the steps after warm-up; peak RSS is taken when training ends.
+module, one forward of each over the 2B chosen and rejected rows, fp32, AdamW, cosine schedule, clipping
+1.0); each `engine.step()` is timed by wrapping `pipeline.training.initialize`, which builds the stage's
+engine. Theirs: `trl.DPOTrainer` with the same model folder as policy and reference, the same tokenized
+pairs (prompt, chosen and rejected ids from our data layer, so TRL's own tokenization is skipped) in the
+same order (a sequential sampler over our epoch order), beta 0.1, sigmoid loss, the same optimizer
+settings, no eval/saving/logging. pairs/s counts the steps after warm-up; peak RSS is taken when
+training ends.
 
 Held-out accuracy: after training, each child scores the same held-out pairs (the rm slice's eval
 split) with one function, stages/dpo.py's pair_step: implicit reward beta * (policy - reference)
@@ -84,11 +85,10 @@ def child_ours(args) -> tuple[list[float], object]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    import pipeline.stages.dpo as dpo_stage
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
 
-    times = C.time_engine_steps(dpo_stage)
+    times = C.time_engine_steps()
     out = Path(args.work) / "runs" / f"ours_dpo_{time.time_ns()}"
     run_pipeline(load_config(config(args, out)))
     return times, AutoModelForCausalLM.from_pretrained(str(out / "dpo" / "final"), dtype=torch.float32)

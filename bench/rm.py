@@ -2,12 +2,12 @@
 
     python bench/rm.py                       # 2 pairs, 2 warm-up + 6 timed steps each, 8 pairs per micro-batch
 
-Ours: `pipeline.runner.run_pipeline` with run.stages=[rm] (stages/rm.py: RewardModel = OPT base +
-value head, DeepSpeed ZeRO 0, fp32, pairwise loss over the diverging tokens); each `engine.step()`
-is timed by wrapping the engine `pipeline.stages.rm` builds. Theirs: `trl.RewardTrainer` with
-`OPTForSequenceClassification` (num_labels 1) from the same model folder, the same tokenized pairs in
-the same order (chosen and rejected padded together into one 2B batch on both sides), same
-optimizer settings, no eval/saving/logging. pairs/s counts the steps after warm-up only.
+Ours: `pipeline.runner.run_pipeline` with run.stages=[rm] (stages/rm.py: RewardModel = OPT base + value
+head, DeepSpeed ZeRO 0, fp32, pairwise loss over the diverging tokens); each `engine.step()` is timed by
+wrapping `pipeline.training.initialize`, which builds the stage's engine. Theirs: `trl.RewardTrainer`
+with `OPTForSequenceClassification` (num_labels 1) from the same model folder, the same tokenized pairs
+in the same order (chosen and rejected padded together into one 2B batch on both sides), same optimizer
+settings, no eval/saving/logging. pairs/s counts the steps after warm-up only.
 """
 
 from __future__ import annotations
@@ -45,11 +45,10 @@ def timed_tokens(examples: list[dict], args) -> int:
 
 
 def child_ours(args) -> list[float]:
-    import pipeline.stages.rm as rm_stage
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
 
-    times = C.time_engine_steps(rm_stage)
+    times = C.time_engine_steps()
     run_pipeline(load_config(config(args, Path(args.work) / "runs" / f"ours_rm_{time.time_ns()}")))
     return times
 

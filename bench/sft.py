@@ -5,10 +5,10 @@
 
 Ours: `pipeline.runner.run_pipeline` with run.stages=[sft] (stages/sft.py as users run it: DeepSpeed
 engine, ZeRO 0, fp32, AdamW, cosine schedule, clipping 1.0); the time of each `engine.step()` is
-recorded by wrapping the engine `pipeline.stages.sft` builds. Theirs: `trl.SFTTrainer` on the same model
-folder, the same tokenized examples in the same order (a sequential sampler over our epoch
-order), the same micro-batch, max length, optimizer settings, fp32 on CPU, no gradient
-checkpointing, no eval/saving/logging. samples/s and tokens/s (non-pad tokens) count the steps
+recorded by wrapping `pipeline.training.initialize`, which builds the stage's engine. Theirs:
+`trl.SFTTrainer` on the same model folder, the same tokenized examples in the same order (a sequential
+sampler over our epoch order), the same micro-batch, max length, optimizer settings, fp32 on CPU, no
+gradient checkpointing, no eval/saving/logging. samples/s and tokens/s (non-pad tokens) count the steps
 after warm-up only; the start-up and our before/after evaluation are outside the timed span.
 """
 
@@ -52,11 +52,10 @@ def timed_tokens(examples: list[dict], args) -> tuple[int, int]:
 
 
 def child_ours(args) -> list[float]:
-    import pipeline.stages.sft as sft_stage
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
 
-    times = C.time_engine_steps(sft_stage)
+    times = C.time_engine_steps()
     out = Path(args.work) / "runs" / f"ours_sft_{time.time_ns()}"
     run_pipeline(load_config(config(args, out)))
     return times

@@ -1,4 +1,6 @@
-"""Small pieces every stage's loop uses: the stage context, data order, step budget, non-finite guard."""
+"""Small pieces every stage's loop uses: the stage context, data order, step budget, non-finite guard,
+and the two set-up steps the single-engine stages (sft, rm, dpo) share: the engine with its step budget,
+and the resume point with the evaluation before training."""
 
 from __future__ import annotations
 
@@ -11,10 +13,12 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoint import ConfigRecord
-from pipeline.config import ConfigError
+from pipeline.checkpoint import Checkpointer, ConfigRecord
+from pipeline.config import ConfigError, RunConfig, SupervisedSection
 from pipeline.dist import any_rank, dp_rank, dp_world_size, rank
+from pipeline.engine import initialize, tp_degree
 from pipeline.errors import UserError
+from pipeline.resume import resume_stage
 
 
 @dataclass
@@ -79,6 +83,34 @@ def total_steps(n_examples: int, micro_batch: int, grad_accum: int, epochs: int,
                           f"({micro_batch} x {grad_accum} x {replicas}); lower it or add data")
     steps = per_epoch * epochs
     return min(steps, max_steps) if max_steps else steps
+
+
+def engine_and_budget(cfg: RunConfig, model, s: SupervisedSection, where: str,
+                      n_train: int) -> tuple[Any, int, int, int]:
+    """The DeepSpeed engine training `model` as stage section `s` says (`where`: its config key, e.g.
+    "stage.dpo") on n_train examples: (engine, total optimizer steps, steps per epoch, tensor-parallel
+    degree; the ranks of a tensor-parallel group share their batches)."""
+    tp = tp_degree(s.strategy)
+    n_steps = total_steps(n_train, s.per_device_train_batch_size, s.gradient_accumulation_steps, s.num_train_epochs,
+                          s.max_steps, where, tp)
+    per_epoch = steps_per_epoch(n_train, s.per_device_train_batch_size, s.gradient_accumulation_steps, tp)
+    engine = initialize(cfg, model, s, where, micro_batch=s.per_device_train_batch_size,
+                        grad_accum=s.gradient_accumulation_steps, total_steps=n_steps)
+    return engine, n_steps, per_epoch, tp
+
+
+def resume_or_evaluate(cfg: RunConfig, ctx: StageContext, stage: str, s: SupervisedSection, logger, engines: dict,
+                       evaluate: Callable[[], dict]) -> tuple[Checkpointer, int, dict]:
+    """(the stage's checkpointer, the step it resumes from (0 on a fresh start), the held-out evaluation
+    before training): the checkpoint's `eval_before` on resume, else `evaluate()`, logged at step 0."""
+    checkpointer = Checkpointer(cfg.stage_dir(stage), s.checkpoint.every_steps, s.checkpoint.every_minutes,
+                                s.checkpoint.keep, ctx.config)
+    state = resume_stage(cfg, checkpointer, stage, logger, engines)
+    before = state.get("eval_before")
+    if before is None:
+        before = evaluate()
+        logger.log(0, "eval", **before)
+    return checkpointer, state["step"], before
 
 
 def _rows(data, indices: list[int]) -> list[dict]:

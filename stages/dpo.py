@@ -20,24 +20,23 @@ from functools import partial
 
 import torch
 
-from pipeline.checkpoint import Checkpointer
 from pipeline.config import DPOSection, RunConfig
 from pipeline.data import load_stage_data
 from pipeline.data.collate import collate_pairs
 from pipeline.dist import all_reduce_mean
-from pipeline.engine import inference_engine, initialize, tp_degree, zero3_construction
+from pipeline.engine import inference_engine, zero3_construction
 from pipeline.export import save_hf
 from pipeline.models import load_causal_lm
-from pipeline.resume import resume_stage, stop_requested
+from pipeline.resume import stop_requested
 from pipeline.rl_math import dpo_loss, preference_accuracy, sequence_logprobs, wilson_interval
 from pipeline.tracking import MetricsLogger
 from pipeline.training import (
     NonFiniteGuard,
     StageContext,
     accumulation_batches,
+    engine_and_budget,
     eval_batches,
-    steps_per_epoch,
-    total_steps,
+    resume_or_evaluate,
 )
 
 EVAL_KEYS = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "policy_accuracy")
@@ -93,12 +92,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
 
     with zero3_construction(cfg, s.strategy):
         model = start_model()
-    tp = tp_degree(s.strategy)  # the ranks of a tensor-parallel group share their batches
-    n_steps = total_steps(len(data.train), s.per_device_train_batch_size, s.gradient_accumulation_steps,
-                          s.num_train_epochs, s.max_steps, "stage.dpo", tp)
-    per_epoch = steps_per_epoch(len(data.train), s.per_device_train_batch_size, s.gradient_accumulation_steps, tp)
-    engine = initialize(cfg, model, s, "stage.dpo", micro_batch=s.per_device_train_batch_size,
-                        grad_accum=s.gradient_accumulation_steps, total_steps=n_steps)
+    engine, n_steps, per_epoch, tp = engine_and_budget(cfg, model, s, "stage.dpo", len(data.train))
     reference = inference_engine(cfg, start_model, s.strategy, s.offloads_reference())
 
     def evaluate() -> dict[str, float]:
@@ -125,15 +119,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
             result[f"{key}_low"], result[f"{key}_high"] = wilson_interval(result[key] * total, total)
         return result
 
-    # ---- resume
-    checkpointer = Checkpointer(out, s.checkpoint.every_steps, s.checkpoint.every_minutes, s.checkpoint.keep,
-                                ctx.config)
-    state = resume_stage(cfg, checkpointer, "dpo", logger, {"actor": engine})
-    step = state["step"]
-    before = state.get("eval_before")
-    if before is None:
-        before = evaluate()
-        logger.log(0, "eval", **before)
+    # ---- resume (or evaluate the start)
+    checkpointer, step, before = resume_or_evaluate(cfg, ctx, "dpo", s, logger, {"actor": engine}, evaluate)
 
     # ---- train
     logger.begin(n_steps, step)

@@ -13,24 +13,23 @@ from functools import partial
 
 import torch
 
-from pipeline.checkpoint import Checkpointer
 from pipeline.config import RunConfig
 from pipeline.data import load_stage_data
 from pipeline.data.collate import collate_pairs
 from pipeline.dist import all_reduce_mean
-from pipeline.engine import initialize, tp_degree, zero3_construction
+from pipeline.engine import zero3_construction
 from pipeline.export import save_hf
 from pipeline.models import RewardModel, materialize
-from pipeline.resume import resume_stage, stop_requested
+from pipeline.resume import stop_requested
 from pipeline.rl_math import pairwise_ranking_loss
 from pipeline.tracking import MetricsLogger
 from pipeline.training import (
     NonFiniteGuard,
     StageContext,
     accumulation_batches,
+    engine_and_budget,
     eval_batches,
-    steps_per_epoch,
-    total_steps,
+    resume_or_evaluate,
 )
 
 
@@ -58,12 +57,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     source = materialize(cfg.model.reward, ctx.work_dir, len(tokenizer), cfg.run.seed)
     with zero3_construction(cfg, s.strategy):
         model = RewardModel.from_base(source, tokenizer, cfg.dtype, cfg.model.dropout, cfg.model.trust_remote_code)
-    tp = tp_degree(s.strategy)  # the ranks of a tensor-parallel group share their batches
-    n_steps = total_steps(len(data.train), s.per_device_train_batch_size, s.gradient_accumulation_steps,
-                          s.num_train_epochs, s.max_steps, "stage.rm", tp)
-    per_epoch = steps_per_epoch(len(data.train), s.per_device_train_batch_size, s.gradient_accumulation_steps, tp)
-    engine = initialize(cfg, model, s, "stage.rm", micro_batch=s.per_device_train_batch_size,
-                        grad_accum=s.gradient_accumulation_steps, total_steps=n_steps)
+    engine, n_steps, per_epoch, tp = engine_and_budget(cfg, model, s, "stage.rm", len(data.train))
 
     def evaluate() -> dict[str, float]:
         """Held-out accuracy (chosen scored above rejected), mean chosen and rejected score, loss."""
@@ -84,15 +78,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
         acc, mc, mr, ml = all_reduce_mean([correct / n, chosen_sum / n, rejected_sum / n, loss_sum / n], pairs)
         return {"accuracy": acc, "chosen_score": mc, "rejected_score": mr, "loss": ml}
 
-    # ---- resume
-    checkpointer = Checkpointer(out, s.checkpoint.every_steps, s.checkpoint.every_minutes, s.checkpoint.keep,
-                                ctx.config)
-    state = resume_stage(cfg, checkpointer, "rm", logger, {"reward": engine})
-    step = state["step"]
-    before = state.get("eval_before")
-    if before is None:
-        before = evaluate()
-        logger.log(0, "eval", **before)
+    # ---- resume (or evaluate the start)
+    checkpointer, step, before = resume_or_evaluate(cfg, ctx, "rm", s, logger, {"reward": engine}, evaluate)
 
     # ---- train
     logger.begin(n_steps, step)

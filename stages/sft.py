@@ -15,7 +15,7 @@ from pipeline.config import RunConfig
 from pipeline.data import load_stage_data
 from pipeline.data.collate import collate_sft
 from pipeline.dist import all_reduce_mean
-from pipeline.engine import initialize, tp_degree, zero3_construction
+from pipeline.engine import zero3_construction
 from pipeline.export import save_hf
 from pipeline.models import load_causal_lm, materialize
 from pipeline.resume import resume_stage, stop_requested
@@ -24,10 +24,9 @@ from pipeline.training import (
     NonFiniteGuard,
     StageContext,
     accumulation_batches,
+    engine_and_budget,
     eval_batches,
     perplexity,
-    steps_per_epoch,
-    total_steps,
 )
 
 
@@ -47,12 +46,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     source = materialize(cfg.model.actor, ctx.work_dir, len(tokenizer), cfg.run.seed)
     with zero3_construction(cfg, s.strategy):
         model = load_causal_lm(source, tokenizer, cfg.dtype, cfg.model.dropout, cfg.model.trust_remote_code)
-    tp = tp_degree(s.strategy)  # the ranks of a tensor-parallel group share their batches
-    n_steps = total_steps(len(data.train), s.per_device_train_batch_size, s.gradient_accumulation_steps,
-                          s.num_train_epochs, s.max_steps, "stage.sft", tp)
-    per_epoch = steps_per_epoch(len(data.train), s.per_device_train_batch_size, s.gradient_accumulation_steps, tp)
-    engine = initialize(cfg, model, s, "stage.sft", micro_batch=s.per_device_train_batch_size,
-                        grad_accum=s.gradient_accumulation_steps, total_steps=n_steps)
+    engine, n_steps, per_epoch, tp = engine_and_budget(cfg, model, s, "stage.sft", len(data.train))
 
     def evaluate() -> float:
         engine.eval()
