@@ -1,4 +1,5 @@
-"""Shared fixtures: paths to the real data beside the project, a tiny demo run."""
+"""Shared fixtures and helpers: paths to the real data beside the project, a tiny demo run, the CLI in a
+subprocess, and config dicts built from a test module's base config."""
 
 from __future__ import annotations
 
@@ -21,6 +22,19 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int 
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": path, **(env or {})}
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def merge(a: dict, b: dict) -> dict:
+    """`a` with `b`'s keys laid over it, nested dicts merged key by key (neither is changed)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+    return out
+
+
+def stage_config(base: dict, out: Path, stages: list[str], stage: str, settings: dict) -> dict:
+    """`base` run into `out` with run.stages=`stages` and `settings` laid over stage.<stage>."""
+    return merge(base, {"run": {"output_dir": str(out), "stages": stages}, "stage": {stage: settings}})
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import stage_config
 
 from pipeline.rl_math import dpo_loss, preference_accuracy, sequence_logprobs, wilson_interval
 
@@ -155,15 +156,8 @@ BASE = {
 }
 
 
-def merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-    return out
-
-
 def config(out: Path, stages: list[str], **dpo) -> dict:
-    return merge(BASE, {"run": {"output_dir": str(out), "stages": stages}, "stage": {"dpo": dpo}})
+    return stage_config(BASE, out, stages, "dpo", dpo)
 
 
 @pytest.fixture(scope="module")

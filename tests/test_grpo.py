@@ -13,17 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import stage_config
 
 from pipeline.config import ConfigError, load_config
 from pipeline.runner import run_pipeline
-
-
-def merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-    return out
-
 
 BASE = {
     "run": {"name": "tiny", "dtype": "fp32", "log_interval": 1, "seed": 1234},
@@ -42,7 +35,7 @@ BASE = {
 
 
 def config(out: Path, stages: list[str], **ppo) -> dict:
-    return merge(BASE, {"run": {"output_dir": str(out), "stages": stages}, "stage": {"ppo": ppo}})
+    return stage_config(BASE, out, stages, "ppo", ppo)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import merge, stage_config
 
 from pipeline.config import ConfigError, GenerationSection, load_config
 from pipeline.runner import run_pipeline
@@ -31,13 +32,6 @@ STEP_KEYS = ("reward", "kl", "entropy", "clip_frac", "approx_kl", "value_error",
              "critic_loss", "kl_coef", "generation_s", "experience_s", "training_s", "other_s", "step_s", "samples_per_s",
              "tflops")
 PHASES = ("generation_s", "experience_s", "training_s", "other_s")
-
-
-def merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-    return out
 
 
 BASE = {
@@ -60,7 +54,7 @@ BASE = {
 
 
 def config(out: Path, stages: list[str], **ppo) -> dict:
-    return merge(BASE, {"run": {"output_dir": str(out), "stages": stages}, "stage": {"ppo": ppo}})
+    return stage_config(BASE, out, stages, "ppo", ppo)
 
 
 def zero(stage: int, actor: dict | None = None, critic: dict | None = None, **strategy) -> dict:
