@@ -1,5 +1,5 @@
 """Shared fixtures and helpers: paths to the real data beside the project, a tiny demo run, the CLI in a
-subprocess, and config dicts built from a test module's base config."""
+subprocess, config dicts built from a test module's base config, a recorder of ZeRO-3 gathers."""
 
 from __future__ import annotations
 
@@ -35,6 +35,22 @@ def merge(a: dict, b: dict) -> dict:
 def stage_config(base: dict, out: Path, stages: list[str], stage: str, settings: dict) -> dict:
     """`base` run into `out` with run.stages=`stages` and `settings` laid over stage.<stage>."""
     return merge(base, {"run": {"output_dir": str(out), "stages": stages}, "stage": {stage: settings}})
+
+
+def record_gathers(monkeypatch) -> list[int]:
+    """The parameter count of every deepspeed.zero.GatheredParameters call from here to the test's end,
+    in order (to check that a save gathers one module at a time)."""
+    import deepspeed
+
+    sizes: list[int] = []
+    real = deepspeed.zero.GatheredParameters
+
+    def recording(params, *args, **kwargs):
+        sizes.append(len(params))
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", recording)
+    return sizes
 
 
 @pytest.fixture(scope="session")

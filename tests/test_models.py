@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import record_gathers, run_cli
 from torch import nn
 
 from pipeline.catalog import ModelPathError, UnknownModelError, looks_like_path, model_source, resolve_model
@@ -295,7 +295,6 @@ def test_reward_models_built_under_zero3_are_partitioned_and_export_whole(tokeni
     """Under zero3_construction (transformers' HfDeepSpeedConfig + zero.Init) every layout loads straight
     into partitions with the weights of a plain load, a fresh value head is initialised through a
     gather, and save_hf writes the model gathered one module at a time, loadable by transformers."""
-    import deepspeed
     from safetensors.torch import save_file
     from transformers import AutoModel, AutoModelForSequenceClassification
 
@@ -331,14 +330,7 @@ def test_reward_models_built_under_zero3_are_partitioned_and_export_whole(tokeni
         head = fresh.v_head.weight.detach().clone()
     assert head.shape == (1, 64) and 0.05 < float(head.std()) < 0.3  # std 1/sqrt(65) = 0.124
 
-    sizes = []
-    real = deepspeed.zero.GatheredParameters
-
-    def recording(params, *args, **kwargs):
-        sizes.append(len(params))
-        return real(params, *args, **kwargs)
-
-    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", recording)
+    sizes = record_gathers(monkeypatch)
     save_hf(sharded["dschat"], tmp_path / "export", tokenizer)
     assert sizes and max(sizes) <= 4 < len(list(fresh.parameters()))  # one module's weights at a time
     exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export").eval()

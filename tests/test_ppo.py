@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import merge, stage_config
+from conftest import merge, record_gathers, stage_config
 
 from pipeline.config import ConfigError, GenerationSection, load_config
 from pipeline.runner import run_pipeline
@@ -326,7 +326,6 @@ def test_save_hf_gathers_one_module_at_a_time_and_merges_lora_like_peft(base_run
     """Saving a ZeRO-3 LoRA actor: the file equals peft's merge_and_unload of the gathered model,
     no gather holds more than one module's parameters (a whole-model gather would not fit a large
     model on one GPU), and neither that save nor the EMA's changes the actor."""
-    import deepspeed
     from safetensors.torch import load_file
 
     from pipeline.engine import gathered_params, unwrap
@@ -341,14 +340,7 @@ def test_save_hf_gathers_one_module_at_a_time_and_merges_lora_like_peft(base_run
     with gathered_params(actor):
         reference = {k: v.clone() for k, v in copy.deepcopy(actor).merge_and_unload().state_dict().items()}
 
-    sizes = []
-    real = deepspeed.zero.GatheredParameters
-
-    def recording(params, *args, **kwargs):
-        sizes.append(len(params))
-        return real(params, *args, **kwargs)
-
-    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", recording)
+    sizes = record_gathers(monkeypatch)
     save_hf(engine.actor, tmp_path / "actor", engine.tokenizer)
     assert sizes and max(sizes) <= 4 < len(list(actor.parameters()))  # a LoRA layer: weight, bias, A, B
     saved = load_file(tmp_path / "actor" / "model.safetensors")
