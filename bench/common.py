@@ -1,4 +1,5 @@
-"""Shared plumbing of the side-by-side benchmarks (bench/sft.py, rm.py, generation.py, rl_step.py).
+"""Shared plumbing of the side-by-side benchmarks (bench/sft.py, rm.py, dpo.py, generation.py,
+ppo_step.py, rl_step.py).
 
 One invocation = prepare once (model folder, tokenized data), then A B A B: every run is a
 fresh subprocess (`--child ours|trl`), so each side pays its own imports and start-up and its
@@ -76,6 +77,15 @@ def write_reward(path: Path, base_dir: Path) -> Path:
     return path
 
 
+def load_fp32(folder: Path, auto_class=None, **kwargs):
+    """A transformers model from `folder` in fp32 (`auto_class`, e.g. AutoModelForSequenceClassification;
+    AutoModelForCausalLM when None)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return (auto_class or AutoModelForCausalLM).from_pretrained(str(folder), dtype=torch.float32, **kwargs)
+
+
 def load_tokenizer():
     from transformers import AutoTokenizer
 
@@ -119,6 +129,31 @@ def epoch_order(n: int, seed: int = SEED, epoch: int = 0) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
 
+def in_epoch_order(train) -> list[dict]:
+    """`train`'s examples in the order our first epoch visits them (what the peer is fed, in order)."""
+    return [train[i] for i in epoch_order(len(train))]
+
+
+def stage_settings(args, lr: float, eval_batch: int) -> dict:
+    """Our stage section's settings that match trl_training_args: the micro-batch, warm-up + timed steps,
+    no LoRA, ZeRO 0, AdamW at `lr` on a cosine schedule without warm-up, clipping 1.0."""
+    return {"per_device_train_batch_size": args.batch, "per_device_eval_batch_size": eval_batch,
+            "max_steps": args.warmup + args.steps, "lora": NO_LORA, "strategy": STRATEGY,
+            "optim": {"learning_rate": lr, "weight_decay": 0.0, "lr_scheduler_type": "cosine",
+                      "num_warmup_steps": 0, "gradient_clipping": 1.0}}
+
+
+def trl_training_args(args, name: str, lr: float) -> dict:
+    """The TRL config settings that match stage_settings (fp32 on CPU, AdamW betas 0.9 / 0.95, no gradient
+    checkpointing, no eval/saving/logging), with a fresh output folder runs/trl_<name>_<ns>."""
+    return dict(
+        output_dir=str(Path(args.work) / "runs" / f"trl_{name}_{time.time_ns()}"), per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1, max_steps=args.warmup + args.steps, learning_rate=lr, lr_scheduler_type="cosine",
+        warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch",
+        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, logging_strategy="no", save_strategy="no",
+        eval_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0, seed=SEED)
+
+
 # --------------------------------------------------------------------------- child side
 
 
@@ -145,6 +180,38 @@ def time_engine_steps() -> list[float]:
 
     training.initialize = timed_initialize
     return times
+
+
+def run_ours_timed(cfg_dict: dict) -> list[float]:
+    """Our side: `run_pipeline` on `cfg_dict` as users run it; the perf_counter at each engine.step()."""
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+
+    times = time_engine_steps()
+    run_pipeline(load_config(cfg_dict))
+    return times
+
+
+def train_in_order(trainer_cls, **kwargs) -> tuple[list[float], object]:
+    """The peer's side: train `trainer_cls(**kwargs)` (a transformers / TRL Trainer) over its train_dataset
+    in order (our epoch order, not a fresh shuffle: identical batches); (the perf_counter at each step's
+    end, the trainer)."""
+    from torch.utils.data import SequentialSampler
+    from transformers import TrainerCallback
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter())
+
+    class InOrder(trainer_cls):
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)
+
+    trainer = InOrder(**kwargs, callbacks=[Timer()])
+    trainer.train()
+    return times, trainer
 
 
 def rss_mib() -> float:
@@ -186,6 +253,11 @@ def parser(description: str, steps: int, warmup: int, repeats: int = 2, peer: st
     return ap
 
 
+def pass_to_child(args: argparse.Namespace, *names: str) -> None:
+    """Hand the options `names` (dest names: peer_decoding is --peer-decoding) on to the children as given."""
+    args.extra = [x for name in names for x in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
+
+
 def run_child(script: str, side: str, args: argparse.Namespace, timeout: int = 900) -> dict:
     cmd = [sys.executable, script, "--child", side, "--work", args.work, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--batch", str(args.batch)] + list(getattr(args, "extra", []))
@@ -224,6 +296,11 @@ def spread(values: list[float]) -> str:
     return f"{med:.3g} ({min(values):.3g}-{max(values):.3g})"
 
 
+def spread_of(runs: list[dict], key: str) -> str:
+    """spread() of `key` over one side's runs."""
+    return spread([r[key] for r in runs])
+
+
 def verdict(ratios_: list[float], target: float) -> str:
     """'target >= T: met' when every pair meets it, 'NOT met' when none does, else 'mixed'."""
     state = "met" if min(ratios_) >= target else "NOT met" if max(ratios_) < target else "mixed"
@@ -239,6 +316,30 @@ def ratios(runs: dict[str, list[dict]], key: str, peer: str = "trl") -> list[flo
 
 def median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
+
+
+def print_ratios(runs: dict[str, list[dict]], key: str, what: str, target: float = 1.0) -> list[float]:
+    """ratios() of `key` against TRL, printed with their verdict when both sides ran."""
+    r = ratios(runs, key)
+    if r:
+        print(f"ours/TRL {what}: {spread(r)}  ({verdict(r, target)})")
+    return r
+
+
+def rss_pair(ours: list[dict], theirs: list[dict]) -> str:
+    """Median peak RSS of each side, 'ours / theirs' in MiB."""
+    return f"{median(ours, 'peak_rss_mib'):.0f} / {median(theirs, 'peak_rss_mib'):.0f}"
+
+
+def runs_done(args: argparse.Namespace) -> str:
+    """The RESULTS.md column 'steps (warm-up) x pairs'."""
+    return f"{args.steps} ({args.warmup}) x {args.repeats}"
+
+
+def opt_shape(shape: dict, vocab: bool = True) -> str:
+    """'OPT 4 layers, hidden 256, vocab 50272' for a write_opt shape."""
+    text = f"OPT {shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}"
+    return f"{text}, vocab {shape['vocab_size']}" if vocab else text
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

@@ -35,11 +35,7 @@ EVAL_FRACTION = 0.2  # of the rm slice's 480 pairs: 96 held out
 
 
 def config(args, out: Path) -> dict:
-    stage = {"dpo": {"per_device_train_batch_size": args.batch, "per_device_eval_batch_size": 8,
-                     "max_steps": args.warmup + args.steps, "beta": BETA, "lora": C.NO_LORA, "strategy": C.STRATEGY,
-                     "offload_reference_model": False,
-                     "optim": {"learning_rate": LR, "weight_decay": 0.0, "lr_scheduler_type": "cosine",
-                               "num_warmup_steps": 0, "gradient_clipping": 1.0}}}
+    stage = {"dpo": {**C.stage_settings(args, LR, 8), "beta": BETA, "offload_reference_model": False}}
     cfg = C.our_config(Path(args.work), out, ["dpo"], stage, MAX_PROMPT, MAX_ANSWER)
     cfg["data_blend"]["eval_fraction"] = EVAL_FRACTION
     return cfg
@@ -53,21 +49,19 @@ def stage_data(args):
 
 
 def ordered_examples(args) -> list[dict]:
-    train = stage_data(args).train
-    return [train[i] for i in C.epoch_order(len(train))]
+    return C.in_epoch_order(stage_data(args).train)
 
 
 def held_out(policy, args) -> dict:
     """Held-out preference accuracy of `policy` (a causal LM) against the start model, and its interval."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from pipeline.config import DPOSection
     from pipeline.rl_math import preference_accuracy, wilson_interval
     from pipeline.stages.dpo import collate_preferences, pair_step
 
     pairs = stage_data(args).eval
-    reference = AutoModelForCausalLM.from_pretrained(str(Path(args.work) / "model"), dtype=torch.float32).eval()
+    reference = C.load_fp32(Path(args.work) / "model").eval()
     policy.eval()
     pad, settings = C.load_tokenizer().pad_token_id, DPOSection(beta=BETA)
     correct = margin = 0.0
@@ -82,55 +76,29 @@ def held_out(policy, args) -> dict:
 
 
 def child_ours(args) -> tuple[list[float], object]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.config import load_config
-    from pipeline.runner import run_pipeline
-
-    times = C.time_engine_steps()
     out = Path(args.work) / "runs" / f"ours_dpo_{time.time_ns()}"
-    run_pipeline(load_config(config(args, out)))
-    return times, AutoModelForCausalLM.from_pretrained(str(out / "dpo" / "final"), dtype=torch.float32)
+    times = C.run_ours_timed(config(args, out))
+    return times, C.load_fp32(out / "dpo" / "final")
 
 
 def child_trl(args) -> tuple[list[float], object]:
-    import torch
     from datasets import Dataset
-    from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     examples = ordered_examples(args)[: (args.warmup + args.steps) * args.batch]
     ds = Dataset.from_list([{"prompt_ids": e["chosen_input_ids"][: e["prompt_len"]],
                              "chosen_ids": e["chosen_input_ids"][e["prompt_len"]:],
                              "rejected_ids": e["rejected_input_ids"][e["prompt_len"]:]} for e in examples])
-    model_dir = str(Path(args.work) / "model")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    times: list[float] = []
+    model_dir = Path(args.work) / "model"
 
-    class Timer(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter())
-
-    class InOrder(DPOTrainer):
-        def _get_train_sampler(self, *a, **k):
-            return SequentialSampler(self.train_dataset)
-
+    class Pretokenized(DPOTrainer):
         def _prepare_dataset(self, dataset, *a, **k):
             return dataset  # already tokenized by our data layer: the same ids on both sides
 
-    cfg = DPOConfig(
-        output_dir=str(Path(args.work) / "runs" / f"trl_dpo_{time.time_ns()}"), per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=1, max_steps=args.warmup + args.steps, learning_rate=LR, lr_scheduler_type="cosine",
-        warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch",
-        beta=BETA, loss_type=["sigmoid"], max_length=MAX_PROMPT + MAX_ANSWER, precompute_ref_log_probs=False,
-        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, logging_strategy="no", save_strategy="no",
-        eval_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0, seed=C.SEED)
-    trainer = InOrder(model=model, ref_model=reference, args=cfg, train_dataset=ds, processing_class=C.load_tokenizer(),
-                      callbacks=[Timer()])
-    trainer.train()
+    cfg = DPOConfig(**C.trl_training_args(args, "dpo", LR), beta=BETA, loss_type=["sigmoid"],
+                    max_length=MAX_PROMPT + MAX_ANSWER, precompute_ref_log_probs=False)
+    times, trainer = C.train_in_order(Pretokenized, model=C.load_fp32(model_dir), ref_model=C.load_fp32(model_dir),
+                                      args=cfg, train_dataset=ds, processing_class=C.load_tokenizer())
     return times, trainer.model
 
 
@@ -146,19 +114,17 @@ def main() -> None:
         return
     C.write_opt(Path(args.work) / "model")
     data = stage_data(args)
-    print(f"DPO: OPT {C.SHAPE['num_hidden_layers']} layers, hidden {C.SHAPE['hidden_size']}, vocab {C.SHAPE['vocab_size']} "
+    print(f"DPO: {C.opt_shape(C.SHAPE)} "
           f"(policy and reference); hh-rlhf pairs, prompt <= {MAX_PROMPT} + answer <= {MAX_ANSWER}; {args.batch} pairs "
           f"per micro-batch; {args.warmup} warm-up + {args.steps} timed steps ({(args.warmup + args.steps) * args.batch} "
           f"pairs); {len(data.eval)} held-out pairs; beta {BETA}, lr {LR}; fp32 CPU; {args.repeats} x A B", flush=True)
     runs = C.ab(__file__, args)
-    rows = [[side, C.spread([r["pairs_per_s"] for r in rs]), f"{C.median(rs, 'step_s'):.3f}",
+    rows = [[side, C.spread_of(rs, "pairs_per_s"), f"{C.median(rs, 'step_s'):.3f}",
              f"{C.median(rs, 'peak_rss_mib'):.0f}",
              f"{C.median(rs, 'accuracy'):.3f} ({C.median(rs, 'accuracy_low'):.3f}-{C.median(rs, 'accuracy_high'):.3f})",
              f"{C.median(rs, 'margin'):.4f}"] for side, rs in runs.items()]
     print(C.table(["side", "pairs/s", "s/step", "peak RSS MiB", "held-out accuracy (95%)", "held-out margin"], rows))
-    r = C.ratios(runs, "pairs_per_s")
-    if r:
-        print(f"ours/TRL pairs/s: {C.spread(r)}  ({C.verdict(r, 1.0)})")
+    r = C.print_ratios(runs, "pairs_per_s", "pairs/s")
     if r and not args.no_record:
         o, t = runs["ours"], runs["trl"]
         C.append_result(
@@ -170,9 +136,8 @@ def main() -> None:
             "(min-max) over the pairs.",
             ["machine", "steps (warm-up)", "ours pairs/s", "TRL pairs/s", "ratio ours/TRL", "peak RSS MiB ours / TRL",
              "held-out accuracy ours / TRL", "held-out margin ours / TRL"],
-            [C.machine(), f"{args.steps} ({args.warmup}) x {args.repeats}", C.spread([x["pairs_per_s"] for x in o]),
-             C.spread([x["pairs_per_s"] for x in t]), C.spread(r),
-             f"{C.median(o, 'peak_rss_mib'):.0f} / {C.median(t, 'peak_rss_mib'):.0f}",
+            [C.machine(), C.runs_done(args), C.spread_of(o, "pairs_per_s"), C.spread_of(t, "pairs_per_s"), C.spread(r),
+             C.rss_pair(o, t),
              f"{C.median(o, 'accuracy'):.3f} ({C.median(o, 'accuracy_low'):.3f}-{C.median(o, 'accuracy_high'):.3f}) / "
              f"{C.median(t, 'accuracy'):.3f} ({C.median(t, 'accuracy_low'):.3f}-{C.median(t, 'accuracy_high'):.3f})",
              f"{C.median(o, 'margin'):.4f} / {C.median(t, 'margin'):.4f}"])

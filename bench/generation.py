@@ -120,8 +120,7 @@ def main() -> None:
     ap.add_argument("--decoding", choices=["sample", "greedy"], default="sample", help="ours")
     ap.add_argument("--peer-decoding", choices=["sample", "greedy"], default="sample", help="HF generate's")
     args = ap.parse_args()
-    args.extra = ["--shape", args.shape, "--dtype", args.dtype, "--decoding", args.decoding,
-                  "--peer-decoding", args.peer_decoding]
+    C.pass_to_child(args, "shape", "dtype", "decoding", "peer_decoding")
     if args.child:
         C.emit(child(args, args.child))
         return
@@ -130,13 +129,13 @@ def main() -> None:
     model_shape, max_prompt = shape(args)
     C.write_opt(model_dir(args), model_shape, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
     prompt_batches(args)
-    print(f"Generation: OPT {model_shape['num_hidden_layers']} layers, hidden {model_shape['hidden_size']}; {args.batch} "
+    print(f"Generation: {C.opt_shape(model_shape, vocab=False)}; {args.batch} "
           f"hh-rlhf prompts (<= {max_prompt} tokens, left-padded) x {NEW_TOKENS} tokens, ours {args.decoding}, HF "
           f"{args.peer_decoding}; {args.warmup} warm-up + {args.steps} timed calls; {args.dtype} CPU; {args.repeats} x A B",
           flush=True)
     runs = C.ab(__file__, args)
-    rows = [[side, C.spread([r["tokens_per_s"] for r in rs]), C.spread([r["ms_per_decode_step"] for r in rs]),
-             C.spread([r["cpu_ms_per_decode_step"] for r in rs]), f"{C.median(rs, 'call_s'):.3f}",
+    rows = [[side, C.spread_of(rs, "tokens_per_s"), C.spread_of(rs, "ms_per_decode_step"),
+             C.spread_of(rs, "cpu_ms_per_decode_step"), f"{C.median(rs, 'call_s'):.3f}",
              f"{C.median(rs, 'peak_rss_mib'):.0f}"] for side, rs in runs.items()]
     print(C.table(["side", "tokens/s", "ms/decode step", "CPU ms/decode step", "s/call", "peak RSS MiB"], rows))
     r = C.ratios(runs, "tokens_per_s")
@@ -153,10 +152,9 @@ def main() -> None:
             "ms per decode step over the calls after warm-up; median (min-max) over the pairs.",
             ["machine", "dtype", "ours / HF decoding", "calls (warm-up) x pairs", "ours ms/step", "HF ms/step",
              "ratio ours/HF tokens/s", "ours / HF CPU ms/step", "ratio by CPU time"],
-            [C.machine(), args.dtype, f"{args.decoding} / {args.peer_decoding}", f"{args.steps} ({args.warmup}) x {args.repeats}",
-             C.spread([x["ms_per_decode_step"] for x in o]), C.spread([x["ms_per_decode_step"] for x in t]), C.spread(r),
-             f"{C.spread([x['cpu_ms_per_decode_step'] for x in o])} / {C.spread([x['cpu_ms_per_decode_step'] for x in t])}",
-             C.spread(cpu)])
+            [C.machine(), args.dtype, f"{args.decoding} / {args.peer_decoding}", C.runs_done(args),
+             C.spread_of(o, "ms_per_decode_step"), C.spread_of(t, "ms_per_decode_step"), C.spread(r),
+             f"{C.spread_of(o, 'cpu_ms_per_decode_step')} / {C.spread_of(t, 'cpu_ms_per_decode_step')}", C.spread(cpu)])
     elif r and not args.no_record:
         o, t = runs["ours"], runs["trl"]
         C.append_result(
@@ -165,9 +163,8 @@ def main() -> None:
             "`model.generate` with TRL's GenerationConfig; 8 hh-rlhf prompts (<= 128 tokens) x 64 sampled "
             "tokens, same seed per call; calls after warm-up. Median (min-max) over the pairs.",
             ["machine", "calls (warm-up)", "ours tokens/s", "HF tokens/s", "ratio ours/HF", "peak RSS MiB ours / HF"],
-            [C.machine(), f"{args.steps} ({args.warmup}) x {args.repeats}", C.spread([x["tokens_per_s"] for x in o]),
-             C.spread([x["tokens_per_s"] for x in t]), C.spread(r),
-             f"{C.median(o, 'peak_rss_mib'):.0f} / {C.median(t, 'peak_rss_mib'):.0f}"])
+            [C.machine(), C.runs_done(args), C.spread_of(o, "tokens_per_s"), C.spread_of(t, "tokens_per_s"), C.spread(r),
+             C.rss_pair(o, t)])
 
 
 if __name__ == "__main__":

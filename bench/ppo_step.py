@@ -234,22 +234,21 @@ def main() -> None:
                   repeats=3, peer="hf")
     ap.add_argument("--decoding", choices=["sample", "greedy"], default="sample", help="both sides")
     args = ap.parse_args()
-    args.extra = ["--decoding", args.decoding]
+    C.pass_to_child(args, "decoding")
     if args.child:
         C.emit(child_ours(args) if args.child == "ours" else child_reference(args))
         return
     work = Path(args.work)
     prepare(work)
     prompt_batches(args)
-    print(f"PPO step: OPT {SHAPE['num_hidden_layers']} layers, hidden {SHAPE['hidden_size']}, vocab {SHAPE['vocab_size']} "
+    print(f"PPO step: {C.opt_shape(SHAPE)} "
           f"(actor, reference, critic, reward); batch {args.batch}, hh-rlhf prompts <= {MAX_PROMPT} tokens, {NEW_TOKENS} new "
           f"tokens ({args.decoding}); bf16 CPU; {args.warmup} warm-up + {args.steps} timed steps; {args.repeats} x A B",
           flush=True)
     runs = C.ab(__file__, args)
     header = ["side", "samples/s", "s/step", "CPU s/step"] + [k[:-2] + " s" for k in PHASES] + ["answer len", "peak RSS MiB"]
-    rows = [[side, C.spread([r["samples_per_s"] for r in rs]), C.spread([r["step_s"] for r in rs]),
-             C.spread([r["cpu_s"] for r in rs])]
-            + [C.spread([r[k] for r in rs]) for k in PHASES]
+    rows = [[side, C.spread_of(rs, "samples_per_s"), C.spread_of(rs, "step_s"), C.spread_of(rs, "cpu_s")]
+            + [C.spread_of(rs, k) for k in PHASES]
             + [f"{C.median(rs, 'answer_len'):.1f}", f"{C.median(rs, 'peak_rss_mib'):.0f}"] for side, rs in runs.items()]
     print(C.table(header, rows))
     r = C.ratios(runs, "samples_per_s", peer="hf")
@@ -268,11 +267,11 @@ def main() -> None:
             "steps of a run, then median (min-max) over the runs.",
             ["machine", "decoding", "steps (warm-up) x pairs", "ours samples/s", "ref samples/s", "ratio ours/ref",
              "ratio by CPU s/step", "ours gen / exp / train / other s", "ref gen / exp / train s", "peak RSS MiB ours / ref"],
-            [C.machine(), args.decoding, f"{args.steps} ({args.warmup}) x {args.repeats}",
-             C.spread([x["samples_per_s"] for x in o]), C.spread([x["samples_per_s"] for x in t]), C.spread(r), C.spread(cpu),
+            [C.machine(), args.decoding, C.runs_done(args),
+             C.spread_of(o, "samples_per_s"), C.spread_of(t, "samples_per_s"), C.spread(r), C.spread(cpu),
              " / ".join(f"{C.median(o, k):.3f}" for k in PHASES),
              " / ".join(f"{C.median(t, k):.3f}" for k in PHASES[:3]),
-             f"{C.median(o, 'peak_rss_mib'):.0f} / {C.median(t, 'peak_rss_mib'):.0f}"])
+             C.rss_pair(o, t)])
 
 
 if __name__ == "__main__":

@@ -24,16 +24,11 @@ MAX_PROMPT, MAX_ANSWER = 128, 128
 
 
 def config(args, out: Path) -> dict:
-    stage = {"rm": {"per_device_train_batch_size": args.batch, "per_device_eval_batch_size": 16,
-                    "max_steps": args.warmup + args.steps, "lora": C.NO_LORA, "strategy": C.STRATEGY,
-                    "optim": {"learning_rate": LR, "weight_decay": 0.0, "lr_scheduler_type": "cosine",
-                              "num_warmup_steps": 0, "gradient_clipping": 1.0}}}
-    return C.our_config(Path(args.work), out, ["rm"], stage, MAX_PROMPT, MAX_ANSWER)
+    return C.our_config(Path(args.work), out, ["rm"], {"rm": C.stage_settings(args, LR, 16)}, MAX_PROMPT, MAX_ANSWER)
 
 
 def ordered_examples(args) -> list[dict]:
-    train = C.stage_data(config(args, Path(args.work) / "prep"), "rm")
-    return [train[i] for i in C.epoch_order(len(train))]
+    return C.in_epoch_order(C.stage_data(config(args, Path(args.work) / "prep"), "rm"))
 
 
 def timed_tokens(examples: list[dict], args) -> int:
@@ -45,19 +40,12 @@ def timed_tokens(examples: list[dict], args) -> int:
 
 
 def child_ours(args) -> list[float]:
-    from pipeline.config import load_config
-    from pipeline.runner import run_pipeline
-
-    times = C.time_engine_steps()
-    run_pipeline(load_config(config(args, Path(args.work) / "runs" / f"ours_rm_{time.time_ns()}")))
-    return times
+    return C.run_ours_timed(config(args, Path(args.work) / "runs" / f"ours_rm_{time.time_ns()}"))
 
 
 def child_trl(args) -> list[float]:
-    import torch
     from datasets import Dataset
-    from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForSequenceClassification, TrainerCallback
+    from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
     examples = ordered_examples(args)
@@ -65,28 +53,10 @@ def child_trl(args) -> list[float]:
     ds = Dataset.from_list([{"chosen_ids": e["chosen_input_ids"], "rejected_ids": e["rejected_input_ids"]}
                             for e in examples[:n]])
     tokenizer = C.load_tokenizer()
-    model = AutoModelForSequenceClassification.from_pretrained(str(Path(args.work) / "model"), num_labels=1,
-                                                               dtype=torch.float32)
+    model = C.load_fp32(Path(args.work) / "model", AutoModelForSequenceClassification, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
-    times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter())
-
-    class InOrder(RewardTrainer):
-        def _get_train_sampler(self, *a, **k):
-            return SequentialSampler(self.train_dataset)
-
-    cfg = RewardConfig(
-        output_dir=str(Path(args.work) / "runs" / f"trl_rm_{time.time_ns()}"), per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=1, max_steps=args.warmup + args.steps, learning_rate=LR, lr_scheduler_type="cosine",
-        warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch",
-        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, max_length=MAX_PROMPT + MAX_ANSWER + 1,
-        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
-        dataloader_num_workers=0, seed=C.SEED)
-    trainer = InOrder(model=model, args=cfg, train_dataset=ds, processing_class=tokenizer, callbacks=[Timer()])
-    trainer.train()
+    cfg = RewardConfig(**C.trl_training_args(args, "rm", LR), max_length=MAX_PROMPT + MAX_ANSWER + 1)
+    times, _ = C.train_in_order(RewardTrainer, model=model, args=cfg, train_dataset=ds, processing_class=tokenizer)
     return times
 
 
@@ -101,16 +71,14 @@ def main() -> None:
         return
     C.write_opt(Path(args.work) / "model")
     ordered_examples(args)
-    print(f"RM: OPT {C.SHAPE['num_hidden_layers']} layers, hidden {C.SHAPE['hidden_size']} + scalar head; hh-rlhf pairs, "
+    print(f"RM: {C.opt_shape(C.SHAPE, vocab=False)} + scalar head; hh-rlhf pairs, "
           f"prompt <= {MAX_PROMPT} + answer <= {MAX_ANSWER}; {args.batch} pairs per micro-batch; "
           f"{args.warmup} warm-up + {args.steps} timed steps; fp32 CPU; {args.repeats} x A B", flush=True)
     runs = C.ab(__file__, args)
-    rows = [[side, C.spread([r["pairs_per_s"] for r in rs]), C.spread([r["tokens_per_s"] for r in rs]),
-             f"{C.median(rs, 'step_s'):.3f}", f"{C.median(rs, 'peak_rss_mib'):.0f}"] for side, rs in runs.items()]
+    rows = [[side, C.spread_of(rs, "pairs_per_s"), C.spread_of(rs, "tokens_per_s"), f"{C.median(rs, 'step_s'):.3f}",
+             f"{C.median(rs, 'peak_rss_mib'):.0f}"] for side, rs in runs.items()]
     print(C.table(["side", "pairs/s", "tokens/s", "s/step", "peak RSS MiB"], rows))
-    r = C.ratios(runs, "pairs_per_s")
-    if r:
-        print(f"ours/TRL pairs/s: {C.spread(r)}  ({C.verdict(r, 1.0)})")
+    r = C.print_ratios(runs, "pairs_per_s", "pairs/s")
     if r and not args.no_record:
         o, t = runs["ours"], runs["trl"]
         C.append_result(
@@ -119,9 +87,8 @@ def main() -> None:
             "micro-batch; ours = OPT base + value head with the per-token pairwise loss, TRL = "
             "OPTForSequenceClassification with its last-token loss (same transformer work). Median (min-max) over the pairs.",
             ["machine", "steps (warm-up)", "ours pairs/s", "TRL pairs/s", "ratio ours/TRL", "peak RSS MiB ours / TRL"],
-            [C.machine(), f"{args.steps} ({args.warmup}) x {args.repeats}", C.spread([x["pairs_per_s"] for x in o]),
-             C.spread([x["pairs_per_s"] for x in t]), C.spread(r),
-             f"{C.median(o, 'peak_rss_mib'):.0f} / {C.median(t, 'peak_rss_mib'):.0f}"])
+            [C.machine(), C.runs_done(args), C.spread_of(o, "pairs_per_s"), C.spread_of(t, "pairs_per_s"), C.spread(r),
+             C.rss_pair(o, t)])
 
 
 if __name__ == "__main__":

@@ -25,20 +25,12 @@ LR = 1e-4
 MAX_PROMPT, MAX_ANSWER = 128, 128
 
 
-def stage_cfg(args) -> dict:
-    return {"sft": {"per_device_train_batch_size": args.batch, "per_device_eval_batch_size": 16,
-                    "max_steps": args.warmup + args.steps, "lora": C.NO_LORA, "strategy": C.STRATEGY,
-                    "optim": {"learning_rate": LR, "weight_decay": 0.0, "lr_scheduler_type": "cosine",
-                              "num_warmup_steps": 0, "gradient_clipping": 1.0}}}
-
-
 def config(args, out: Path) -> dict:
-    return C.our_config(Path(args.work), out, ["sft"], stage_cfg(args), MAX_PROMPT, MAX_ANSWER)
+    return C.our_config(Path(args.work), out, ["sft"], {"sft": C.stage_settings(args, LR, 16)}, MAX_PROMPT, MAX_ANSWER)
 
 
 def ordered_examples(args) -> list[dict]:
-    train = C.stage_data(config(args, Path(args.work) / "prep"), "sft")
-    return [train[i] for i in C.epoch_order(len(train))]
+    return C.in_epoch_order(C.stage_data(config(args, Path(args.work) / "prep"), "sft"))
 
 
 def timed_tokens(examples: list[dict], args) -> tuple[int, int]:
@@ -52,46 +44,20 @@ def timed_tokens(examples: list[dict], args) -> tuple[int, int]:
 
 
 def child_ours(args) -> list[float]:
-    from pipeline.config import load_config
-    from pipeline.runner import run_pipeline
-
-    times = C.time_engine_steps()
-    out = Path(args.work) / "runs" / f"ours_sft_{time.time_ns()}"
-    run_pipeline(load_config(config(args, out)))
-    return times
+    return C.run_ours_timed(config(args, Path(args.work) / "runs" / f"ours_sft_{time.time_ns()}"))
 
 
 def child_trl(args) -> list[float]:
-    import torch
     from datasets import Dataset
-    from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     examples = ordered_examples(args)
     n = (args.warmup + args.steps) * args.batch
     ds = Dataset.from_list([{"input_ids": e["input_ids"]} for e in examples[:n]])
-    tokenizer = C.load_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(str(Path(args.work) / "model"), dtype=torch.float32)
-    times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter())
-
-    class InOrder(SFTTrainer):  # our epoch order, not a fresh shuffle: identical batches
-        def _get_train_sampler(self, *a, **k):
-            return SequentialSampler(self.train_dataset)
-
-    cfg = SFTConfig(
-        output_dir=str(Path(args.work) / "runs" / f"trl_sft_{time.time_ns()}"), per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=1, max_steps=args.warmup + args.steps, learning_rate=LR, lr_scheduler_type="cosine",
-        warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch",
-        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, max_length=MAX_PROMPT + MAX_ANSWER + 1,
-        packing=False, logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
-        disable_tqdm=True, dataloader_num_workers=0, seed=C.SEED, shuffle_dataset=False)
-    trainer = InOrder(model=model, args=cfg, train_dataset=ds, processing_class=tokenizer, callbacks=[Timer()])
-    trainer.train()
+    cfg = SFTConfig(**C.trl_training_args(args, "sft", LR), max_length=MAX_PROMPT + MAX_ANSWER + 1, packing=False,
+                    shuffle_dataset=False)
+    times, _ = C.train_in_order(SFTTrainer, model=C.load_fp32(Path(args.work) / "model"), args=cfg, train_dataset=ds,
+                                processing_class=C.load_tokenizer())
     return times
 
 
@@ -108,18 +74,14 @@ def main() -> None:
     work = Path(args.work)
     C.write_opt(work / "model")
     ordered_examples(args)  # data prepared once, outside the timed runs
-    print(f"SFT: OPT {C.SHAPE['num_hidden_layers']} layers, hidden {C.SHAPE['hidden_size']}, vocab {C.SHAPE['vocab_size']}; "
+    print(f"SFT: {C.opt_shape(C.SHAPE)}; "
           f"hh-rlhf helpful-base, OPT tokenizer, prompt <= {MAX_PROMPT} + answer <= {MAX_ANSWER}; micro-batch {args.batch}; "
           f"{args.warmup} warm-up + {args.steps} timed steps; fp32 CPU; {args.repeats} x A B", flush=True)
     runs = C.ab(__file__, args)
-    rows = []
-    for side, rs in runs.items():
-        rows.append([side, C.spread([r["samples_per_s"] for r in rs]), C.spread([r["tokens_per_s"] for r in rs]),
-                     f"{C.median(rs, 'step_s'):.3f}", f"{C.median(rs, 'peak_rss_mib'):.0f}"])
+    rows = [[side, C.spread_of(rs, "samples_per_s"), C.spread_of(rs, "tokens_per_s"), f"{C.median(rs, 'step_s'):.3f}",
+             f"{C.median(rs, 'peak_rss_mib'):.0f}"] for side, rs in runs.items()]
     print(C.table(["side", "samples/s", "tokens/s", "s/step", "peak RSS MiB"], rows))
-    r = C.ratios(runs, "samples_per_s")
-    if r:
-        print(f"ours/TRL samples/s: {C.spread(r)}  ({C.verdict(r, 1.0)})")
+    r = C.print_ratios(runs, "samples_per_s", "samples/s")
     if r and not args.no_record:
         o, t = runs["ours"], runs["trl"]
         C.append_result(
@@ -130,10 +92,8 @@ def main() -> None:
             "(min-max) over the A B pairs; ratio = ours / TRL per pair.",
             ["machine", "steps (warm-up)", "ours samples/s", "TRL samples/s", "ours tokens/s", "TRL tokens/s",
              "ratio ours/TRL", "peak RSS MiB ours / TRL"],
-            [C.machine(), f"{args.steps} ({args.warmup}) x {args.repeats}",
-             C.spread([x["samples_per_s"] for x in o]), C.spread([x["samples_per_s"] for x in t]),
-             C.spread([x["tokens_per_s"] for x in o]), C.spread([x["tokens_per_s"] for x in t]),
-             C.spread(r), f"{C.median(o, 'peak_rss_mib'):.0f} / {C.median(t, 'peak_rss_mib'):.0f}"])
+            [C.machine(), C.runs_done(args), C.spread_of(o, "samples_per_s"), C.spread_of(t, "samples_per_s"),
+             C.spread_of(o, "tokens_per_s"), C.spread_of(t, "tokens_per_s"), C.spread(r), C.rss_pair(o, t)])
 
 
 if __name__ == "__main__":

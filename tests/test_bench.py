@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -34,6 +35,30 @@ def test_ratios_spread_and_rate():
     assert C.ratios({"ours": runs["ours"]}, "r") == []
     secs, n = C.rate([1.0, 2.0, 4.0, 7.0], warmup=2)
     assert (secs, n) == (5.0, 2)
+
+
+def test_parent_side_figures_and_options_handed_to_children(capsys, tmp_path):
+    runs = {"ours": [{"r": 2.0, "peak_rss_mib": 100.0}, {"r": 3.0, "peak_rss_mib": 120.0}],
+            "trl": [{"r": 1.0, "peak_rss_mib": 90.0}, {"r": 2.0, "peak_rss_mib": 96.0}]}
+    assert C.print_ratios(runs, "r", "pairs/s") == [2.0, 1.5]
+    assert capsys.readouterr().out == "ours/TRL pairs/s: 1.75 (1.5-2)  (target >= 1.0: met)\n"
+    assert C.print_ratios({"ours": runs["ours"]}, "r", "pairs/s") == [] and capsys.readouterr().out == ""
+    assert C.spread_of(runs["ours"], "r") == "2.5 (2-3)"
+    assert C.rss_pair(runs["ours"], runs["trl"]) == "110 / 93"
+    assert C.opt_shape(C.SHAPE) == "OPT 4 layers, hidden 256, vocab 50272"
+    assert C.opt_shape(C.SHAPE, vocab=False) == "OPT 4 layers, hidden 256"
+
+    args = argparse.Namespace(steps=6, warmup=2, repeats=3, batch=8, work=str(tmp_path), peer_decoding="greedy", dtype="bf16")
+    assert C.runs_done(args) == "6 (2) x 3"
+    C.pass_to_child(args, "peer_decoding", "dtype")
+    assert args.extra == ["--peer-decoding", "greedy", "--dtype", "bf16"]
+    # Our stage section and TRL's config train the same steps at the same rate on the same micro-batch.
+    ours, theirs = C.stage_settings(args, 1e-4, 16), C.trl_training_args(args, "sft", 1e-4)
+    assert ours["max_steps"] == theirs["max_steps"] == 8
+    assert ours["per_device_train_batch_size"] == theirs["per_device_train_batch_size"] == 8
+    assert ours["optim"]["learning_rate"] == theirs["learning_rate"] == 1e-4
+    assert ours["optim"]["gradient_clipping"] == theirs["max_grad_norm"] == 1.0
+    assert Path(theirs["output_dir"]).parent == tmp_path / "runs" and Path(theirs["output_dir"]).name.startswith("trl_sft_")
 
 
 def test_gpu_script_report_formats():
