@@ -3,12 +3,16 @@
     python bench/memory.py            # CPU: peak RSS of one process per shape (fp32, AdamW)
     python bench/memory.py --gpu      # CUDA: torch.cuda.max_memory_allocated, bf16, OPT-125m..1.3b
     python bench/memory.py --tp 2     # CPU: peak RSS per rank of 2 gloo ranks under DeepSpeed AutoTP
+    python bench/memory.py --tp 1     # the same harness on one rank without tensor parallelism
+    python bench/memory.py --tp 2 --parts   # the full-size step taken apart (step_parts)
 
 Each shape runs in its own subprocess: a random-init OPT built from OPTConfig (dropout 0, as
 the pipeline's model.dropout=0.0), plain torch AdamW, gradients kept between steps
 (zero_grad(set_to_none=False), like DeepSpeed's persistent gradient buffers). The optimizer
 states are created by a warm-up step on a tiny batch, then the measured step runs at full size.
-Measured = peak minus the baseline taken after imports and a warm-up op, before the model exists.
+Measured = peak minus the baseline taken after imports and a warm-up op, before the model exists;
+glibc is told to return freed large blocks to the system (MALLOC_MMAP_THRESHOLD_), so the peak counts
+live tensors, not freed blocks glibc keeps in its heap (0.2-0.35 GiB more on these shapes without it).
 Predicted = pipeline.planner's formulas for a trained model at ZeRO-0 (params + grads + Adam
 states + training activations); the planner adds headroom and runtime overhead on top of it.
 
@@ -20,8 +24,10 @@ step, /proc/self/clear_refs): the whole model a rank holds for a moment before t
 transient the planner does not size. glibc is told to return freed large blocks to the system
 (MALLOC_MMAP_THRESHOLD_), so the freed whole weights do not stay in the RSS. Measured = the larger
 rank's peak minus its RSS before the model existed. Predicted = the planner's tensor-parallel terms:
-weights, gradients and Adam states of P_t = split / N + whole parameters, DeepSpeed's gradient
-all-reduce bucket (N ranks), training activations at degree N.
+weights, gradients and Adam states of P_t = split / N + whole parameters, training activations at
+degree N, and DeepSpeed's ZeRO-0 reduce bucket as a transient beside them (the larger of the two:
+pipeline.planner.training_transient_bytes). --parts adds, per shape, what autograd keeps (saved-tensor
+hooks), the gradients and Adam states the engine holds, and the peak of each phase.
 """
 
 from __future__ import annotations
@@ -79,8 +85,10 @@ def predict_tp(layers, hidden, heads, ffn, vocab, batch, seq, ckpt, tp):
     st = P.trained_state_bytes(n, n, "fp32", 0, False, 1)
     buf = P.comm_buffer_bytes(spec, n, n, "fp32", 0, tp, True, tp)
     act = P.training_activation_bytes(spec, batch, seq, "fp32", grad_ckpt=ckpt, lm_head=True, dropout=False, tp=tp)
-    state = st["params"] + st["grads"] + st["optimizer"] + buf
-    return {"params": spec.num_params(), "local_params": n, "state": state, "act": act, "total": state + act}
+    resident, transient = P.training_transient_bytes(act, buf, 0)
+    state = st["params"] + st["grads"] + st["optimizer"] + resident
+    return {"params": spec.num_params(), "local_params": n, "state": state, "act": act, "bucket": buf,
+            "total": state + transient}
 
 
 def _hwm() -> int:
@@ -134,16 +142,84 @@ def tp_child(args: dict, out: Path) -> None:
 
     step(1, 8)  # optimizer states and DeepSpeed's buffers
     gc.collect()
-    reset_hwm()
-    t = time.time()
-    step(args["batch"], args["seq"])
-    secs = time.time() - t
     local = sum(p.numel() for p in engine.module.parameters())
-    (out / f"rank{rank()}.json").write_text(json.dumps({"measured": _hwm() - base, "seconds": secs, "local_params": local}))
+    if args.get("parts"):
+        result = step_parts(engine, args, base)
+    else:
+        reset_hwm()
+        t = time.time()
+        step(args["batch"], args["seq"])
+        result = {"measured": _hwm() - base, "seconds": time.time() - t}
+    (out / f"rank{rank()}.json").write_text(json.dumps({**result, "local_params": local}))
 
 
-def run_tp(shapes, tp: int) -> list[dict]:
-    """Every shape on tp gloo ranks (torchrun), predicted vs measured."""
+def step_parts(engine, args: dict, base: int) -> dict:
+    """The full-size step of a --tp run, taken apart (bytes): what autograd keeps for the backward
+    (unique storages, parameters excluded), by module suffix summed over the layers; the peak RSS above
+    `base` in the forward + loss, in engine.backward (which flattens every gradient into DeepSpeed's
+    reduce bucket, at any world size) and in engine.step; the gradients as backward leaves them;
+    weights and AdamW states as the engine holds them."""
+    import re
+
+    import torch
+
+    stack, saved = ["(outside)"], {}
+    params = {p.untyped_storage().data_ptr() for p in engine.module.parameters()}
+
+    def push(module, *_):
+        stack.append(names[module])
+
+    def pop(*_):
+        stack.pop()
+
+    def pack(t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in params and ptr not in saved:
+            saved[ptr] = (storage.nbytes(), re.sub(r"^.*layers\.\d+\.", "layer.", stack[-1]))
+        return t
+
+    names = {m: n or "(model)" for n, m in engine.module.named_modules()}
+    hooks = [h for m in names for h in (m.register_forward_pre_hook(push), m.register_forward_hook(pop))]
+    ids = torch.randint(0, args["vocab"], (args["batch"], args["seq"]), generator=torch.Generator().manual_seed(7))
+    phases = {}
+    t = time.time()
+    reset_hwm()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = engine(input_ids=ids, labels=ids).loss
+    phases["forward"] = _hwm() - base
+    for h in hooks:
+        h.remove()
+    by_module: dict[str, int] = {}
+    for nbytes, name in saved.values():
+        by_module[name] = by_module.get(name, 0) + nbytes
+    reduce = engine.allreduce_gradients
+
+    def timed_reduce(*a, **k):  # the bucket flattening, after autograd's backward
+        phases["backward"] = _hwm() - base
+        reset_hwm()
+        reduce(*a, **k)
+        phases["reduce"] = _hwm() - base
+
+    engine.allreduce_gradients = timed_reduce
+    reset_hwm()
+    engine.backward(loss)
+    engine.allreduce_gradients = reduce
+    if "reduce" not in phases:  # one rank: DeepSpeed skips the all-reduce
+        phases["backward"] = _hwm() - base
+    grads = sum(p.grad.nbytes for p in engine.module.parameters() if p.grad is not None)
+    reset_hwm()
+    engine.step()
+    phases["step"] = _hwm() - base
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    states = sum(v.nbytes for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
+    return {"measured": max(phases.values()), "seconds": time.time() - t, "phases": phases, "saved": sum(by_module.values()), "saved_by_module": by_module,
+            "grads": grads, "weights": sum(p.nbytes for p in engine.module.parameters()), "optimizer": states,
+            "logits": args["batch"] * args["seq"] * args["vocab"] * 4}
+
+
+def run_tp(shapes, tp: int, parts: bool = False) -> list[dict]:
+    """Every shape on tp gloo ranks (torchrun), predicted vs measured (parts: taken apart, in GiB)."""
     import tempfile
 
     from pipeline.dist import free_port
@@ -152,7 +228,7 @@ def run_tp(shapes, tp: int) -> list[dict]:
     print(f"{'shape':20s} {'params':>8s} {'per rank':>8s} {'b x s':>8s} {'pred GiB':>9s} {'meas GiB':>9s} {'ratio':>6s}"
           f"  (state / act pred)")
     for name, L, h, heads, f, V, b, s, ck in shapes:
-        args = dict(layers=L, hidden=h, heads=heads, ffn=f, vocab=V, batch=b, seq=s, ckpt=ck, tp=tp)
+        args = dict(layers=L, hidden=h, heads=heads, ffn=f, vocab=V, batch=b, seq=s, ckpt=ck, tp=tp, parts=parts)
         pred = predict_tp(L, h, heads, f, V, b, s, ck, tp)
         with tempfile.TemporaryDirectory() as out:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -174,6 +250,14 @@ def run_tp(shapes, tp: int) -> list[dict]:
         print(f"{name:20s} {pred['params'] / 1e6:7.1f}M {pred['local_params'] / 1e6:7.1f}M {b:>3d}x{s:<4d} "
               f"{pred['total'] / 2**30:9.2f} {measured / 2**30:9.2f} {ratio:6.2f}  "
               f"({pred['state'] / 2**30:.2f} / {pred['act'] / 2**30:.2f})", flush=True)
+        if parts:
+            r = max(ranks, key=lambda r: r["measured"])
+            rows[-1]["parts"] = {k: r[k] for k in ("phases", "saved", "saved_by_module", "grads", "weights", "optimizer")}
+            gib = {k: round(v / 2**30, 3) for k, v in {**r["phases"], "saved": r["saved"], "weights": r["weights"],
+                                                         "grads": r["grads"], "adam": r["optimizer"],
+                                                         "pred act": pred["act"], "pred bucket": pred["bucket"]}.items()}
+            print("    GiB:", ", ".join(f"{k} {v}" for k, v in gib.items()))
+            print("    saved:", ", ".join(f"{k} {v / 2**20:.0f}M" for k, v in r["saved_by_module"].items() if v > 2**20))
     return rows
 
 
@@ -253,7 +337,8 @@ def child(args: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu", action="store_true")
-    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: that many gloo ranks per shape (CPU)")
+    ap.add_argument("--tp", type=int, help="tensor-parallel degree: that many gloo ranks per shape through DeepSpeed (CPU)")
+    ap.add_argument("--parts", action="store_true", help="with --tp: each step taken apart")
     ap.add_argument("--child")
     ap.add_argument("--tp-child")
     ap.add_argument("--out")
@@ -265,8 +350,8 @@ def main() -> None:
     if a.tp_child:
         tp_child(json.loads(a.tp_child), Path(a.out))
         return
-    if a.tp > 1:
-        rows = run_tp(CPU_SHAPES, a.tp)
+    if a.tp:
+        rows = run_tp(CPU_SHAPES, a.tp, a.parts)
         if a.json:
             Path(a.json).write_text(json.dumps(rows, indent=1))
         if len(rows) < len(CPU_SHAPES):
@@ -280,7 +365,8 @@ def main() -> None:
         args = dict(layers=L, hidden=h, heads=heads, ffn=f, vocab=V, batch=b, seq=s, ckpt=ck, gpu=a.gpu)
         pred = predict(L, h, heads, f, V, b, s, ck, dtype)
         out = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                                  "MALLOC_MMAP_THRESHOLD_": "65536"})
         if out.returncode:
             print(name, "failed:", out.stderr[-2000:])
             continue

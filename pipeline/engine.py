@@ -245,8 +245,10 @@ def initialize(cfg: RunConfig, model: nn.Module, role: RoleSection, key: str, *,
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=ds_config(cfg, micro_batch, grad_accum, strategy, optim),
     )
-    if world_size() == 1 and not strategy.zero_stage:
-        # One rank, no ZeRO: nothing to reduce, yet DeepSpeed would flatten, all-reduce and copy back every gradient.
+    if world_size() // tp == 1 and not strategy.zero_stage:
+        # One data-parallel replica (one rank, or one tensor-parallel group), no ZeRO: nothing to reduce, yet
+        # DeepSpeed would flatten every gradient into a bucket as large (measured at TP=2 on 2 ranks: the step's
+        # peak, with gradient checkpointing), all-reduce it over a group of one and copy it back.
         engine.enable_backward_allreduce = False
     return engine
 

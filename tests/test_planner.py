@@ -117,7 +117,12 @@ def test_offload_and_lora_and_frozen():
 
 
 def test_activation_formulas_match_korthikanti():
-    spec = resolve_model("opt-1.3b")
+    """Korthikanti et al.'s layer is a GeLU MLP (a gpt2-family model of OPT-1.3b's shape here); OPT's
+    ReLU keeps one f-wide tensor less (measured with saved-tensor hooks: bench/memory.py --parts)."""
+    import dataclasses
+
+    opt = resolve_model("opt-1.3b")
+    spec = dataclasses.replace(opt, family="gpt2")
     s, b, h, a = 512, 4, spec.hidden_size, spec.num_heads
     sbh = s * b * h
     # Korthikanti et al.: 34*s*b*h + 5*a*s^2*b bytes (fp16). Without dropout masks: 32*s*b*h;
@@ -126,13 +131,34 @@ def test_activation_formulas_match_korthikanti():
     assert P.layer_activation_bytes(spec, b, s, "fp16", dropout=True) == 34 * sbh
     assert P.layer_activation_bytes(spec, b, s, "fp16", eager_attention=True) == 32 * sbh + 2 * a * s * s * b
     assert P.layer_activation_bytes(spec, b, s, "fp32") == 64 * sbh
+    # OPT: LayerNorm inputs 2h, QKV input h, Q, K, V, context 4h, MLP input h, ReLU output f = 4h: 12h.
+    assert P.layer_activation_bytes(opt, b, s, "fp16") == 24 * sbh
+    assert P.layer_activation_bytes(opt, b, s, "fp32") == 48 * sbh
     L, V = spec.num_layers, spec.vocab_size
     full = P.training_activation_bytes(spec, b, s, "fp16", grad_ckpt=False, lm_head=True)
     assert full == L * 32 * sbh + 2 * 2 * sbh + s * b * V * (2 + 8)
+    assert P.training_activation_bytes(opt, b, s, "fp16", grad_ckpt=False, lm_head=True) == full - L * 8 * sbh
     ckpt = P.training_activation_bytes(spec, b, s, "fp16", grad_ckpt=True, lm_head=True)
     assert ckpt == L * 2 * sbh + 32 * sbh + 2 * 2 * sbh + s * b * V * (2 + 8)
     value = P.training_activation_bytes(spec, b, s, "fp16", grad_ckpt=True, lm_head=False)
     assert value == L * 2 * sbh + 32 * sbh + 2 * 2 * sbh + s * b * 4
+
+
+def test_zero0_reduce_bucket_peaks_apart_from_the_activations():
+    """DeepSpeed's ZeRO-0 engine flattens every gradient into its reduce bucket after autograd's
+    backward, with more than one data-parallel replica (pipeline.engine turns it off on one rank or one
+    tensor-parallel group): the bucket is a training transient beside the activations, max of the two;
+    ZeRO-1/2 buckets stay resident (with more than one rank), ZeRO-3 gathers resident too."""
+    spec = resolve_model("opt-125m")
+    n = spec.num_params()
+    assert P.comm_buffer_bytes(spec, n, n, "fp32", 0, 1, True) == 0
+    assert P.comm_buffer_bytes(spec, n, n, "fp32", 0, 2, True, tp=2) == 0  # one TP group: one replica
+    assert P.comm_buffer_bytes(spec, n, n, "fp32", 0, 4, True, tp=2) == n * 4
+    assert P.comm_buffer_bytes(spec, n, n, "bf16", 1, 1, True) == 0
+    assert P.comm_buffer_bytes(spec, n, n, "bf16", 1, 2, True) == n * 2
+    assert P.training_transient_bytes(3e9, n * 4, 0) == (0.0, 3e9)
+    assert P.training_transient_bytes(1e8, n * 4, 0) == (0.0, n * 4)
+    assert P.training_transient_bytes(3e9, n * 2, 1) == (n * 2, 3e9)
 
 
 def test_kv_cache_and_gqa():

@@ -81,6 +81,7 @@ from pipeline.planner.memory import (
     tensor_parallel_split,
     trained_state_bytes,
     training_activation_bytes,
+    training_transient_bytes,
 )
 from pipeline.planner.plan import Plan, RolePlan, StagePlan, Strategy
 from pipeline.planner.search import (
@@ -99,6 +100,7 @@ __all__ = ["DTYPE_BYTES", "GIB", "HEADROOM", "OVERHEAD_GIB", "Plan", "RolePlan",
            "comm_buffer_bytes", "dry_run_report", "forward_transient_bytes", "frozen_state_bytes", "kv_cache_bytes",
            "layer_activation_bytes", "layer_params", "lora_params", "plan_run", "reward_params",
            "tensor_parallel_params", "tensor_parallel_split", "trained_state_bytes", "training_activation_bytes",
+           "training_transient_bytes",
            "_candidates", "_Constraint", "_inputs", "_offload_level", "_tp_options"]
 
 

@@ -15,10 +15,16 @@ Offload (`strategy.offload`, ZeRO >= 1): optimizer states and the fp32 gradient 
     (ZeRO-Infinity style, d*P/N of host RAM).
 LoRA (dim r): the base weights are frozen (d*P, no gradient, no optimizer state); the adapters
     (r*(in+out) per targeted Linear: r*(10h+2f) per OPT layer) are trained at the full 16 bytes.
-Communication buffers: ZeRO 0-2 with N > 1 hold one gradient reduce bucket (min(P, 5e8) elements
-    of d, DeepSpeed's default reduce_bucket_size); ZeRO-3 gathers one module at a time (prefetch is
-    off, see engine.ds_config) and keeps a weight used twice in a forward (OPT's tied embedding and
-    LM head) until its second use: budgeted as 2 * max(layer, embedding) * d, which covers both.
+Communication buffers: ZeRO 1-2 with N > 1 hold one gradient reduce bucket (min(P, 5e8) elements
+    of d, DeepSpeed's default reduce_bucket_size). ZeRO-0 with N > 1 flattens the gradients into such
+    a bucket (engine.buffered_allreduce_fallback) after autograd's backward has freed the activations:
+    a training transient, max(activations, bucket), not resident (measured, bench/memory.py --parts:
+    the reduce phase holds weights + Adam states + gradients + bucket and < 0.05 GiB more; the
+    forward's peak no bucket). With N = 1 (one rank, or one tensor-parallel group) pipeline.engine
+    turns that all-reduce off: it would only copy every gradient. ZeRO-3 gathers one module at a
+    time (prefetch is off, see engine.ds_config) and keeps a weight used twice in a forward (OPT's
+    tied embedding and LM head) until its second use: budgeted as 2 * max(layer, embedding) * d,
+    which covers both.
 Frozen models (PPO reference, reward): d*P, sharded when their trained partner runs ZeRO-3 (ref
     follows the actor, reward the critic, as DeepSpeed-Chat). Offloaded (stage.ppo.offload_reference_model,
     offload_reward_model: a ZeRO-3 inference engine with parameter offload, at any partner layout)
@@ -28,8 +34,10 @@ EMA of the actor: an fp32 average of its trainable parameters (all P, or with Lo
     the actor or the reference model is offloaded.
 Activations per transformer layer (Korthikanti et al. 2022, "Reducing Activation Recomputation"),
     per token in elements of d: attention 3h + 2*kv (QKV input, Q, K, V, out-proj input),
-    MLP h + 2f (OPT: input, fc1 output, GeLU output; SwiGLU: h + 4f), LayerNorms 2h;
-    for OPT (f = 4h, kv = h) that is 16h elements = 34*s*b*h bytes minus the two dropout masks.
+    MLP h + 2f (input, fc1 output, GeLU output; SwiGLU: h + 4f), LayerNorms 2h; for a GeLU model
+    (f = 4h, kv = h) that is 16h elements = 34*s*b*h bytes minus the two dropout masks. OPT's MLP is
+    h + f: its ReLU keeps only its output for the backward, which fc2 keeps too, and nothing keeps
+    fc1's output (measured with saved-tensor hooks, bench/memory.py --parts: 12h per OPT layer).
     Dropout adds 2 bytes/token*h of masks. Eager attention adds the softmax a*s*s*b elements (and
     with attention dropout its output and mask: the paper's 5*a*s/h term); SDPA / flash attention
     (the default for transformers' OPT and LLaMA) stores none of it, so it is off by default.
@@ -52,9 +60,11 @@ Tensor parallelism (DeepSpeed AutoTP, degree t; measured layouts in the TP resea
     ranks. The degree must divide the heads (enforced), so the split is even.
     Activations per layer: Q, K, V, the attention context and the MLP intermediates are split; the
     layer inputs, LayerNorm inputs and the residual stream stay whole (no sequence parallelism):
-    per token 4h whole + (2h + 2kv + 2f) / t (SwiGLU: 4f); logits stay whole (an untied LLaMA head's
-    V / t slice is all-gathered, so that slice comes on top). All-reduces (2 per layer forward, one per
-    column-parallel Linear backward) run in place: one transient b*s*h buffer. The KV cache is split
+    per token 4h whole + (2h + 2kv + 2f) / t (OPT: f, SwiGLU: 4f); logits stay whole (an untied LLaMA
+    head's V / t slice is all-gathered, so that slice comes on top). All-reduces (2 per layer forward,
+    one per column-parallel Linear backward) run in place on the Linear's output or input gradient:
+    no buffer (measured: the bytes autograd keeps outside the split terms, and the forward's transient
+    above them, are the same at TP=2 as at TP=1, bench/memory.py --parts). The KV cache is split
     (kv heads / t). ZeRO-3 gathers each rank's shards only: generation gathering the actor holds P_t.
 PPO peak = every model's resident state + max(generation, experience forward, training), since
     the phases run one after another (actor and critic backward are also sequential).
@@ -73,6 +83,10 @@ OVERHEAD_GIB = {"cuda": 1.0, "cpu": 0.5}
 DEFAULT_LORA_DIM = 128
 REDUCE_BUCKET = 5e8  # DeepSpeed's default reduce_bucket_size, elements
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# MLP intermediates (f wide) a layer keeps for its backward: OPT's ReLU keeps its output only (fc1's
+# output is dropped), SwiGLU keeps the gate and up outputs, the SiLU output and their product; a GeLU
+# MLP (the default) keeps fc1's output and the GeLU's.
+MLP_KEPT = {"opt": 1, "llama": 4}
 # Assumed host RAM per node, as a multiple of the node's total GPU memory, when the profile
 # does not say (DGX A100/H100: 2 TB for 640 GB of GPU memory).
 HOST_RAM_PER_GPU_RAM = 3.0
@@ -181,15 +195,28 @@ def frozen_state_bytes(n_params: int, dtype: str, zero: int, offload: bool, worl
 def comm_buffer_bytes(spec: ModelSpec, n_params: int, n_trainable: int, dtype: str, zero: int,
                       world: int, trained: bool, tp: int = 1) -> float:
     """ZeRO-3 gather buffers (current + prefetched layer; under tensor parallelism a layer's shards
-    and its whole parts) or the ZeRO 0-2 reduce bucket. world: every rank."""
+    and its whole parts) or the ZeRO 0-2 reduce bucket (ZeRO-0: with more than one data-parallel
+    replica, a training transient: see training_transient_bytes). world: every rank."""
     d = DTYPE_BYTES[dtype]
     if zero >= 3:  # also at N = 1: the gathered layer is a fresh tensor next to the shard
         emb = spec.vocab_size * (spec.embed_dim or spec.hidden_size)
         split, whole = _layer_split(spec)
         return float(2 * max(split / max(1, tp) + whole, emb) * d)
+    if trained and zero == 0:  # pipeline.engine skips the all-reduce on one data-parallel replica
+        return min(n_trainable, REDUCE_BUCKET) * d if world // max(1, tp) > 1 else 0.0
     if trained and world > 1:
         return min(n_trainable, REDUCE_BUCKET) * d
     return 0.0
+
+
+def training_transient_bytes(activations: float, buffers: float, zero: int) -> tuple[float, float]:
+    """(resident buffer bytes, training transient bytes) of a trained model: ZeRO-0's reduce bucket is
+    allocated after autograd's backward has freed the activations (DeepSpeed's engine flattens the
+    gradients in its backward epilogue), so it and the activations peak apart; other buffers
+    (ZeRO-1/2's buckets, ZeRO-3's gathers) are counted resident beside the activations."""
+    if zero == 0:
+        return 0.0, max(activations, buffers)
+    return buffers, activations
 
 
 def _layer_split(spec: ModelSpec) -> tuple[int, int]:
@@ -205,11 +232,11 @@ def layer_activation_bytes(spec: ModelSpec, batch: int, seq: int, dtype: str, *,
                            eager_attention: bool = False, tp: int = 1) -> float:
     """Activations one transformer layer keeps for its backward (Korthikanti et al.), bytes, on one
     rank of a tensor-parallel group of tp: the attention input, MLP input and LayerNorm inputs (4h per
-    token) whole, Q, K, V, the context and the MLP intermediates split."""
+    token) whole, Q, K, V, the context and the MLP intermediates (MLP_KEPT * f) split."""
     d = DTYPE_BYTES[dtype]
     h, f, a = spec.hidden_size, spec.ffn_dim, spec.num_heads
     kv = (spec.num_kv_heads or a) * (h // a)
-    split = 2 * h + 2 * kv + (4 * f if spec.family == "llama" else 2 * f)
+    split = 2 * h + 2 * kv + MLP_KEPT.get(spec.family, 2) * f
     per_token = (4 * h + split / max(1, tp)) * d
     if dropout:
         per_token += 2 * h  # two 1-byte dropout masks (attention output, MLP output)
@@ -226,18 +253,16 @@ def training_activation_bytes(spec: ModelSpec, batch: int, seq: int, dtype: str,
     No checkpointing: layers * per-layer activations. Checkpointing: each layer's input
     (d*s*b*h) plus one layer's activations while it is recomputed. Plus embeddings and final
     norm (2*d*s*b*h) and, for a language model, logits s*b*V at (d + 8) bytes. Tensor parallelism
-    (tp > 1): per-layer activations as layer_activation_bytes, layer inputs and logits whole, plus the
-    all-reduce's transient d*s*b*h and an untied LLaMA head's local s*b*V/tp slice before its gather.
+    (tp > 1): per-layer activations as layer_activation_bytes, layer inputs and logits whole, plus an
+    untied LLaMA head's local s*b*V/tp slice before its gather (the all-reduces run in place).
     """
     d = DTYPE_BYTES[dtype]
     sbh = seq * batch * spec.hidden_size
     layer = layer_activation_bytes(spec, batch, seq, dtype, dropout=dropout, eager_attention=eager_attention, tp=tp)
     body = spec.num_layers * d * sbh + layer if grad_ckpt else spec.num_layers * layer
     head = seq * batch * spec.vocab_size * (d + 8) if lm_head else seq * batch * 4
-    if tp > 1:
-        body += d * sbh
-        if lm_head and spec.family == "llama" and not spec.tied_embeddings:
-            head += seq * batch * spec.vocab_size * d / tp
+    if tp > 1 and lm_head and spec.family == "llama" and not spec.tied_embeddings:
+        head += seq * batch * spec.vocab_size * d / tp
     return float(body + 2 * d * sbh + head)
 
 

@@ -27,6 +27,7 @@ from pipeline.planner.memory import (
     tensor_parallel_params,
     trained_state_bytes,
     training_activation_bytes,
+    training_transient_bytes,
 )
 from pipeline.planner.plan import RolePlan, StagePlan, Strategy
 
@@ -204,10 +205,11 @@ def _trained_mem(inp: _Inputs, spec: ModelSpec, s: Strategy, *, lm: bool, batch:
     buf = comm_buffer_bytes(spec, n_params, n_train, inp.dtype, s.zero_stage, inp.world, True, s.tp_degree)
     act = training_activation_bytes(spec, batch, seq, inp.dtype, grad_ckpt=s.gradient_checkpointing,
                                     lm_head=lm, dropout=inp.dropout, tp=s.tp_degree)
-    state = st["params"] + st["grads"] + st["optimizer"] + buf
+    resident_buf, transient = training_transient_bytes(act, buf, s.zero_stage)
+    state = st["params"] + st["grads"] + st["optimizer"] + resident_buf
     bd = {"params": st["params"], "grads": st["grads"], "optimizer": st["optimizer"], "buffers": buf,
           "activations": act}
-    return _RoleMem(state, st["host"], act, {k: v / GIB for k, v in bd.items()})
+    return _RoleMem(state, st["host"], transient, {k: v / GIB for k, v in bd.items()})
 
 
 def _frozen_strategy(partner: Strategy, offload: bool) -> Strategy:
