@@ -282,14 +282,19 @@ class RewardModel(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str = "fp32", dropout: float | None = 0.0, trust_remote_code: bool = False) -> RewardModel:
+    def from_pretrained(cls, path: str | Path, dtype: str = "fp32", dropout: float | None = 0.0, trust_remote_code: bool = False,
+                        fresh_head_tokenizer=None) -> RewardModel:
         """Reload a reward model or critic: a sequence classifier with one label (what save_pretrained
         writes), the base + value_head.safetensors this pipeline wrote before, or DeepSpeed-Chat's
         step-2/3 folder (pytorch_model.bin with rwtranrsformer.* and v_head.weight, read with
-        torch.load's weights_only unpickler)."""
+        torch.load's weights_only unpickler). A model without a value head is refused, unless
+        `fresh_head_tokenizer` is given: then it gets a fresh one (from_base), as a critic that no
+        reward model shares its start with may (veRL starts its critic from the policy so)."""
         ensure_available(str(path), "reward model")
         config = _model_config(str(path), dropout, trust_remote_code)
         classifier, head_loaded = _load_classifier(str(path), config, dtype, trust_remote_code, fresh_head=False)
+        if not head_loaded and fresh_head_tokenizer is not None:
+            return cls.from_base(str(path), fresh_head_tokenizer, dtype, dropout, trust_remote_code)
         if not head_loaded:
             raise NotARewardModel(
                 f"reward model {str(path)!r}: a {config.model_type} model without a value head: neither a "

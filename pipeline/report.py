@@ -218,6 +218,11 @@ def _stage_numbers(stage: str, r: dict) -> list[str]:
                          f"{r['gold_best_step']}, last {_num(r.get('gold_last'))} at step {r.get('gold_last_step')}"
                          f"{', stopped early' if r.get('gold_stopped_early') else ''}; final/actor is the actor of step "
                          f"{r.get('final_step')}")
+        if r.get("heldout_greedy_gain") is not None:
+            lines += [f"- held-out accuracy, {mode} answers ({r.get('heldout_prompts')} prompts, the reward function's "
+                      f"score >= 0.5): {_num(r.get(f'heldout_{mode}_before'))} -> **{_num(r[f'heldout_{mode}_after'])}**, "
+                      f"gain {r[f'heldout_{mode}_gain']:+.3f} (95% interval {r[f'heldout_{mode}_gain_ci95'][0]:+.3f} to "
+                      f"{r[f'heldout_{mode}_gain_ci95'][1]:+.3f}, Newcombe)" for mode in ("greedy", "sampled")]
         return lines
     if stage == "dpo" and "accuracy_after" in r:
         def interval(key: str, when: str) -> str:

@@ -156,8 +156,9 @@ class RLHFEngine:
             self.ema = ActorEMA(self.actor, p.ema_beta, device)
         self.critic = self.reward = None
         if p.needs_critic:
-            with zero3_construction(args, p.critic.strategy):
-                critic = RewardModel.from_pretrained(critic_model_name_or_path, args.dtype, args.model.dropout, trust)
+            with zero3_construction(args, p.critic.strategy):  # with a reward function, any causal LM may start it
+                critic = RewardModel.from_pretrained(critic_model_name_or_path, args.dtype, args.model.dropout, trust,
+                                                     fresh_head_tokenizer=None if p.reward_model else tokenizer)
             self.critic = initialize(args, critic, p.critic, "stage.ppo.critic", micro_batch=p.per_device_training_batch_size,
                                      grad_accum=1, total_steps=num_total_iters // (2 if ptx_enabled(args) else 1))
             self.critic.train()

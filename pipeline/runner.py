@@ -269,6 +269,12 @@ def summary(cfg: RunConfig, results: dict[str, dict], truth: dict | None = None)
         lines.append(f"PPO   mean reward {r['reward_first']:.3f} (first steps) -> {r['reward_last']:.3f} (last steps), "
                      f"KL {r['kl_last']:.4f}, answer length {r['answer_length_last']:.1f}, {r['steps']} steps, "
                      f"{r.get('seconds', 0):.0f} s")
+    if "ppo" in results and "heldout_greedy_gain" in results["ppo"]:
+        r = results["ppo"]
+        lines.append(f"PPO   held-out accuracy ({r['heldout_prompts']} prompts, {cfg.stage.ppo.reward}): " + ", ".join(
+            f"{mode} {r[f'heldout_{mode}_before']:.3f} -> {r[f'heldout_{mode}_after']:.3f} "
+            f"(gain {r[f'heldout_{mode}_gain']:+.3f}, 95% interval {r[f'heldout_{mode}_gain_ci95'][0]:+.3f} to "
+            f"{r[f'heldout_{mode}_gain_ci95'][1]:+.3f})" for mode in ("greedy", "sampled")))
     if "dpo" in results:
         r = results["dpo"]
         lines.append(f"DPO   held-out preference accuracy {r['accuracy_before']:.3f} -> {r['accuracy_after']:.3f} "

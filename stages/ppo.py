@@ -121,7 +121,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
         if ctx.is_main:
             write_json_atomic(heldout_path, heldout_report(heldout))
     elif eval_batches and heldout_path.exists():
-        heldout = {key: tuple(value[:2]) for key, value in json.loads(heldout_path.read_text()).items()}
+        heldout = {key: tuple(value[:2]) for key, value in json.loads(heldout_path.read_text()).items()
+                   if key.endswith("_before")}
 
     # ---- train
     logger.begin(n_steps, step)
@@ -203,17 +204,16 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
         if ctx.is_main:
             write_json_atomic(heldout_path, report)
             print(f"[ppo] held-out accuracy ({n_eval} prompts, stage.ppo.reward={p.reward}): "
-                  + ", ".join(f"{key} {r}/{n} = {r / n:.3f} [{lo:.3f}, {hi:.3f}]" for key, (r, n, lo, hi) in report.items()),
-                  flush=True)
-        for key, (right, n, low, high) in report.items():
-            result[f"heldout_{key}"], result[f"heldout_{key}_ci95"] = right / n, [low, high]
-        for mode in MODES:  # after - before, with Newcombe's 95% interval
-            if f"{mode}_before" in heldout:
-                (r0, n0), (r1, n1) = heldout[f"{mode}_before"], heldout[f"{mode}_after"]
-                result[f"heldout_{mode}_gain"] = r1 / n1 - r0 / n0
-                result[f"heldout_{mode}_gain_ci95"] = list(difference_interval(r0, n0, r1, n1))
+                  + ", ".join(f"{key} {r}/{n} = {r / n:.3f} [{lo:.3f}, {hi:.3f}]" for key, (r, n, lo, hi) in
+                              ((key, value) for key, value in report.items() if not key.endswith("_gain"))), flush=True)
+        for key, value in report.items():
+            if key.endswith("_gain"):
+                result[f"heldout_{key}"], result[f"heldout_{key}_ci95"] = value[0], value[1:]
+            else:
+                right, n, low, high = value
+                result[f"heldout_{key}"], result[f"heldout_{key}_ci95"] = right / n, [low, high]
         if ctx.is_main and "heldout_sampled_gain" in result:
-            print("[ppo] held-out gain: " + ", ".join(
+            print("[ppo] held-out gain (after - before, 95% interval): " + ", ".join(
                 f"{mode} {result[f'heldout_{mode}_gain']:+.3f} [{result[f'heldout_{mode}_gain_ci95'][0]:+.3f}, "
                 f"{result[f'heldout_{mode}_gain_ci95'][1]:+.3f}]" for mode in MODES), flush=True)
         result["heldout_prompts"] = n_eval
@@ -221,8 +221,15 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
 
 
 def heldout_report(heldout: dict[str, tuple[int, int]]) -> dict[str, list]:
-    """{"greedy_before", ...: [right, answered, 95% low, 95% high]} (Wilson interval)."""
-    return {when: [right, n, *wilson_interval(right, n)] for when, (right, n) in heldout.items()}
+    """{"greedy_before", ...: [right, answered, 95% low, 95% high]} (Wilson interval), and once both ends
+    are measured {"greedy_gain", "sampled_gain": [after - before, 95% low, 95% high]}: Newcombe's interval
+    for two independent proportions, conservative here, where both answer the same prompts."""
+    report = {when: [right, n, *wilson_interval(right, n)] for when, (right, n) in heldout.items()}
+    for mode in MODES:
+        if f"{mode}_before" in heldout and f"{mode}_after" in heldout:
+            (r0, n0), (r1, n1) = heldout[f"{mode}_before"], heldout[f"{mode}_after"]
+            report[f"{mode}_gain"] = [r1 / n1 - r0 / n0, *difference_interval(r0, n0, r1, n1)]
+    return report
 
 
 def summarize(metrics_path, steps: int, skipped: int) -> dict:

@@ -76,13 +76,15 @@ def test_critic_free_run_builds_saves_and_plans_no_critic(sft_run, tmp_path, est
     assert plan["roles"][0]["zero_stage"] == zero and plan["roles"][0]["lora_dim"] == lora
     # held-out accuracy: counts, share and Wilson interval agree
     heldout = json.loads((ppo / "heldout.json").read_text())
-    assert sorted(heldout) == ["greedy_after", "greedy_before", "sampled_after", "sampled_before"]
-    for key, (right, n, low, high) in heldout.items():
+    assert sorted(heldout) == ["greedy_after", "greedy_before", "greedy_gain", "sampled_after", "sampled_before", "sampled_gain"]
+    for key in ("greedy_before", "greedy_after", "sampled_before", "sampled_after"):
+        right, n, low, high = heldout[key]
         assert n == 6 and 0 <= right <= n and low <= right / n <= high
         assert result[f"heldout_{key}"] == right / n and result[f"heldout_{key}_ci95"] == [low, high]
     for mode in ("greedy", "sampled"):
         gain, (low, high) = result[f"heldout_{mode}_gain"], result[f"heldout_{mode}_gain_ci95"]
         assert gain == pytest.approx(result[f"heldout_{mode}_after"] - result[f"heldout_{mode}_before"]) and low <= gain <= high
+        assert heldout[f"{mode}_gain"] == [gain, low, high]
 
 
 def test_grpo_resume_equals_continuous(sft_run, tmp_path, monkeypatch):
@@ -198,4 +200,4 @@ def test_two_gloo_ranks_under_zero3(tmp_path: Path):
     roles = json.loads((out / "plan.json").read_text())["stages"]["ppo"]["roles"]
     assert {r["role"]: r["zero_stage"] for r in roles} == {"actor": 3, "ref": 3}
     heldout = json.loads((out / "ppo" / "heldout.json").read_text())
-    assert all(n == 8 for _, n, _, _ in heldout.values())
+    assert all(heldout[key][1] == 8 for key in heldout if not key.endswith("_gain"))

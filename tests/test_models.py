@@ -149,6 +149,22 @@ def test_folders_that_are_not_reward_models_are_refused_in_one_line(tmp_path):
         RewardModel.from_pretrained(tmp_path / "two")
 
 
+def test_a_critic_without_a_reward_model_may_start_from_a_causal_lm(tokenizers, tmp_path):
+    """With a reward function the critic's start needs no value head: a causal LM gets a fresh one
+    (its transformer weights kept as they are); a folder with a head keeps its own."""
+    from transformers import AutoModel
+
+    causal = tiny_causal_lm("opt", 50272, tmp_path / "causal")
+    critic = RewardModel.from_pretrained(causal, fresh_head_tokenizer=tokenizers["opt"])
+    base = AutoModel.from_pretrained(causal).state_dict()
+    assert all(torch.equal(value, base[key]) for key, value in critic.base.state_dict().items())
+    head = critic.v_head.weight
+    assert head.shape == (1, 64) and head.std() > 0.05  # normal, std 1/sqrt(65): not zero, not transformers' 0.02
+    critic.save_pretrained(tmp_path / "critic")
+    again = RewardModel.from_pretrained(tmp_path / "critic", fresh_head_tokenizer=tokenizers["opt"])
+    assert torch.equal(again.v_head.weight, head)
+
+
 # ---------------------------------------------------------------------- DeepSpeed-Chat checkpoints
 
 

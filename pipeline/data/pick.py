@@ -1,11 +1,22 @@
 """The built-in verifiable task (data_blend name builtin_pick): no download, deterministic for a seed.
 
 Each prompt lists three numbers and asks for the one at a position ("which number is third : 12 7 3 ?");
-the answer is GSM8K-style, "#### 3", so a rule checks it (stage.ppo.reward=gsm8k_exact_match). Like
-real SFT data the demonstrations are imperfect: asked for the last number, SFT_ERROR of them give the
-one before it, while every record's reference, which the reward function checks against, is right.
-An SFT model trained on them answers the first two positions and often not the last; the README's
-RL section has what RL with the exact-match reward measured on held-out prompts.
+the answer is GSM8K-style, "#### 3", so a rule checks it (stage.ppo.reward=gsm8k_exact_match). Every
+record's reference, which the reward function checks against, is right.
+
+Like real SFT data the demonstrations are imperfect, in a way chosen so that RL's contribution shows:
+asked for the third number, SFT_ERROR (60%) of them give the second. Every position is still
+demonstrated right often (the first two always, the third in 40% of its questions), so a model trained
+on them learns to copy each position (conf/experiment/pick.yaml trains 3 epochs over 9,000 of them;
+fewer left the tiny model unable to copy the third at all). What it learns for the third is the
+demonstrations' mixture: about 0.6 on the second number and 0.3-0.4 on the right one. So greedy
+decoding, which takes the likelier, is wrong on most third questions (greedy accuracy about 0.75 over
+all positions), while sampled answers are right often enough that most groups of 8 samples hold both a
+right and a wrong answer: group-normalised advantages (GRPO, RLOO) carry signal on every such prompt,
+and RL with the exact-match reward only has to move probability the SFT model already gives the right
+answer past one half, which flips the greedy answers too. A larger error (70%) left the right answer
+almost no probability (0.04): RL then rarely samples it and has nothing to reinforce; a smaller one
+makes the SFT model right greedily already. The README's RL section has what was measured.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ from pipeline.data.sources import Record
 POSITIONS = ("first", "second", "third")
 NUMBERS = [str(i) for i in range(20)]
 # The demonstrations' systematic error: asked for the last number, they give the one before it this often.
-SFT_ERROR = 0.7
+SFT_ERROR = 0.6
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 WORDS = ["Human:", "Assistant:", "Human", "Assistant", ":", "which", "number", "is", "?", "####", *POSITIONS]
 TOKENIZER = "builtin:pick"  # model.tokenizer value that selects this task's tokenizer
@@ -46,7 +57,7 @@ def generate_records(n: int, seed: int = 0) -> list[Record]:
 
 
 def save_tokenizer(path: str | Path) -> Path:
-    """Write the task's word-level tokenizer (every number 0-99 one token) to `path`."""
+    """Write the task's word-level tokenizer (every word and number of the task one token) to `path`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
