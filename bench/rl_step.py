@@ -3,6 +3,16 @@
     python bench/rl_step.py                  # our PPO vs RLOOTrainer: 2 pairs, 1 warm-up + 4 timed steps, 8 x 64 tokens
     python bench/rl_step.py --method rloo    # our RLOO (no critic) vs RLOOTrainer, 4 prompts x 2 samples, KL beta 0.05
     python bench/rl_step.py --method grpo    # our GRPO (no critic) vs GRPOTrainer, 4 prompts x 2 samples, KL beta 0.04 in the loss (k3)
+    python bench/rl_step.py --method grpo --heldout 60   # held-out accuracy on the verifiable task after 60 steps, each side
+
+--heldout STEPS: instead of timing, both sides train STEPS steps of GRPO (or RLOO) from the same SFT
+model on the built-in verifiable task (+experiment=pick: SFT made once by our pipeline, then 16
+prompts x 8 samples per step for GRPO, 16 x 4 for RLOO, one update per step, the exact-match reward
+as a function, the experiment's learning rate, KL and clipping), the same prompts in the same order,
+so the same number of samples; then the same evaluator (transformers' generate, greedy and sampled,
+4 new tokens, gsm8k_exact_match) answers the same 400 held-out prompts with the SFT model and each
+side's final policy. Reported: accuracy before -> after with 95% Wilson intervals, the gain's
+Newcombe interval, and each side's training samples/s (generation included, evaluation not).
 
 --method rloo / grpo: ours builds no critic (actor, reference, reward model), samples 2 answers per
 prompt like TRL's num_generations=2; per step the work is then the same on both sides.
@@ -24,6 +34,9 @@ samples/s = sequences per second over the steps after warm-up.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -143,14 +156,207 @@ def child_trl(args) -> dict:
     return {"samples_per_s": steps * args.batch / secs, "step_s": secs / steps, "steps": steps}
 
 
+# --------------------------------------------------------------------------- held-out accuracy (--heldout)
+
+# Per method on the verifiable task: our overrides of +experiment=pick, TRL's group size and KL beta.
+PICK = {"grpo": {"ours": [], "samples": 8, "beta": 0.04},
+        "rloo": {"ours": ["stage=rloo", "stage.ppo.per_device_training_batch_size=64"], "samples": 4, "beta": 0.05}}
+PICK_PROMPTS_PER_STEP, PICK_EVAL = 16, 400
+
+
+def pick_overrides(args, out: Path, *overrides: str) -> list[str]:
+    """Our command line for the verifiable task: step 3 alone from the SFT model, unless overrides say otherwise."""
+    sft = Path(args.work) / "pick" / "sft" / "final"
+    given = ["run.stages=[ppo]", f"model.actor={sft}"] if "run.stages=[sft]" not in overrides else []
+    return ["+experiment=pick", f"run.output_dir={out}", f"data_blend.cache_dir={Path(args.work) / 'pick_cache'}",
+            f"stage.ppo.max_steps={args.heldout}", f"stage.ppo.eval_prompts={PICK_EVAL}", "run.log_interval=1000000",
+            *PICK[args.method]["ours"], *given, *overrides]
+
+
+def pick_config(args, out: Path):
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import load_config, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(C.ROOT / "conf"), version_base=None):
+        return load_config(compose("config", overrides=pick_overrides(args, out)))
+
+
+def pick_prompts(args) -> tuple[list[dict], list[dict], object]:
+    """(train, eval, tokenizer): the ppo slice's training prompts in the order our run visits them (one
+    epoch's shuffle, enough for the steps), and its first PICK_EVAL held-out prompts; rows of
+    {"ids", "text", "reference"}."""
+    from pipeline.data import load_stage_data
+    from pipeline.models import load_tokenizer
+
+    cfg = pick_config(args, Path(args.work) / "runs" / "pick_prep")
+    tokenizer = load_tokenizer(cfg.tokenizer_source, Path(args.work) / "pick")
+    data = load_stage_data(cfg, "ppo", tokenizer)
+
+    def row(r: dict) -> dict:
+        return {"ids": r["prompt_input_ids"], "text": tokenizer.decode(r["prompt_input_ids"], skip_special_tokens=True),
+                "reference": r["reference"]}
+
+    train = [row(data.train[i]) for i in C.epoch_order(len(data.train), cfg.run.seed)]
+    return train[: args.heldout * PICK_PROMPTS_PER_STEP], [row(data.eval[i]) for i in range(PICK_EVAL)], tokenizer
+
+
+def pick_accuracy(model_dir: Path, rows: list[dict], tokenizer, greedy: bool, seed: int = C.SEED) -> int:
+    """How many of `rows` the causal LM in `model_dir` answers right (gsm8k_exact_match >= 0.5), by
+    transformers' generate: greedy, or sampled at temperature 1 (no top-k / top-p), 4 new tokens.
+    The task's prompts all have the same length, so batches need no padding."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.rewards import REWARD_FUNCTIONS
+
+    score = REWARD_FUNCTIONS["gsm8k_exact_match"]
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    torch.manual_seed(seed)
+    right = 0
+    for i in range(0, len(rows), 100):
+        batch = rows[i:i + 100]
+        ids = torch.tensor([r["ids"] for r in batch])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=not greedy,
+                                 temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+        for r, answer in zip(batch, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):
+            right += score(r["text"], answer, r["reference"]) >= 0.5
+    return int(right)
+
+
+def pick_child_ours(args) -> dict:
+    from pipeline.runner import run_pipeline
+
+    out = Path(args.work) / "runs" / f"pick_ours_{args.method}_{time.time_ns()}"
+    run_pipeline(pick_config(args, out))
+    steps = [r for r in (json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines())
+             if r["split"] == "train"]
+    _, evals, tokenizer = pick_prompts(args)
+    rows = len(steps) * PICK_PROMPTS_PER_STEP * PICK[args.method]["samples"]
+    return {"samples": rows, "samples_per_s": rows / sum(r["step_s"] for r in steps),
+            **{mode: pick_accuracy(out / "ppo" / "final" / "actor", evals, tokenizer, mode == "greedy")
+               for mode in ("greedy", "sampled")}}
+
+
+def pick_child_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    from pipeline.rewards import REWARD_FUNCTIONS
+
+    train, evals, tokenizer = pick_prompts(args)
+    cfg = pick_config(args, Path(args.work) / "runs" / "pick_prep")
+    p, k, score = cfg.stage.ppo, PICK[args.method]["samples"], REWARD_FUNCTIONS["gsm8k_exact_match"]
+
+    def exact_match(prompts, completions, reference, **_):
+        return [score(q, a, ref) for q, a, ref in zip(prompts, completions, reference)]
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **kw):
+            if not times:
+                times.append(time.perf_counter())
+
+        def on_step_end(self, *a, **kw):
+            times.append(time.perf_counter())
+
+    grpo = args.method == "grpo"
+    out = Path(args.work) / "runs" / f"pick_trl_{args.method}_{time.time_ns()}"
+    extra = {"loss_type": "grpo", "scale_rewards": "group"} if grpo else {}  # the GRPO paper's, as ours
+    trl_cfg = (GRPOConfig if grpo else RLOOConfig)(
+        output_dir=str(out), per_device_train_batch_size=PICK_PROMPTS_PER_STEP * k, gradient_accumulation_steps=1,
+        steps_per_generation=1, num_generations=k, max_completion_length=p.generation.max_new_tokens, temperature=1.0,
+        top_p=1.0, top_k=0, beta=PICK[args.method]["beta"], epsilon=p.cliprange, num_iterations=1, max_steps=args.heldout,
+        learning_rate=p.actor.optim.learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch", bf16=False, fp16=False,
+        gradient_checkpointing=False, use_cpu=True, logging_strategy="no", save_strategy="no", eval_strategy="no",
+        report_to=[], disable_tqdm=True, dataloader_num_workers=0, seed=cfg.run.seed, shuffle_dataset=False, **extra)
+    model = AutoModelForCausalLM.from_pretrained(str(Path(args.work) / "pick" / "sft" / "final"), dtype=torch.float32)
+    trainer = (GRPOTrainer if grpo else RLOOTrainer)(
+        model=model, reward_funcs=[exact_match], args=trl_cfg, processing_class=tokenizer, callbacks=[Timer()],
+        train_dataset=Dataset.from_list([{"prompt": r["text"], "reference": r["reference"]} for r in train]))
+    trainer.train()
+    trainer.model.save_pretrained(out / "final")
+    rows = (len(times) - 1) * PICK_PROMPTS_PER_STEP * k
+    return {"samples": rows, "samples_per_s": rows / (times[-1] - times[0]),
+            **{mode: pick_accuracy(out / "final", evals, tokenizer, mode == "greedy") for mode in ("greedy", "sampled")}}
+
+
+def pick_main(args) -> None:
+    """--heldout: the SFT model once, each side once, the accuracy table (and a RESULTS.md row)."""
+    import torch
+
+    from pipeline.rl_math import difference_interval, wilson_interval
+
+    torch.set_num_threads(C.THREADS)
+    work = Path(args.work)
+    if not (work / "pick" / "sft" / "final").exists():  # a process of its own: the children inherit no rank variables
+        subprocess.run([sys.executable, "-m", "pipeline", *pick_overrides(args, work / "pick", "run.stages=[sft]")],
+                       check=True, cwd=str(C.ROOT), env={**os.environ, "OMP_NUM_THREADS": str(C.THREADS)})
+    _, evals, tokenizer = pick_prompts(args)
+    n = len(evals)
+    before = {mode: pick_accuracy(work / "pick" / "sft" / "final", evals, tokenizer, mode == "greedy")
+              for mode in ("greedy", "sampled")}
+    sides = [args.only] if args.only else ["ours", "trl"]
+    runs = {side: C.run_child(__file__, side, args, timeout=1800) for side in sides}
+
+    def accuracy(right: int) -> str:
+        low, high = wilson_interval(right, n)
+        return f"{right / n:.3f} [{low:.3f}, {high:.3f}]"
+
+    def gain(mode: str, r: dict) -> str:
+        low, high = difference_interval(before[mode], n, r[mode], n)
+        return f"{(r[mode] - before[mode]) / n:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+    rows = [[side, str(r["samples"]), f"{r['samples_per_s']:.3g}", f"{accuracy(before['greedy'])} -> {accuracy(r['greedy'])}",
+             gain("greedy", r), f"{before['sampled'] / n:.3f} -> {accuracy(r['sampled'])}", gain("sampled", r)]
+            for side, r in runs.items()]
+    print(C.table(["side", "samples", "train samples/s", "greedy before -> after", "greedy gain (95%)",
+                   "sampled before -> after", "sampled gain (95%)"], rows))
+    if len(runs) == 2 and not args.no_record:
+        peer = "GRPOTrainer" if args.method == "grpo" else "RLOOTrainer"
+        o, t = runs["ours"], runs["trl"]
+        C.append_result(
+            f"Verifiable task: {args.method.upper()} vs TRL {peer}, held-out accuracy after the same samples (CPU)",
+            f"`python bench/rl_step.py --method {args.method} --heldout STEPS`: both sides train from the same SFT "
+            f"model (+experiment=pick) on the same prompts, {PICK_PROMPTS_PER_STEP} prompts x "
+            f"{PICK[args.method]['samples']} samples per step, one update per step, exact-match reward, then the "
+            f"same evaluator answers the same {n} held-out prompts (greedy and sampled). 95% Wilson intervals; "
+            "gains with Newcombe's interval.",
+            ["machine", "steps", "samples", "greedy: SFT -> ours / TRL", "greedy gain ours / TRL",
+             "sampled: SFT -> ours / TRL", "train samples/s ours / TRL"],
+            [C.machine(), str(args.heldout), str(o["samples"]),
+             f"{before['greedy'] / n:.3f} -> {o['greedy'] / n:.3f} / {t['greedy'] / n:.3f}",
+             f"{gain('greedy', o)} / {gain('greedy', t)}",
+             f"{before['sampled'] / n:.3f} -> {o['sampled'] / n:.3f} / {t['sampled'] / n:.3f}",
+             f"{o['samples_per_s']:.3g} / {t['samples_per_s']:.3g}"])
+
+
 def main() -> None:
     ap = C.parser("One RL step: ours (RLHFEngine/PPOTrainer) vs TRL RLOOTrainer / GRPOTrainer", steps=4, warmup=1)
     ap.add_argument("--method", choices=sorted(METHODS), default="ppo",
                     help="ours: ppo (critic, vs RLOOTrainer), rloo (vs RLOOTrainer) or grpo (vs GRPOTrainer)")
+    ap.add_argument("--heldout", type=int, default=0, metavar="STEPS",
+                    help="instead of timing: train STEPS steps of --method grpo or rloo on the verifiable task on each "
+                         "side and compare held-out accuracy")
     args = ap.parse_args()
-    args.extra = ["--method", args.method]  # to the child processes
+    args.extra = ["--method", args.method, "--heldout", str(args.heldout)]  # to the child processes
+    if args.heldout and args.method not in PICK:
+        ap.error(f"--heldout compares grpo or rloo, not --method {args.method}")
     if args.child:
-        C.emit(child_ours(args) if args.child == "ours" else child_trl(args))
+        if args.heldout:
+            C.emit(pick_child_ours(args) if args.child == "ours" else pick_child_trl(args))
+        else:
+            C.emit(child_ours(args) if args.child == "ours" else child_trl(args))
+        return
+    if args.heldout:
+        pick_main(args)
         return
     work = Path(args.work)
     C.write_opt(work / "model")
