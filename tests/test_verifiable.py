@@ -95,3 +95,16 @@ def test_gae_critic_with_a_reward_function(sft_then_grpo, tmp_path):
     assert r["reward_last"] > r["reward_first"]
     low, _ = r["heldout_greedy_gain_ci95"]
     assert 0.6 < r["heldout_greedy_before"] < 0.85 and low > 0.05, r
+
+
+def test_a_changed_task_generator_misses_the_data_cache(tmp_path, monkeypatch):
+    """The generated source has no files to fingerprint: its version is in the cache key, so records an
+    older generator cached are not reused (other sources' keys do not change)."""
+    import pipeline.data as data
+    from pipeline.models import load_tokenizer
+
+    cfg = pick_config(tmp_path / "run")
+    tokenizer = load_tokenizer(cfg.tokenizer_source, tmp_path)
+    key = data._stage_key(cfg, "ppo", tokenizer)
+    monkeypatch.setitem(data.GENERATOR_VERSIONS, "builtin_pick", data.GENERATOR_VERSIONS["builtin_pick"] + 1)
+    assert data._stage_key(cfg, "ppo", tokenizer) != key

@@ -37,6 +37,9 @@ from pipeline.data.cache import build_or_load, file_fingerprint, key_of, tokeniz
 from pipeline.data.sources import ADAPTERS, DataError, Record, SourceData, read_source, source_files, split_dialogue
 from pipeline.data_schema import DatasetSpec
 
+# Built-in generated sources whose records have changed since caches were written: name -> version.
+GENERATOR_VERSIONS = {"builtin_pick": 2}  # 2: the third number's demonstrations 60% wrong (were 70%)
+
 __all__ = ["DataError", "Examples", "Record", "SourceStats", "StageData", "TextBlocks", "load_stage_data",
            "load_ptx_data", "split_indices", "format_prompt", "blend_counts", "read_source", "split_dialogue",
            "ADAPTERS", "cache_dir"]
@@ -314,9 +317,13 @@ def _stage_key(cfg: RunConfig, stage: str, tokenizer) -> str:
     for k in ("cache_dir", "ptx_path", "ptx_field", "ptx_max_blocks", "name"):
         d.pop(k)
     files = {key: file_fingerprint(source_files(spec, key)) for key, spec, _ in _specs(cfg, stage)}
+    # a generated source has no files: its generator's version stands in, so a changed generator
+    # does not hit the records an older one cached
+    generated = {key: GENERATOR_VERSIONS[spec.name] for key, spec, _ in _specs(cfg, stage) if spec.name in GENERATOR_VERSIONS}
     # layout 2: ppo examples carry the reference answer (entries written before lack the column)
     return key_of({"kind": "stage", "layout": 2, "stage": stage, "seed": cfg.run.seed, "data_blend": d,
-                   "tokenizer": tokenizer_fingerprint(tokenizer), "files": files})
+                   "tokenizer": tokenizer_fingerprint(tokenizer), "files": files,
+                   **({"generated": generated} if generated else {})})
 
 
 def _build_stage(cfg: RunConfig, stage: str, tokenizer, work: Path):

@@ -9,14 +9,16 @@ asked for the third number, SFT_ERROR (60%) of them give the second. Every posit
 demonstrated right often (the first two always, the third in 40% of its questions), so a model trained
 on them learns to copy each position (conf/experiment/pick.yaml trains 3 epochs over 9,000 of them;
 fewer left the tiny model unable to copy the third at all). What it learns for the third is the
-demonstrations' mixture: about 0.6 on the second number and 0.3-0.4 on the right one. So greedy
+demonstrations' mixture: about 0.6 on the second number and 0.3 on the right one. So greedy
 decoding, which takes the likelier, is wrong on most third questions (greedy accuracy about 0.75 over
 all positions), while sampled answers are right often enough that most groups of 8 samples hold both a
 right and a wrong answer: group-normalised advantages (GRPO, RLOO) carry signal on every such prompt,
 and RL with the exact-match reward only has to move probability the SFT model already gives the right
-answer past one half, which flips the greedy answers too. A larger error (70%) left the right answer
-almost no probability (0.04): RL then rarely samples it and has nothing to reinforce; a smaller one
-makes the SFT model right greedily already. The README's RL section has what was measured.
+answer past one half, which flips the greedy answers too. The first design (70% wrong, 4,000 records,
+4 epochs) left the right third number probability 0.04 (the same data at 60% gave 0.06: too few steps
+to learn copying the third position): RL then rarely sampled it and had nothing to reinforce. An error
+below one half would make the SFT model right greedily already. The README's RL section has what was
+measured.
 """
 
 from __future__ import annotations
