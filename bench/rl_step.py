@@ -346,7 +346,7 @@ def main() -> None:
                     help="instead of timing: train STEPS steps of --method grpo or rloo on the verifiable task on each "
                          "side and compare held-out accuracy")
     args = ap.parse_args()
-    args.extra = ["--method", args.method, "--heldout", str(args.heldout)]  # to the child processes
+    C.pass_to_child(args, "method", "heldout")
     if args.heldout and args.method not in PICK:
         ap.error(f"--heldout compares grpo or rloo, not --method {args.method}")
     if args.child:
