@@ -192,24 +192,37 @@ def run_ours_timed(cfg_dict: dict) -> list[float]:
     return times
 
 
-def train_in_order(trainer_cls, **kwargs) -> tuple[list[float], object]:
-    """The peer's side: train `trainer_cls(**kwargs)` (a transformers / TRL Trainer) over its train_dataset
-    in order (our epoch order, not a fresh shuffle: identical batches); (the perf_counter at each step's
-    end, the trainer)."""
-    from torch.utils.data import SequentialSampler
+def step_timer(first_begin: bool = False):
+    """(times, callback): a transformers TrainerCallback appending the perf_counter at each step's end
+    to `times`, and with `first_begin` also at the first step's beginning (so every step is timed)."""
     from transformers import TrainerCallback
 
     times: list[float] = []
 
     class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            if first_begin and not times:
+                times.append(time.perf_counter())
+
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter())
+
+    return times, Timer()
+
+
+def train_in_order(trainer_cls, **kwargs) -> tuple[list[float], object]:
+    """The peer's side: train `trainer_cls(**kwargs)` (a transformers / TRL Trainer) over its train_dataset
+    in order (our epoch order, not a fresh shuffle: identical batches); (the perf_counter at each step's
+    end, the trainer)."""
+    from torch.utils.data import SequentialSampler
+
+    times, timer = step_timer()
 
     class InOrder(trainer_cls):
         def _get_train_sampler(self, *a, **k):
             return SequentialSampler(self.train_dataset)
 
-    trainer = InOrder(**kwargs, callbacks=[Timer()])
+    trainer = InOrder(**kwargs, callbacks=[timer])
     trainer.train()
     return times, trainer
 

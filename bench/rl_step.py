@@ -118,7 +118,7 @@ def child_ours(args) -> dict:
 def child_trl(args) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     work = Path(args.work)
@@ -130,15 +130,7 @@ def child_trl(args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32)
     reward = AutoModelForSequenceClassification.from_pretrained(str(work / "model"), num_labels=1, dtype=torch.float32)
     reward.config.pad_token_id = tokenizer.pad_token_id
-    times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **kw):
-            if not times:
-                times.append(time.perf_counter())
-
-        def on_step_end(self, *a, **kw):
-            times.append(time.perf_counter())
+    times, timer = C.step_timer(first_begin=True)
 
     grpo = args.method == "grpo"
     cfg = (GRPOConfig if grpo else RLOOConfig)(
@@ -149,7 +141,7 @@ def child_trl(args) -> dict:
         gradient_checkpointing=False, use_cpu=True, logging_strategy="no", save_strategy="no", eval_strategy="no",
         report_to=[], disable_tqdm=True, dataloader_num_workers=0, seed=C.SEED, shuffle_dataset=False)
     trainer = (GRPOTrainer if grpo else RLOOTrainer)(model=model, reward_funcs=[reward], args=cfg, train_dataset=Dataset.from_list([{"prompt": t} for t in texts]),
-                          processing_class=tokenizer, reward_processing_classes=[tokenizer], callbacks=[Timer()])
+                          processing_class=tokenizer, reward_processing_classes=[tokenizer], callbacks=[timer])
     trainer.train()
     times = times[1:]  # end of each step
     secs, steps = C.rate(times, args.warmup)
@@ -244,7 +236,7 @@ def pick_child_ours(args) -> dict:
 def pick_child_trl(args) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     from pipeline.rewards import REWARD_FUNCTIONS
@@ -256,15 +248,7 @@ def pick_child_trl(args) -> dict:
     def exact_match(prompts, completions, reference, **_):
         return [score(q, a, ref) for q, a, ref in zip(prompts, completions, reference)]
 
-    times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **kw):
-            if not times:
-                times.append(time.perf_counter())
-
-        def on_step_end(self, *a, **kw):
-            times.append(time.perf_counter())
+    times, timer = C.step_timer(first_begin=True)
 
     grpo = args.method == "grpo"
     out = Path(args.work) / "runs" / f"pick_trl_{args.method}_{time.time_ns()}"
@@ -279,7 +263,7 @@ def pick_child_trl(args) -> dict:
         report_to=[], disable_tqdm=True, dataloader_num_workers=0, seed=cfg.run.seed, shuffle_dataset=False, **extra)
     model = AutoModelForCausalLM.from_pretrained(str(Path(args.work) / "pick" / "sft" / "final"), dtype=torch.float32)
     trainer = (GRPOTrainer if grpo else RLOOTrainer)(
-        model=model, reward_funcs=[exact_match], args=trl_cfg, processing_class=tokenizer, callbacks=[Timer()],
+        model=model, reward_funcs=[exact_match], args=trl_cfg, processing_class=tokenizer, callbacks=[timer],
         train_dataset=Dataset.from_list([{"prompt": r["text"], "reference": r["reference"]} for r in train]))
     trainer.train()
     trainer.model.save_pretrained(out / "final")
