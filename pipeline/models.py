@@ -62,16 +62,23 @@ def ensure_available(source: str, what: str) -> None:
 # --------------------------------------------------------------------------- tokenizer
 
 
+def _builtin_task(source: str):
+    """The built-in task module whose tokenizer `source` names, or None: builtin:pick is the verifiable
+    task's (pipeline.data.pick), builtin and builtin:<model> the preference task's (pipeline.data.builtin)."""
+    if source != "builtin" and not source.startswith("builtin:"):
+        return None
+    from pipeline.data import builtin, pick
+
+    return pick if source == pick.TOKENIZER else builtin
+
+
 def load_tokenizer(source: str, work_dir: Path, trust_remote_code: bool = False):
     """AutoTokenizer for `source`; "builtin" or builtin:<model> writes the built-in one first."""
     from transformers import AutoTokenizer
 
-    if source == "builtin" or source.startswith("builtin:"):
-        from pipeline.data import builtin, pick
-
-        # builtin:pick is the verifiable task's tokenizer; builtin and builtin:<model> the preference task's
-        task, folder = (pick, "pick_tokenizer") if source == pick.TOKENIZER else (builtin, "builtin_tokenizer")
-        path = work_dir / folder
+    task = _builtin_task(source)
+    if task is not None:
+        path = work_dir / f"{task.__name__.rsplit('.', 1)[-1]}_tokenizer"
         if rank() == 0 and not (path / "tokenizer_config.json").exists():
             atomic_dir(path, task.save_tokenizer)
         barrier()
@@ -90,14 +97,12 @@ def tokenizer_size(source: str, trust_remote_code: bool = False) -> int | None:
     cache. None when it cannot be read here (load_tokenizer says why when the run starts)."""
     from transformers import AutoTokenizer
 
-    if source == "builtin" or source.startswith("builtin:"):
+    task = _builtin_task(source)
+    if task is not None:
         import tempfile
 
-        from pipeline.data import builtin, pick
-
         with tempfile.TemporaryDirectory() as tmp:
-            folder = (pick if source == pick.TOKENIZER else builtin).save_tokenizer(tmp)
-            return len(AutoTokenizer.from_pretrained(str(folder)))
+            return len(AutoTokenizer.from_pretrained(str(task.save_tokenizer(tmp))))
     try:
         return len(AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True))
     except (OSError, ValueError):

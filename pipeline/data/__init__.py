@@ -33,12 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.data import pick
 from pipeline.data.cache import build_or_load, file_fingerprint, key_of, tokenizer_fingerprint
 from pipeline.data.sources import ADAPTERS, DataError, Record, SourceData, read_source, source_files, split_dialogue
 from pipeline.data_schema import DatasetSpec
 
 # Built-in generated sources whose records have changed since caches were written: name -> version.
-GENERATOR_VERSIONS = {"builtin_pick": 2}  # 2: the third number's demonstrations 60% wrong (were 70%)
+GENERATOR_VERSIONS = {"builtin_pick": pick.VERSION}
 
 __all__ = ["DataError", "Examples", "Record", "SourceStats", "StageData", "TextBlocks", "load_stage_data",
            "load_ptx_data", "split_indices", "format_prompt", "blend_counts", "read_source", "split_dialogue",
