@@ -839,7 +839,9 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     _check(gold.patience >= 0, "stage.ppo.gold_check.patience", gold.patience, "must be >= 0 (0 = never stop early)")
     data_names = sorted({ds.name for ds in (*cfg.data_blend.datasets, *cfg.data_blend.sft_only)})
     gold_checked = gold.every_steps > 0 and "ppo" in cfg.run.stages
-    _check(not gold_checked or set(data_names) <= {"builtin", "builtin-sft"}, "stage.ppo.gold_check.every_steps",
+    from pipeline.data.builtin import SOURCES  # here: pipeline.data imports this module
+
+    _check(not gold_checked or set(data_names) <= set(SOURCES), "stage.ppo.gold_check.every_steps",
            gold.every_steps, f"needs answers with a ground truth (data_blend=builtin), but the data is "
            f"{', '.join(data_names)}; set it to 0")
     g = p.generation

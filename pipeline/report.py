@@ -254,7 +254,8 @@ def _timing(stage: str, r: dict, rows: list[dict]) -> str:
     return "- " + ", ".join(parts)
 
 
-def _interval(p: dict) -> str:
+def accuracy_text(p: dict) -> str:
+    """An accuracy with its 95% interval, as the report and the run summary print it: 0.750 (0.700-0.800)."""
     return f"{p['accuracy']:.3f} ({p['low']:.3f}-{p['high']:.3f})"
 
 
@@ -270,9 +271,9 @@ def _truth_section(truth: dict | None) -> list[str]:
           f"{k} per question at temperature 1. 95% Wilson intervals in brackets.", "",
           "| policy | greedy right | sampled right | contested facts, greedy | greedy verdicts |", "|---|---|---|---|---|"]
     for label, r in truth["policies"].items():
-        sampled = _interval(r["sampled"]) if r.get("sampled") else "-"
+        sampled = accuracy_text(r["sampled"]) if r.get("sampled") else "-"
         verdicts = ", ".join(f"{v} {n}" for v, n in sorted(r.get("greedy_verdicts", {}).items()))
-        md.append(f"| {label} | {_interval(r['greedy'])} | {sampled} | {_interval(r['greedy_contested'])} | {verdicts} |")
+        md.append(f"| {label} | {accuracy_text(r['greedy'])} | {sampled} | {accuracy_text(r['greedy_contested'])} | {verdicts} |")
     for label, g in truth.get("gains", {}).items():
         parts = [f"{kind} **{d['difference']:+.3f}** ({d['low']:+.3f} to {d['high']:+.3f})" for kind, d in g.items()]
         md += ["", f"- {label} minus {truth.get('baseline', 'sft')}: {', '.join(parts)} (95% paired bootstrap over the questions)"]
@@ -280,7 +281,7 @@ def _truth_section(truth: dict | None) -> list[str]:
     if rm:
         md += ["", "Reward model on held-out pairs (true answer vs a rejected one), by rejection kind:", "",
                "| rejected answer | pairs | ranked right | mean margin |", "|---|---|---|---|"]
-        md += [f"| {kind} | {r['n']} | {_interval(r)} | {r['margin']:.3f} |"
+        md += [f"| {kind} | {r['n']} | {accuracy_text(r)} | {r['margin']:.3f} |"
                for kind, r in sorted(rm.items(), key=lambda kv: kv[1]["accuracy"])]
     return md + [""]
 

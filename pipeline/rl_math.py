@@ -279,14 +279,9 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
-    """G_t = sum over k >= t of gamma^(k - t) r_k on counted tokens. rewards, mask: (B, T) -> (B, T), 0 where mask == 0."""
-    rewards = rewards * mask
-    returns = torch.zeros_like(rewards)
-    running = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        running = rewards[:, t] + gamma * running
-        returns[:, t] = running
-    return returns * mask
+    """G_t = sum over k >= t of gamma^(k - t) r_k on counted tokens. rewards, mask: (B, T) -> (B, T), 0 where mask == 0.
+    That is GAE's advantage with every value 0 and lam 1."""
+    return gae_advantages(torch.zeros_like(rewards), rewards, mask, gamma, 1.0)[0]
 
 
 def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.report import accuracy_text
 from pipeline.rl_math import wilson_interval
 
 # Answers drawn per question for the sampled accuracy (temperature 1, as PPO samples).
@@ -177,7 +178,9 @@ def reward_model_by_kind(rm, tokenizer, prompt_format: str, seed: int = 0, max_a
 def run_has_ground_truth(cfg) -> bool:
     """Whether the run's data comes from the built-in world (the only one whose truth is known)."""
     names = [d.name for d in (*cfg.data_blend.datasets, *cfg.data_blend.sft_only)]
-    return bool(names) and all(n in ("builtin", "builtin-sft") for n in names)
+    from pipeline.data.builtin import SOURCES
+
+    return bool(names) and all(n in SOURCES for n in names)
 
 
 def run_policies(run: Path, stages: Sequence[str]) -> dict[str, Path]:
@@ -221,10 +224,6 @@ def evaluate_run(run: Path, cfg, device: str = "cpu", samples: int = SAMPLES_PER
 # --------------------------------------------------------------------------- lines for the summary and report
 
 
-def _pct(p: dict) -> str:
-    return f"{p['accuracy']:.3f} ({p['low']:.3f}-{p['high']:.3f})"
-
-
 def _name(label: str) -> str:
     return label.upper() if label in ("sft", "ppo", "dpo") else label
 
@@ -234,8 +233,8 @@ def summary_lines(truth: dict, prefix: str = "TRUTH ") -> list[str]:
     lines = []
     n, k = truth.get("questions"), truth.get("samples_per_question")
     for label, r in truth.get("policies", {}).items():
-        sampled = f", sampled {_pct(r['sampled'])} of {r['sampled']['n']} answers" if r.get("sampled") else ""
-        lines.append(f"{prefix}{_name(label)} held-out questions answered right: greedy {_pct(r['greedy'])} of {n}"
+        sampled = f", sampled {accuracy_text(r['sampled'])} of {r['sampled']['n']} answers" if r.get("sampled") else ""
+        lines.append(f"{prefix}{_name(label)} held-out questions answered right: greedy {accuracy_text(r['greedy'])} of {n}"
                      f"{sampled} (95% Wilson)")
     for label, g in truth.get("gains", {}).items():
         parts = [f"{kind} {d['difference']:+.3f} ({d['low']:+.3f} to {d['high']:+.3f})" for kind, d in g.items()]

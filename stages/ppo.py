@@ -90,7 +90,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict:
     n_steps = total_steps(len(data.train), p.per_device_generation_batch_size, p.generation_batches,
                           p.num_train_epochs, p.max_steps, "stage.ppo", tp)
     per_epoch = len(data.train) // (prompts_per_step * dp_world_size(tp))
-    minibatches_per_step = p.ppo_epochs * (prompts_per_step * p.samples_per_prompt // p.per_device_training_batch_size)
+    minibatches_per_step = p.ppo_epochs * (p.rows_per_generation_batch * p.generation_batches // p.per_device_training_batch_size)
     updates_per_step = minibatches_per_step * (2 if ptx is not None else 1)  # actor optimizer steps (PTX has its own)
     engine = RLHFEngine(actor_model_name_or_path=ctx.inputs["actor"], critic_model_name_or_path=ctx.inputs.get("reward"),
                         tokenizer=tokenizer, num_total_iters=n_steps * updates_per_step, args=cfg)

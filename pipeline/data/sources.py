@@ -522,11 +522,11 @@ def _hub_rows(spec: DatasetSpec, key: str, limit: int | None) -> Iterator[tuple[
 
 def read_source(spec: DatasetSpec, seed: int, key: str = "data_blend.datasets[0]") -> SourceData:
     """All records of one dataset, with counts of rows read and dropped (by reason)."""
-    out = SourceData(spec.name)
-    if spec.name in ("builtin", "builtin-sft"):  # pipeline.data.builtin.SOURCES
-        from pipeline.data.builtin import source_records
+    from pipeline.data import builtin
 
-        rows = source_records(spec.name, spec.max_records or 4000, seed=seed)
+    out = SourceData(spec.name)
+    if spec.name in builtin.SOURCES:
+        rows = builtin.source_records(spec.name, spec.max_records or 4000, seed=seed)
         out.train = [Record([{"role": "user", "content": prompt}], chosen, rejected) for prompt, chosen, rejected in rows]
         out.read = len(rows)
         return out
