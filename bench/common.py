@@ -267,8 +267,10 @@ def parser(description: str, steps: int, warmup: int, repeats: int = 2, peer: st
 
 
 def pass_to_child(args: argparse.Namespace, *names: str) -> None:
-    """Hand the options `names` (dest names: peer_decoding is --peer-decoding) on to the children as given."""
-    args.extra = [x for name in names for x in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
+    """Hand the options `names` (dest names: peer_decoding is --peer-decoding) on to the children as given
+    (those not given, None, are left to the children's defaults)."""
+    args.extra = [x for name in names if getattr(args, name) is not None
+                  for x in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
 
 
 def run_child(script: str, side: str, args: argparse.Namespace, timeout: int = 900) -> dict:

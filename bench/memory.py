@@ -344,6 +344,13 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--json", help="write results here")
     a = ap.parse_args()
+    if a.tp is not None:
+        bad = [(name, heads) for name, _, _, heads, *_ in CPU_SHAPES if a.tp < 1 or heads % a.tp]
+        if bad:
+            ap.error(f"--tp {a.tp}: must be >= 1 and divide every shape's attention heads "
+                     f"({', '.join(f'{name}: {heads}' for name, heads in bad)})")
+    if a.parts and not a.tp:
+        ap.error("--parts takes a --tp run apart; add --tp 1 or --tp 2")
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
         return

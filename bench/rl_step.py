@@ -326,11 +326,13 @@ def main() -> None:
     ap = C.parser("One RL step: ours (RLHFEngine/PPOTrainer) vs TRL RLOOTrainer / GRPOTrainer", steps=4, warmup=1)
     ap.add_argument("--method", choices=sorted(METHODS), default="ppo",
                     help="ours: ppo (critic, vs RLOOTrainer), rloo (vs RLOOTrainer) or grpo (vs GRPOTrainer)")
-    ap.add_argument("--heldout", type=int, default=0, metavar="STEPS",
+    ap.add_argument("--heldout", type=int, metavar="STEPS",
                     help="instead of timing: train STEPS steps of --method grpo or rloo on the verifiable task on each "
                          "side and compare held-out accuracy")
     args = ap.parse_args()
     C.pass_to_child(args, "method", "heldout")
+    if args.heldout is not None and args.heldout < 1:
+        ap.error(f"--heldout {args.heldout}: the steps each side trains must be >= 1")
     if args.heldout and args.method not in PICK:
         ap.error(f"--heldout compares grpo or rloo, not --method {args.method}")
     if args.child:
